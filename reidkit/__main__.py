@@ -1,0 +1,3 @@
+from reidkit.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,567 @@
+"""Dataset parsers: every layout the HHCL and DGL papers use, read into plain records.
+
+A record is ``(path, pid, camid, tracklet, bag)``: the image file, the person id as written in
+the dataset (``pid``; 0 is a distractor in Market-style galleries, -1000 a SYSU-30k distractor),
+the 0-based camera, and, where the dataset has them, the tracklet (MARS) or bag (SYSU-30k) the
+image belongs to (-1 otherwise). Parsers never relabel: ``relabel`` maps pids to 0..C-1 when a
+training loop needs class indices.
+
+Every parser takes the dataset folder itself or a parent of it (``DATA_ROOT``); the folder names
+the reference code expects are searched in order, and a wrong layout raises ``LayoutError``
+naming what was expected where.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class LayoutError(ValueError):
+    """The folder does not hold the expected dataset layout."""
+
+
+class CorruptImageError(OSError):
+    """An image file could not be decoded; ``path`` names it."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        super().__init__(f"unreadable image {self.path}: {reason}")
+
+
+class Record(NamedTuple):
+    path: str
+    pid: int
+    camid: int
+    tracklet: int = -1
+    bag: int = -1
+
+
+@dataclass
+class SplitStats:
+    ids: int
+    images: int
+    cameras: int
+
+
+@dataclass
+class ReIDDataset:
+    """A parsed dataset: train / query / gallery record lists plus where it came from."""
+
+    name: str
+    root: Path
+    train: list[Record]
+    query: list[Record]
+    gallery: list[Record]
+    notes: list[str] = field(default_factory=list)
+
+    def splits(self) -> dict[str, list[Record]]:
+        return {"train": self.train, "query": self.query, "gallery": self.gallery}
+
+    def stats(self) -> dict[str, SplitStats]:
+        return {name: split_stats(recs) for name, recs in self.splits().items()}
+
+    def stats_dict(self) -> dict:
+        return {name: vars(st) for name, st in self.stats().items()}
+
+    def table(self) -> str:
+        rows = [("split", "identities", "images", "cameras")]
+        for name, st in self.stats().items():
+            rows.append((name, f"{st.ids:,}", f"{st.images:,}", f"{st.cameras:,}"))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [f"{self.name} at {self.root}"]
+        for j, r in enumerate(rows):
+            lines.append("  ".join(c.ljust(widths[i]) if i == 0 else c.rjust(widths[i]) for i, c in enumerate(r)))
+            if j == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def split_stats(records: Sequence[Record]) -> SplitStats:
+    return SplitStats(
+        ids=len({r.pid for r in records}),
+        images=len(records),
+        cameras=len({r.camid for r in records if r.camid >= 0}),
+    )
+
+
+def relabel(records: Sequence[Record]) -> tuple[list[int], dict[int, int]]:
+    """Map pids to 0..C-1 in sorted pid order (deterministic, unlike a Python set's order)."""
+    mapping = {pid: i for i, pid in enumerate(sorted({r.pid for r in records}))}
+    return [mapping[r.pid] for r in records], mapping
+
+
+# --------------------------------------------------------------------------------------------
+# registry
+
+PARSERS: dict[str, Callable[..., ReIDDataset]] = {}
+ALIASES = {"market": "market1501", "duke": "dukemtmcreid", "dukemtmc": "dukemtmcreid",
+           "msmt": "msmt17", "sysu": "sysu30k", "mars": "mars", "folder": "folder"}
+
+
+def register(name: str):
+    def deco(fn):
+        PARSERS[name] = fn
+        return fn
+
+    return deco
+
+
+def dataset_names() -> list[str]:
+    return sorted(PARSERS)
+
+
+def load_dataset(name: str, root: str | Path | None = None, **kwargs) -> ReIDDataset:
+    """Parse dataset ``name`` under ``root``. ``mini-mars`` with no root reads the embedded sample."""
+    key = ALIASES.get(name.lower(), name.lower())
+    if key not in PARSERS:
+        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(dataset_names())}")
+    if root is None:
+        if key != "mini-mars":
+            raise LayoutError(f"dataset {name!r} needs a root folder (DATA_ROOT)")
+    return PARSERS[key](root, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+def _list_images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+
+
+def _find_root(root: str | Path, candidates: Sequence[str], required: Sequence[str], dataset: str) -> Path:
+    """Return the first of ``root/<candidate>`` (and ``root`` itself) that holds every ``required`` entry."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise LayoutError(f"{dataset}: data root {root} does not exist")
+    tried = [root] + [root / c for c in candidates]
+    for cand in tried:
+        if all((cand / r).exists() for r in required):
+            return cand
+    # name what is missing in the most plausible candidate (the first that exists)
+    best = next((c for c in tried if c.exists() and any((c / r).exists() for r in required)), root)
+    missing = [r for r in required if not (best / r).exists()]
+    where = ", ".join(str(c) for c in tried)
+    raise LayoutError(
+        f"{dataset}: expected {', '.join(r for r in required)} inside the dataset folder; "
+        f"in {best} missing: {', '.join(missing)}. Looked in: {where}"
+    )
+
+
+def check_images(paths: Iterable[str | Path], progress_desc: str | None = None) -> list[CorruptImageError]:
+    """Decode every image; return one error per unreadable file (empty list when all are fine)."""
+    from PIL import Image
+
+    from reidkit.utils import progress
+
+    errors = []
+    for p in progress(list(paths), desc=progress_desc or "checking images"):
+        try:
+            with Image.open(p) as im:
+                im.load()
+        except Exception as exc:  # PIL raises several types
+            errors.append(CorruptImageError(p, f"{type(exc).__name__}: {exc}"))
+    return errors
+
+
+# --------------------------------------------------------------------------------------------
+# Market-1501, DukeMTMC-reID, MSMT17 (converted, Market-style)
+
+_MARKET_RE = re.compile(r"([-\d]+)_c(\d+)")
+
+
+def parse_market_name(name: str, max_cam: int) -> tuple[int, int] | None:
+    """``0002_c1s1_000451_03.jpg`` -> (2, 0). Returns None when the name does not match."""
+    m = _MARKET_RE.search(name)
+    if m is None:
+        return None
+    pid, cam = int(m.group(1)), int(m.group(2))
+    if not 1 <= cam <= max_cam:
+        raise LayoutError(f"{name}: camera c{cam} outside 1..{max_cam}")
+    return pid, cam - 1
+
+
+def _market_split(folder: Path, max_cam: int, max_pid: int, dataset: str) -> list[Record]:
+    records = []
+    for p in _list_images(folder):
+        parsed = parse_market_name(p.name, max_cam)
+        if parsed is None:
+            raise LayoutError(
+                f"{dataset}: file {p} does not follow the <pid>_c<camera>... naming "
+                f"(e.g. 0002_c1s1_000451_03.jpg)")
+        pid, camid = parsed
+        if pid == -1:  # junk images: dropped in every split, as the reference loaders do
+            continue
+        if not 0 <= pid <= max_pid:
+            raise LayoutError(f"{dataset}: {p}: pid {pid} outside 0..{max_pid}")
+        records.append(Record(str(p), pid, camid))
+    if not records:
+        raise LayoutError(f"{dataset}: no images in {folder}")
+    return records
+
+
+def _market_like(root, dataset: str, candidates: Sequence[str], max_cam: int, max_pid: int) -> ReIDDataset:
+    subdirs = ("bounding_box_train", "query", "bounding_box_test")
+    base = _find_root(root, candidates, subdirs, dataset)
+    train = _market_split(base / "bounding_box_train", max_cam, max_pid, dataset)
+    query = _market_split(base / "query", max_cam, max_pid, dataset)
+    gallery = _market_split(base / "bounding_box_test", max_cam, max_pid, dataset)
+    return ReIDDataset(dataset, base, train, query, gallery)
+
+
+@register("market1501")
+def market1501(root) -> ReIDDataset:
+    """Market-1501: ``bounding_box_train/ query/ bounding_box_test/``; junk (-1) dropped,
+    distractors (0000) kept in the gallery, cameras 1..6 read as 0..5."""
+    return _market_like(root, "market1501",
+                        ["Market-1501-v15.09.15", "market1501/Market-1501-v15.09.15", "market1501",
+                         "Market-1501"], max_cam=6, max_pid=1501)
+
+
+@register("dukemtmcreid")
+def dukemtmcreid(root) -> ReIDDataset:
+    """DukeMTMC-reID: the Market layout with cameras 1..8 (``0005_c2_f0046985.jpg``)."""
+    return _market_like(root, "dukemtmcreid",
+                        ["DukeMTMC-reID", "dukemtmcreid/DukeMTMC-reID", "dukemtmcreid"],
+                        max_cam=8, max_pid=10_000)
+
+
+# --------------------------------------------------------------------------------------------
+# MSMT17, original layout (train/ test/ list_*.txt) or the converted Market-style one
+
+_MSMT_NAME_RE = re.compile(r"^(\d+)_(\d+)_(\d+)")
+
+
+def _msmt_list(base: Path, list_name: str, img_dir: str) -> list[Record]:
+    list_path = base / list_name
+    records = []
+    with open(list_path) as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            parts = line.split()
+            rel = parts[0]
+            m = _MSMT_NAME_RE.match(os.path.basename(rel))
+            if m is None:
+                raise LayoutError(f"msmt17: {list_path}:{lineno}: {rel!r} is not <pid>_<idx>_<cam>_... .jpg")
+            pid = int(parts[1]) if len(parts) > 1 else int(m.group(1))
+            cam = int(m.group(3))
+            if not 1 <= cam <= 15:
+                raise LayoutError(f"msmt17: {list_path}:{lineno}: camera {cam} outside 1..15")
+            path = base / img_dir / rel
+            if not path.is_file():
+                raise LayoutError(f"msmt17: {list_path}:{lineno} names {path}, which does not exist")
+            records.append(Record(str(path), pid, cam - 1))
+    return records
+
+
+@register("msmt17")
+def msmt17(root) -> ReIDDataset:
+    """MSMT17_V1 in either layout.
+
+    - original: ``train/ test/ list_train.txt list_val.txt list_query.txt list_gallery.txt``;
+      train = list_train + list_val (32,621 images), cameras 1..15 read as 0..14;
+    - converted (what HHCL and Cluster-Contrast read): the Market layout with ``<pid>_c<cam>``
+      names and multi-digit cameras.
+    """
+    root = Path(root)
+    original = ("train", "test", "list_train.txt", "list_val.txt", "list_query.txt", "list_gallery.txt")
+    cands = ["MSMT17_V1", "msmt17/MSMT17_V1", "msmt17", "MSMT17"]
+    try:
+        base = _find_root(root, cands, original, "msmt17")
+    except LayoutError as err_original:
+        try:
+            return _market_like(root, "msmt17", cands, max_cam=15, max_pid=10_000)
+        except LayoutError as err_converted:
+            raise LayoutError(
+                "msmt17: neither layout found.\n  original layout: " + str(err_original)
+                + "\n  converted layout: " + str(err_converted)) from None
+    train = _msmt_list(base, "list_train.txt", "train") + _msmt_list(base, "list_val.txt", "train")
+    query = _msmt_list(base, "list_query.txt", "test")
+    gallery = _msmt_list(base, "list_gallery.txt", "test")
+    return ReIDDataset("msmt17", base, train, query, gallery, notes=["original layout: train = list_train + list_val"])
+
+
+# --------------------------------------------------------------------------------------------
+# MARS (and the embedded mini-MARS sample)
+
+_MARS_RE = re.compile(r"^(\d{4}|00-1)C(\d)T(\d{4})F(\d{3})")
+
+
+def parse_mars_name(name: str) -> tuple[int, int, int, int] | None:
+    """``0003C4T0003F001.jpg`` -> (pid 3, camid 3, tracklet 3, frame 1); junk ``00-1`` -> pid -1."""
+    m = _MARS_RE.match(name)
+    if m is None:
+        return None
+    pid = -1 if m.group(1) == "00-1" else int(m.group(1))
+    return pid, int(m.group(2)) - 1, int(m.group(3)), int(m.group(4))
+
+
+def _mars_record(path: Path) -> Record:
+    parsed = parse_mars_name(path.name)
+    if parsed is None:
+        raise LayoutError(f"mars: file {path} does not follow <pid>C<cam>T<tracklet>F<frame>.jpg")
+    pid, camid, tracklet, _ = parsed
+    if not 0 <= camid <= 5:
+        raise LayoutError(f"mars: {path}: camera outside C1..C6")
+    return Record(str(path), pid, camid, tracklet)
+
+
+def _mars_from_json(base: Path) -> tuple[list[Record], list[Record], list[Record]]:
+    out = []
+    for split in ("train", "query", "gallery"):
+        path = base / "splits" / f"{split}.json"
+        try:
+            entries = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise LayoutError(f"mars: {path} is not valid JSON: {exc}") from None
+        records = []
+        for i, entry in enumerate(entries):
+            if "img_paths" not in entry:
+                raise LayoutError(f"mars: {path}: entry {i} has no 'img_paths'")
+            for rel in entry["img_paths"]:
+                p = base / rel
+                if not p.is_file():
+                    raise LayoutError(f"mars: {path}: entry {i} names {p}, which does not exist")
+                rec = _mars_record(p)
+                if split != "train" and rec.pid == -1:
+                    continue
+                records.append(rec)
+        out.append(records)
+    return out[0], out[1], out[2]
+
+
+def _mars_from_info(base: Path) -> tuple[list[Record], list[Record], list[Record]]:
+    """The official MARS split: ``info/{train_name,test_name}.txt``, ``tracks_*_info.mat``, ``query_IDX.mat``."""
+    from scipy.io import loadmat
+
+    info = base / "info"
+
+    def names(fname, img_dir):
+        lines = [ln.strip() for ln in open(info / fname) if ln.strip()]
+        return [base / img_dir / ln[:4] / ln for ln in lines]
+
+    def tracks(fname):
+        mat = loadmat(str(info / fname))
+        key = next(k for k in mat if not k.startswith("__"))
+        return mat[key]
+
+    train_names, test_names = names("train_name.txt", "bbox_train"), names("test_name.txt", "bbox_test")
+    tr_tracks, te_tracks = tracks("tracks_train_info.mat"), tracks("tracks_test_info.mat")
+    query_idx = set((tracks("query_IDX.mat").reshape(-1) - 1).tolist())
+
+    def expand(track_rows, all_names, keep_rows):
+        recs = []
+        for row in keep_rows:
+            start, end = int(track_rows[row, 0]) - 1, int(track_rows[row, 1])
+            for p in all_names[start:end]:
+                rec = _mars_record(p)
+                if rec.pid != -1:
+                    recs.append(rec)
+        return recs
+
+    train = expand(tr_tracks, train_names, range(len(tr_tracks)))
+    query = expand(te_tracks, test_names, sorted(query_idx))
+    gallery = expand(te_tracks, test_names, [i for i in range(len(te_tracks)) if i not in query_idx])
+    return train, query, gallery
+
+
+@register("mars")
+def mars(root) -> ReIDDataset:
+    """MARS: ``bbox_train/<pid>/<pid>C<cam>T<tracklet>F<frame>.jpg`` and ``bbox_test/``, with the
+    split read from ``splits/{train,query,gallery}.json`` (the mini-MARS format) or from the
+    official ``info/`` files. Records are per image and carry their tracklet."""
+    base = _find_root(root, ["MARS", "mars", "mini-mars"], ("bbox_train", "bbox_test"), "mars")
+    if all((base / "splits" / f"{s}.json").is_file() for s in ("train", "query", "gallery")):
+        train, query, gallery = _mars_from_json(base)
+        note = "split from splits/*.json"
+    elif (base / "info" / "tracks_test_info.mat").is_file():
+        train, query, gallery = _mars_from_info(base)
+        note = "split from info/ (official MARS files)"
+    else:
+        raise LayoutError(
+            f"mars: {base} has bbox_train/ and bbox_test/ but no split files: expected "
+            f"splits/train.json, splits/query.json, splits/gallery.json (mini-MARS) or "
+            f"info/train_name.txt, info/test_name.txt, info/tracks_train_info.mat, "
+            f"info/tracks_test_info.mat, info/query_IDX.mat (official MARS)")
+    return ReIDDataset("mars", base, train, query, gallery, notes=[note])
+
+
+@register("mini-mars")
+def mini_mars(root=None) -> ReIDDataset:
+    """The real mini-MARS sample that ships inside the kit (or a copy of it under ``root``)."""
+    from reidkit.data.sample import sample_root
+
+    ds = mars(root if root is not None else sample_root())
+    ds.name = "mini-mars"
+    return ds
+
+
+# --------------------------------------------------------------------------------------------
+# SYSU-30k
+
+_SYSU_TEST_RE = re.compile(r"^([^_]+)_c(\d+)")
+SYSU_DISTRACTOR_FOLDER = "0000others"
+SYSU_DISTRACTOR_LABEL = -1000
+
+
+def parse_sysu_test_name(name: str) -> tuple[int, int]:
+    """``000028311_c2_2.jpg`` -> (28311, 1); ``0000others_c1_7.jpg`` -> (-1000, 0)."""
+    m = _SYSU_TEST_RE.match(name)
+    if m is None:
+        raise LayoutError(f"sysu30k: test file {name!r} is not <label>_c<camera>_<n>.jpg")
+    prefix = m.group(1)
+    label = SYSU_DISTRACTOR_LABEL if prefix == SYSU_DISTRACTOR_FOLDER else int(prefix)
+    return label, int(m.group(2)) - 1
+
+
+def _sysu_test_split(folder: Path) -> list[Record]:
+    recs = []
+    for sub in sorted(d for d in folder.iterdir() if d.is_dir()):
+        for p in _list_images(sub):
+            label, camid = parse_sysu_test_name(p.name)
+            recs.append(Record(str(p), label, camid))
+    if not recs:
+        raise LayoutError(f"sysu30k: no images under {folder}/<id>/")
+    return recs
+
+
+@dataclass(frozen=True)
+class Bag:
+    """A SYSU-30k bag: its id, the identity labels it is annotated with, and its image folders."""
+
+    bag_id: str
+    labels: tuple[int, ...]
+    folders: tuple[str, ...]
+
+
+def sysu_train_folders(train_dir: str | Path) -> list[str]:
+    """The training folders (``0000000001`` ...), sorted; each folder is one label."""
+    return sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+
+
+def sysu_consecutive_bags(folders: Sequence[str]) -> Iterator[Bag]:
+    """Bags by the consecutive-folder rule: around every folder f, bags of 1, 3 and 5 adjacent
+    folders (f; f-1..f+1; f-2..f+2), clipped at the ends. The label of a folder is its integer
+    name, so ``bag0000000010`` = folders 2, 3, 4 has label [2, 3, 4] as in the maintainers' example."""
+    n = len(folders)
+    counter = 0
+    for i in range(n):
+        for half in (0, 1, 2):
+            lo, hi = max(0, i - half), min(n, i + half + 1)
+            sel = folders[lo:hi]
+            counter += 1
+            yield Bag(f"bag{counter:010d}", tuple(int(f) for f in sel), tuple(sel))
+
+
+def read_bag_level_labels(path: str | Path) -> list[Bag]:
+    """Read a ``bag_level_label.json``: a list of ``{"BagLabel": [...], "BagID": ..., "BagImages": [...]}``."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise LayoutError(f"sysu30k: {path} is not valid JSON: {exc}") from None
+    bags = []
+    for i, rec in enumerate(data):
+        try:
+            labels = tuple(int(x) for x in rec["BagLabel"])
+            folders = tuple(sorted({str(im).split("/")[0] for im in rec["BagImages"]}))
+            bags.append(Bag(str(rec["BagID"]), labels, folders))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise LayoutError(f"sysu30k: {path}: record {i} lacks BagLabel/BagID/BagImages ({exc})") from None
+    return bags
+
+
+def iter_sysu_train(train_dir: str | Path, train_list: str | Path | None = None) -> Iterator[Record]:
+    """Stream the training images as records (pid = folder number, camera unknown = -1) without
+    building a list of all 29.6M paths: from ``meta/train.txt`` line by line if given, else by
+    scanning the folders one at a time."""
+    train_dir = Path(train_dir)
+    if train_list is not None:
+        with open(train_list) as fh:
+            for line in fh:
+                rel = line.strip()
+                if rel:
+                    folder = rel.split("/")[-2] if "/" in rel else rel.split("_")[0]
+                    yield Record(str(train_dir / rel), int(folder), -1)
+        return
+    for folder in sysu_train_folders(train_dir):
+        for e in sorted(os.scandir(train_dir / folder), key=lambda e: e.name):
+            if e.name.lower().endswith(IMAGE_SUFFIXES):
+                yield Record(e.path, int(folder), -1)
+
+
+@register("sysu30k")
+def sysu30k(root, load_train: bool = True) -> ReIDDataset:
+    """SYSU-30k: ``sysu_train_set_all/<10-digit folder>/`` (+ ``meta/train.txt``) and
+    ``sysu_test_set_all/{query,gallery}/<9-digit id>/`` with the ``0000others`` distractors (label -1000).
+
+    ``load_train=False`` skips listing the 29.6M training images (the test split alone is read);
+    training code streams them with ``iter_sysu_train``."""
+    base = _find_root(root, ["SYSU-30k", "sysu30k", "SYSU30k"], ("sysu_test_set_all",), "sysu30k")
+    test = base / "sysu_test_set_all"
+    for sub in ("query", "gallery"):
+        if not (test / sub).is_dir():
+            raise LayoutError(f"sysu30k: expected {test / sub}/ with one folder per identity")
+    query, gallery = _sysu_test_split(test / "query"), _sysu_test_split(test / "gallery")
+    notes = []
+    train: list[Record] = []
+    train_dir = base / "sysu_train_set_all"
+    if load_train:
+        if not train_dir.is_dir():
+            raise LayoutError(f"sysu30k: expected {train_dir}/ with folders 0000000001 ... 0000028310 "
+                              f"(pass load_train=False to read the test split alone)")
+        train_list = base / "meta" / "train.txt"
+        train = list(iter_sysu_train(train_dir, train_list if train_list.is_file() else None))
+        notes.append("train from meta/train.txt" if train_list.is_file() else "train from the folder tree")
+    n_distract = sum(r.pid == SYSU_DISTRACTOR_LABEL for r in gallery)
+    notes.append(f"gallery: {len(gallery) - n_distract:,} true matches + {n_distract:,} distractors ({SYSU_DISTRACTOR_FOLDER})")
+    return ReIDDataset("sysu30k", base, train, query, gallery, notes=notes)
+
+
+# --------------------------------------------------------------------------------------------
+# a plain folder per identity (users' own data)
+
+_CAM_RE = re.compile(r"(?:^|[_\-])[cC](\d+)")
+
+
+@register("folder")
+def folder(root) -> ReIDDataset:
+    """Your own data: ``ROOT/train/<identity>/*.jpg`` plus optional ``ROOT/query/`` and
+    ``ROOT/gallery/`` in the same form. The camera is read from a ``_c<k>`` / ``c<k>`` token in the
+    file name when there is one; without cameras, train images get camera -1, query images camera
+    -1 and gallery images camera 0, so that no gallery image is excluded as same-camera."""
+    base = _find_root(root, [], ("train",), "folder")
+    found: dict[str, list[tuple[str, Path, int]]] = {}
+    for split in ("train", "query", "gallery"):
+        d = base / split
+        found[split] = []
+        if not d.is_dir():
+            continue
+        ids = sorted(x for x in d.iterdir() if x.is_dir())
+        if not ids:
+            raise LayoutError(f"folder: {d} holds no identity sub-folders (expected {d}/<identity>/*.jpg)")
+        for ident in ids:
+            for p in _list_images(ident):
+                m = _CAM_RE.search(p.stem)
+                cam = int(m.group(1)) - 1 if m else (0 if split == "gallery" else -1)
+                found[split].append((ident.name, p, cam))
+    names = sorted({n for recs in found.values() for n, _, _ in recs})
+    if all(n.isdigit() for n in names):
+        pid_of = {n: int(n) for n in names}
+    else:  # non-numeric identity names: numbered 1.. in sorted order, the same in every split
+        pid_of = {n: i + 1 for i, n in enumerate(names)}
+    out = {split: [Record(str(p), pid_of[n], cam) for n, p, cam in recs] for split, recs in found.items()}
+    if not out["train"]:
+        raise LayoutError(f"folder: no images under {base / 'train'}/<identity>/")
+    if bool(out["query"]) != bool(out["gallery"]):
+        raise LayoutError(f"folder: {base} has only one of query/ and gallery/; give both or neither")
+    return ReIDDataset("folder", base, out["train"], out["query"], out["gallery"])
