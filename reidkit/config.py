@@ -1,0 +1,213 @@
+"""Profiles: every hyper-parameter of a run, in one place.
+
+- ``smoke``: CI. The embedded sample at a small input size, a couple of iterations: seconds.
+- ``workshop`` (default): the embedded mini-MARS sample, MobileNetV2 with offline ImageNet weights,
+  minutes on two CPU cores.
+- ``market1501``, ``dukemtmcreid``, ``msmt17``: HHCL exactly as released (spec hhcl §10 checklist).
+- ``sysu30k``: DGL on SYSU-30k (spec dgl-sysu30k appendix).
+
+The paper profiles carry the papers' values; the numbers they are expected to reproduce are in
+``Profile.paper``. Nothing else in the kit hard-codes a hyper-parameter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "mini-mars"
+    height: int = 256
+    width: int = 128
+    flip: bool = True
+    pad: int = 10                     # pad 10 + random crop back to height x width
+    erasing_p: float = 0.5
+    erasing_fill: tuple[float, float, float] = (0.485, 0.456, 0.406)  # reference fill, normalised space
+    workers: int = 4
+    test_batch_size: int = 256
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str = "resnet50"            # resnet50 | resnet_ibn50a | mobilenetv2
+    pooling: str = "avg"              # avg | gem
+    pretrained: Any = True            # True (lookup), False (random) or a weights path
+    last_stride: int = 1
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    k1: int = 30
+    k2: int = 6
+    eps: float = 0.45
+    min_samples: int = 4
+
+
+@dataclass(frozen=True)
+class HHCLConfig:
+    memory: str = "CMhybrid"          # CM | CMhybrid | CMhybrid_v2
+    temp: float = 0.05
+    momentum: float = 0.1             # weight of the OLD memory value
+    hard_weight: float = 0.5
+    epochs: int = 60
+    iters: int = 200
+    batch_size: int = 256
+    num_instances: int = 16
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    step_size: int = 20
+    gamma: float = 0.1
+    eval_step: int = 10
+    ghost_bn: int | None = 64         # BN statistics over chunks of 64, as on the paper's 4 GPUs
+    amp: bool = False                 # the paper trains in fp32; True uses autocast on GPU
+    camera_aware: bool = True
+
+
+@dataclass(frozen=True)
+class DGLConfig:
+    """The full DGL model (unary + pairwise + weak triplet) and the unary-only variant."""
+
+    variant: str = "full"             # full | unary_only
+    height: int = 384
+    width: int = 128
+    ids_per_bag: int = 2              # bagid
+    ids_per_batch: int = 16           # batchid
+    images_per_id: int = 4            # batchimage
+    num_heads: int = 8
+    margin: float = 1.2
+    sigma: float = 1.0
+    pairwise_weight: float = 2.0
+    ce_weight: float = 1.0
+    triplet_weight: float = 2.0
+    lr: float = 2e-4
+    weight_decay: float = 5e-4
+    amsgrad: bool = True
+    epochs: int = 300
+    milestones: tuple[int, ...] = (250, 290)
+    gamma: float = 0.1
+    erasing_fill: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    # unary-only variant (UO/train_weak.py)
+    uo_batch_size: int = 180
+    uo_bags_per_batch: int = 12
+    uo_lr_backbone: float = 1e-4
+    uo_lr_head: float = 1e-3
+    uo_epochs: int = 8
+    uo_step: int = 8
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    description: str
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    hhcl: HHCLConfig = field(default_factory=HHCLConfig)
+    dgl: DGLConfig = field(default_factory=DGLConfig)
+    seed: int = 1
+    paper: dict = field(default_factory=dict)      # reported numbers this profile should reproduce
+    expected: str = ""                             # hardware, time and memory the run needs
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def replace(self, **dotted: Any) -> "Profile":
+        """A copy with overrides given as ``section__field=value`` or ``field=value`` (top level)."""
+        prof = self
+        for key, value in dotted.items():
+            if "__" in key:
+                section, name = key.split("__", 1)
+                sub = getattr(prof, section)
+                if name not in {f.name for f in dataclasses.fields(sub)}:
+                    raise KeyError(f"{section} has no field {name!r}")
+                prof = dataclasses.replace(prof, **{section: dataclasses.replace(sub, **{name: value})})
+            else:
+                prof = dataclasses.replace(prof, **{key: value})
+        return prof
+
+
+_HHCL_MARKET = HHCLConfig()
+
+PROFILES: dict[str, Profile] = {
+    "smoke": Profile(
+        name="smoke",
+        description="CI check: embedded sample, MobileNetV2 at 128x64, a few iterations (seconds)",
+        data=DataConfig(dataset="mini-mars", height=128, width=64, workers=0, test_batch_size=64),
+        model=ModelConfig(arch="mobilenetv2", pooling="avg"),
+        cluster=ClusterConfig(k1=20, k2=6, eps=0.6, min_samples=4),
+        hhcl=dataclasses.replace(_HHCL_MARKET, epochs=1, iters=2, batch_size=32, num_instances=4,
+                                 eval_step=1, ghost_bn=None),
+        dgl=DGLConfig(height=128, width=64, ids_per_batch=8, images_per_id=4, epochs=1,
+                      milestones=(1,), uo_epochs=1, uo_batch_size=60, uo_bags_per_batch=4),
+        expected="CPU, under a minute",
+    ),
+    "workshop": Profile(
+        name="workshop",
+        description="Default: embedded mini-MARS sample, MobileNetV2 (offline ImageNet weights), two CPU cores",
+        data=DataConfig(dataset="mini-mars", height=256, width=128, workers=2, test_batch_size=64),
+        model=ModelConfig(arch="mobilenetv2", pooling="avg"),
+        cluster=ClusterConfig(k1=20, k2=6, eps=0.6, min_samples=4),
+        hhcl=dataclasses.replace(_HHCL_MARKET, epochs=6, iters=20, batch_size=32, num_instances=8,
+                                 step_size=4, eval_step=2, ghost_bn=None),
+        dgl=DGLConfig(height=256, width=128, ids_per_batch=8, images_per_id=4, epochs=8,
+                      milestones=(6,), uo_epochs=8, uo_batch_size=60, uo_bags_per_batch=4),
+        expected="2 CPU cores, about 10 minutes for all notebooks",
+    ),
+    "market1501": Profile(
+        name="market1501",
+        description="HHCL on Market-1501 as released (ResNet-50, avg pool, CMhybrid, bs 256, 200 it, 60 ep)",
+        data=DataConfig(dataset="market1501"),
+        cluster=ClusterConfig(eps=0.45),
+        hhcl=_HHCL_MARKET,
+        paper={"mAP": 84.2, "rank1": 93.4, "rank5": 97.7, "rank10": 98.5,
+               "source": "HHCL README / paperswithcode (4 GPUs, no re-ranking)"},
+        expected="1 GPU with >= 40 GB (fp32, bs 256) or 4 x 12 GB; about 2 h on 4 x 2080Ti",
+    ),
+    "dukemtmcreid": Profile(
+        name="dukemtmcreid",
+        description="HHCL on DukeMTMC-reID as released (eps 0.6)",
+        data=DataConfig(dataset="dukemtmcreid"),
+        cluster=ClusterConfig(eps=0.6),
+        hhcl=_HHCL_MARKET,
+        paper={"mAP": 73.3, "rank1": 85.1, "rank5": 92.4, "rank10": 94.6,
+               "source": "HHCL README / paperswithcode"},
+        expected="as market1501, about 20% longer",
+    ),
+    "msmt17": Profile(
+        name="msmt17",
+        description="HHCL on MSMT17 (eps 0.7, 300 iterations per epoch, the author's setting)",
+        data=DataConfig(dataset="msmt17"),
+        cluster=ClusterConfig(eps=0.7),
+        hhcl=dataclasses.replace(_HHCL_MARKET, iters=300),
+        paper={"mAP": 31.8, "rank1": 58.9, "rank5": 71.3, "rank10": 75.8,
+               "source": "author, HHCL issue #7 (not in the paper)"},
+        expected="1 GPU with >= 40 GB; the Jaccard step needs < 3 GB host RAM here (the reference 9-13 GB)",
+    ),
+    "sysu30k": Profile(
+        name="sysu30k",
+        description="DGL on SYSU-30k (weak bag labels; evaluation: 1,000 queries vs ~479k gallery)",
+        data=DataConfig(dataset="sysu30k", height=384, width=128, pad=0, erasing_fill=(0.0, 0.0, 0.0)),
+        model=ModelConfig(arch="resnet50", pooling="avg"),
+        dgl=DGLConfig(),
+        paper={"rank1": 26.9, "source": "SYSU-30k README leaderboard (DGL, weakly supervised)"},
+        expected="GPU; the training set is 82 GB of JPEGs, decoding bound; evaluation streams the gallery",
+    ),
+}
+
+DEFAULT_PROFILE = "workshop"
+
+
+def get_profile(name: str | Profile | None = None) -> Profile:
+    if isinstance(name, Profile):
+        return name
+    key = (name or DEFAULT_PROFILE).lower()
+    if key not in PROFILES:
+        raise KeyError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
+    return PROFILES[key]
+
+
+def list_profiles() -> list[str]:
+    return list(PROFILES)

@@ -1,0 +1,60 @@
+"""The paper profiles carry the specs' checklist values (spec hhcl §10, dgl-sysu30k appendix)."""
+
+import pytest
+
+from reidkit.config import PROFILES, get_profile
+
+HHCL_CHECKLIST = {
+    "k1": 30, "k2": 6, "min_samples": 4,
+    "memory": "CMhybrid", "temp": 0.05, "momentum": 0.1, "hard_weight": 0.5,
+    "epochs": 60, "batch_size": 256, "num_instances": 16, "lr": 3.5e-4, "weight_decay": 5e-4,
+    "step_size": 20, "gamma": 0.1, "eval_step": 10, "ghost_bn": 64, "amp": False, "camera_aware": True,
+}
+EPS_ITERS = {"market1501": (0.45, 200), "dukemtmcreid": (0.6, 200), "msmt17": (0.7, 300)}
+
+
+@pytest.mark.parametrize("name", list(EPS_ITERS))
+def test_hhcl_paper_profiles_match_the_checklist(name):
+    p = get_profile(name)
+    got = {**vars(p.cluster), **vars(p.hhcl)}
+    for key, want in HHCL_CHECKLIST.items():
+        assert got[key] == want, f"{name}.{key} = {got[key]!r}, spec says {want!r}"
+    assert (p.cluster.eps, p.hhcl.iters) == EPS_ITERS[name]
+    assert (p.model.arch, p.model.pooling, p.model.last_stride) == ("resnet50", "avg", 1)
+    assert (p.data.height, p.data.width, p.data.pad, p.data.erasing_p) == (256, 128, 10, 0.5)
+    assert p.data.erasing_fill == (0.485, 0.456, 0.406)
+    assert p.data.dataset == name
+    assert p.seed == 1
+
+
+def test_paper_numbers():
+    assert get_profile("market1501").paper["mAP"] == 84.2 and get_profile("market1501").paper["rank1"] == 93.4
+    assert get_profile("dukemtmcreid").paper["mAP"] == 73.3 and get_profile("dukemtmcreid").paper["rank1"] == 85.1
+    assert get_profile("sysu30k").paper["rank1"] == 26.9
+
+
+def test_sysu30k_profile_carries_dgl_values():
+    d = get_profile("sysu30k").dgl
+    assert (d.height, d.width) == (384, 128)
+    assert (d.ids_per_bag, d.ids_per_batch, d.images_per_id, d.num_heads) == (2, 16, 4, 8)
+    assert (d.margin, d.sigma, d.pairwise_weight, d.ce_weight, d.triplet_weight) == (1.2, 1.0, 2.0, 1.0, 2.0)
+    assert (d.lr, d.weight_decay, d.amsgrad, d.epochs, d.milestones, d.gamma) == (2e-4, 5e-4, True, 300, (250, 290), 0.1)
+    assert d.erasing_fill == (0.0, 0.0, 0.0)
+    assert (d.uo_batch_size, d.uo_bags_per_batch, d.uo_lr_backbone, d.uo_lr_head, d.uo_epochs) == (180, 12, 1e-4, 1e-3, 8)
+
+
+def test_cpu_profiles_use_the_embedded_sample_and_mobilenet():
+    for name in ("smoke", "workshop"):
+        p = get_profile(name)
+        assert p.data.dataset == "mini-mars" and p.model.arch == "mobilenetv2"
+    assert get_profile(None).name == "workshop"
+    assert set(PROFILES) >= {"smoke", "workshop", "market1501", "dukemtmcreid", "msmt17", "sysu30k"}
+
+
+def test_replace_and_unknown_profile():
+    p = get_profile("smoke").replace(hhcl__epochs=3, seed=7)
+    assert p.hhcl.epochs == 3 and p.seed == 7 and get_profile("smoke").hhcl.epochs == 1
+    with pytest.raises(KeyError, match="has no field"):
+        get_profile("smoke").replace(hhcl__nope=1)
+    with pytest.raises(KeyError, match="unknown profile"):
+        get_profile("imagenet")
