@@ -2,8 +2,8 @@
 
 A record is ``(path, pid, camid, tracklet, bag)``: the image file, the person id as written in
 the dataset (``pid``; 0 is a distractor in Market-style galleries, -1000 a SYSU-30k distractor),
-the 0-based camera, and, where the dataset has them, the tracklet (MARS) or bag (SYSU-30k) the
-image belongs to (-1 otherwise). Parsers never relabel: ``relabel`` maps pids to 0..C-1 when a
+the 0-based camera, and, where the dataset has them, the tracklet (MARS; numbered within its
+split) or bag (SYSU-30k) the image belongs to (-1 otherwise). Parsers never relabel: ``relabel`` maps pids to 0..C-1 when a
 training loop needs class indices.
 
 Every parser takes the dataset folder itself or a parent of it (``DATA_ROOT``); the folder names
@@ -133,7 +133,14 @@ def load_dataset(name: str, root: str | Path | None = None, **kwargs) -> ReIDDat
 # helpers
 
 def _list_images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    """Image files directly in ``folder``, sorted; hidden files (``._x.jpg`` macOS forks) skipped."""
+    return sorted(p for p in folder.iterdir()
+                  if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file())
+
+
+def _list_subdirs(folder: Path) -> list[Path]:
+    """Sub-folders of ``folder``, sorted; hidden ones (``.ipynb_checkpoints``) skipped."""
+    return sorted(d for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _find_root(root: str | Path, candidates: Sequence[str], required: Sequence[str], dataset: str) -> Path:
@@ -174,7 +181,7 @@ def check_images(paths: Iterable[str | Path], progress_desc: str | None = None) 
 # --------------------------------------------------------------------------------------------
 # Market-1501, DukeMTMC-reID, MSMT17 (converted, Market-style)
 
-_MARKET_RE = re.compile(r"([-\d]+)_c(\d+)")
+_MARKET_RE = re.compile(r"^(-?\d+)_c(\d+)")
 
 
 def parse_market_name(name: str, max_cam: int) -> tuple[int, int] | None:
@@ -184,14 +191,17 @@ def parse_market_name(name: str, max_cam: int) -> tuple[int, int] | None:
         return None
     pid, cam = int(m.group(1)), int(m.group(2))
     if not 1 <= cam <= max_cam:
-        raise LayoutError(f"{name}: camera c{cam} outside 1..{max_cam}")
+        raise LayoutError(f"camera c{cam} of {name} outside c1..c{max_cam}")
     return pid, cam - 1
 
 
 def _market_split(folder: Path, max_cam: int, max_pid: int, dataset: str) -> list[Record]:
     records = []
     for p in _list_images(folder):
-        parsed = parse_market_name(p.name, max_cam)
+        try:
+            parsed = parse_market_name(p.name, max_cam)
+        except LayoutError as exc:
+            raise LayoutError(f"{dataset}: {p}: {exc}") from None
         if parsed is None:
             raise LayoutError(
                 f"{dataset}: file {p} does not follow the <pid>_c<camera>... naming "
@@ -305,34 +315,44 @@ def parse_mars_name(name: str) -> tuple[int, int, int, int] | None:
     return pid, int(m.group(2)) - 1, int(m.group(3)), int(m.group(4))
 
 
-def _mars_record(path: Path) -> Record:
+def _mars_record(path: Path, tracklet: int) -> Record:
     parsed = parse_mars_name(path.name)
     if parsed is None:
-        raise LayoutError(f"mars: file {path} does not follow <pid>C<cam>T<tracklet>F<frame>.jpg")
-    pid, camid, tracklet, _ = parsed
+        raise LayoutError(f"mars: file {path} does not follow <pid>C<cam>T<tracklet>F<frame>.jpg "
+                          f"(e.g. 0003C4T0003F001.jpg)")
+    pid, camid, _, _ = parsed
     if not 0 <= camid <= 5:
         raise LayoutError(f"mars: {path}: camera outside C1..C6")
     return Record(str(path), pid, camid, tracklet)
 
 
+MARS_JSON_SPLITS = tuple(f"splits/{s}.json" for s in ("train", "query", "gallery"))
+MARS_INFO_FILES = tuple(f"info/{f}" for f in ("train_name.txt", "test_name.txt", "tracks_train_info.mat",
+                                              "tracks_test_info.mat", "query_IDX.mat"))
+
+
 def _mars_from_json(base: Path) -> tuple[list[Record], list[Record], list[Record]]:
+    """``splits/{train,query,gallery}.json``: one entry per tracklet. The pid and camera are read
+    from the file names (train.json's ``pid`` is a relabel); ``tracklet`` is the entry's index."""
     out = []
-    for split in ("train", "query", "gallery"):
-        path = base / "splits" / f"{split}.json"
+    for rel_split in MARS_JSON_SPLITS:
+        path = base / rel_split
         try:
             entries = json.loads(path.read_text())
         except json.JSONDecodeError as exc:
             raise LayoutError(f"mars: {path} is not valid JSON: {exc}") from None
+        if not isinstance(entries, list):
+            raise LayoutError(f"mars: {path} must hold a list of tracklet records")
         records = []
         for i, entry in enumerate(entries):
-            if "img_paths" not in entry:
+            if not isinstance(entry, dict) or "img_paths" not in entry:
                 raise LayoutError(f"mars: {path}: entry {i} has no 'img_paths'")
             for rel in entry["img_paths"]:
                 p = base / rel
                 if not p.is_file():
                     raise LayoutError(f"mars: {path}: entry {i} names {p}, which does not exist")
-                rec = _mars_record(p)
-                if split != "train" and rec.pid == -1:
+                rec = _mars_record(p, i)
+                if rec.pid == -1:  # junk (00-1), dropped in every split as with the info/ files
                     continue
                 records.append(rec)
         out.append(records)
@@ -340,37 +360,56 @@ def _mars_from_json(base: Path) -> tuple[list[Record], list[Record], list[Record
 
 
 def _mars_from_info(base: Path) -> tuple[list[Record], list[Record], list[Record]]:
-    """The official MARS split: ``info/{train_name,test_name}.txt``, ``tracks_*_info.mat``, ``query_IDX.mat``."""
+    """The official MARS split: ``info/{train_name,test_name}.txt``, ``tracks_*_info.mat`` (rows
+    ``[start, end, pid, camid]``, 1-based inclusive frame ranges into the name lists) and
+    ``query_IDX.mat`` (1-based rows of the test tracks). Gallery = the test tracks that are not
+    queries. Junk (``00-1``) frames are dropped, distractors (``0000``) kept; ``tracklet`` is the
+    row of the tracks matrix."""
     from scipy.io import loadmat
 
     info = base / "info"
 
     def names(fname, img_dir):
-        lines = [ln.strip() for ln in open(info / fname) if ln.strip()]
+        lines = [ln.strip() for ln in (info / fname).read_text().splitlines() if ln.strip()]
         return [base / img_dir / ln[:4] / ln for ln in lines]
 
-    def tracks(fname):
-        mat = loadmat(str(info / fname))
-        key = next(k for k in mat if not k.startswith("__"))
-        return mat[key]
+    def matrix(fname):
+        try:
+            mat = loadmat(str(info / fname))
+        except Exception as exc:  # scipy raises ValueError / MatReadError / TypeError
+            raise LayoutError(f"mars: {info / fname} is not a readable .mat file: {exc}") from None
+        keys = [k for k in mat if not k.startswith("__")]
+        if not keys:
+            raise LayoutError(f"mars: {info / fname} holds no matrix")
+        return mat[keys[0]]
 
     train_names, test_names = names("train_name.txt", "bbox_train"), names("test_name.txt", "bbox_test")
-    tr_tracks, te_tracks = tracks("tracks_train_info.mat"), tracks("tracks_test_info.mat")
-    query_idx = set((tracks("query_IDX.mat").reshape(-1) - 1).tolist())
+    tr_tracks, te_tracks = matrix("tracks_train_info.mat"), matrix("tracks_test_info.mat")
+    for fname, tracks in (("tracks_train_info.mat", tr_tracks), ("tracks_test_info.mat", te_tracks)):
+        if tracks.ndim != 2 or tracks.shape[1] < 2:
+            raise LayoutError(f"mars: {info / fname}: expected rows [start, end, pid, camid], got shape {tracks.shape}")
+    query_rows = sorted({int(q) - 1 for q in matrix("query_IDX.mat").reshape(-1)})
+    if query_rows and not (0 <= query_rows[0] and query_rows[-1] < len(te_tracks)):
+        raise LayoutError(f"mars: {info / 'query_IDX.mat'}: indices outside 1..{len(te_tracks)}")
+    query_set = set(query_rows)
 
-    def expand(track_rows, all_names, keep_rows):
+    def expand(fname, track_rows, all_names, keep_rows):
         recs = []
         for row in keep_rows:
             start, end = int(track_rows[row, 0]) - 1, int(track_rows[row, 1])
+            if not 0 <= start < end <= len(all_names):
+                raise LayoutError(f"mars: {info / fname}: row {row + 1} spans frames {start + 1}..{end}, "
+                                  f"outside the {len(all_names)} names of its name list")
             for p in all_names[start:end]:
-                rec = _mars_record(p)
+                rec = _mars_record(p, row)
                 if rec.pid != -1:
                     recs.append(rec)
         return recs
 
-    train = expand(tr_tracks, train_names, range(len(tr_tracks)))
-    query = expand(te_tracks, test_names, sorted(query_idx))
-    gallery = expand(te_tracks, test_names, [i for i in range(len(te_tracks)) if i not in query_idx])
+    train = expand("tracks_train_info.mat", tr_tracks, train_names, range(len(tr_tracks)))
+    query = expand("tracks_test_info.mat", te_tracks, test_names, query_rows)
+    gallery = expand("tracks_test_info.mat", te_tracks, test_names,
+                     [i for i in range(len(te_tracks)) if i not in query_set])
     return train, query, gallery
 
 
@@ -378,20 +417,27 @@ def _mars_from_info(base: Path) -> tuple[list[Record], list[Record], list[Record
 def mars(root) -> ReIDDataset:
     """MARS: ``bbox_train/<pid>/<pid>C<cam>T<tracklet>F<frame>.jpg`` and ``bbox_test/``, with the
     split read from ``splits/{train,query,gallery}.json`` (the mini-MARS format) or from the
-    official ``info/`` files. Records are per image and carry their tracklet."""
+    official ``info/`` files. Records are per image; ``Record.tracklet`` numbers the tracklet
+    within its split (the T number of a file name repeats across identities, so it is not used)."""
     base = _find_root(root, ["MARS", "mars", "mini-mars"], ("bbox_train", "bbox_test"), "mars")
-    if all((base / "splits" / f"{s}.json").is_file() for s in ("train", "query", "gallery")):
+    json_missing = [f for f in MARS_JSON_SPLITS if not (base / f).is_file()]
+    info_missing = [f for f in MARS_INFO_FILES if not (base / f).is_file()]
+    if not json_missing:
         train, query, gallery = _mars_from_json(base)
         note = "split from splits/*.json"
-    elif (base / "info" / "tracks_test_info.mat").is_file():
+    elif not info_missing:
         train, query, gallery = _mars_from_info(base)
         note = "split from info/ (official MARS files)"
     else:
+        partial = ""
+        if len(json_missing) < len(MARS_JSON_SPLITS):
+            partial = f"; missing {', '.join(json_missing)}"
+        elif len(info_missing) < len(MARS_INFO_FILES):
+            partial = f"; missing {', '.join(info_missing)}"
         raise LayoutError(
-            f"mars: {base} has bbox_train/ and bbox_test/ but no split files: expected "
-            f"splits/train.json, splits/query.json, splits/gallery.json (mini-MARS) or "
-            f"info/train_name.txt, info/test_name.txt, info/tracks_train_info.mat, "
-            f"info/tracks_test_info.mat, info/query_IDX.mat (official MARS)")
+            f"mars: {base} has bbox_train/ and bbox_test/ but no complete split files: expected "
+            f"{', '.join(MARS_JSON_SPLITS)} (mini-MARS) or {', '.join(MARS_INFO_FILES)} (official MARS)"
+            + partial)
     return ReIDDataset("mars", base, train, query, gallery, notes=[note])
 
 
@@ -413,22 +459,36 @@ SYSU_DISTRACTOR_FOLDER = "0000others"
 SYSU_DISTRACTOR_LABEL = -1000
 
 
+def sysu_test_label(name: str) -> int:
+    """Label of a SYSU-30k test identity folder: ``000028311`` -> 28311, ``0000others`` -> -1000."""
+    if name == SYSU_DISTRACTOR_FOLDER:
+        return SYSU_DISTRACTOR_LABEL
+    if not name.isdigit():
+        raise LayoutError(f"sysu30k: test identity {name!r} is neither a number (000028311) "
+                          f"nor the distractor folder {SYSU_DISTRACTOR_FOLDER}")
+    return int(name)
+
+
 def parse_sysu_test_name(name: str) -> tuple[int, int]:
     """``000028311_c2_2.jpg`` -> (28311, 1); ``0000others_c1_7.jpg`` -> (-1000, 0)."""
     m = _SYSU_TEST_RE.match(name)
     if m is None:
         raise LayoutError(f"sysu30k: test file {name!r} is not <label>_c<camera>_<n>.jpg")
-    prefix = m.group(1)
-    label = SYSU_DISTRACTOR_LABEL if prefix == SYSU_DISTRACTOR_FOLDER else int(prefix)
-    return label, int(m.group(2)) - 1
+    return sysu_test_label(m.group(1)), int(m.group(2)) - 1
 
 
 def _sysu_test_split(folder: Path) -> list[Record]:
+    """``<split>/<id folder>/<id>_c<cam>_<n>.jpg``. The label is the folder's (as the official
+    evaluation reads it, folder by folder); the camera is the file name's ``c<k>`` token."""
     recs = []
-    for sub in sorted(d for d in folder.iterdir() if d.is_dir()):
+    for sub in _list_subdirs(folder):
+        label = sysu_test_label(sub.name)
         for p in _list_images(sub):
-            label, camid = parse_sysu_test_name(p.name)
-            recs.append(Record(str(p), label, camid))
+            m = _SYSU_TEST_RE.match(p.name)
+            if m is None:
+                raise LayoutError(f"sysu30k: test file {p} is not <label>_c<camera>_<n>.jpg "
+                                  f"(e.g. 000028311_c2_2.jpg)")
+            recs.append(Record(str(p), label, int(m.group(2)) - 1))
     if not recs:
         raise LayoutError(f"sysu30k: no images under {folder}/<id>/")
     return recs
@@ -445,58 +505,92 @@ class Bag:
 
 def sysu_train_folders(train_dir: str | Path) -> list[str]:
     """The training folders (``0000000001`` ...), sorted; each folder is one label."""
-    return sorted(e.name for e in os.scandir(train_dir) if e.is_dir())
+    return sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
+
+
+SYSU_BAG_MODES = (0, 1, 2)  # bags of 1, 3 and 5 adjacent folders
+
+
+def sysu_bag_id(folder_number: int, mode: int) -> str:
+    """Id of the bag around folder ``folder_number`` in ``mode`` (0, 1, 2 -> 1, 3, 5 folders):
+    ``bag`` + 10 digits of ``3 * folder + mode``, which reproduces the maintainers' example
+    (folder 3: bag0000000009 = [3], bag0000000010 = [2, 3, 4], bag0000000011 = [1..5])."""
+    return f"bag{3 * folder_number + mode:010d}"
 
 
 def sysu_consecutive_bags(folders: Sequence[str]) -> Iterator[Bag]:
     """Bags by the consecutive-folder rule: around every folder f, bags of 1, 3 and 5 adjacent
-    folders (f; f-1..f+1; f-2..f+2), clipped at the ends. The label of a folder is its integer
-    name, so ``bag0000000010`` = folders 2, 3, 4 has label [2, 3, 4] as in the maintainers' example."""
+    folders (f; f-1..f+1; f-2..f+2) of the sorted list, clipped at the ends (a boundary bag has
+    fewer folders). A folder's label is its integer name; see ``sysu_bag_id`` for the bag ids."""
+    folders = sorted(folders, key=int)
     n = len(folders)
-    counter = 0
-    for i in range(n):
-        for half in (0, 1, 2):
-            lo, hi = max(0, i - half), min(n, i + half + 1)
-            sel = folders[lo:hi]
-            counter += 1
-            yield Bag(f"bag{counter:010d}", tuple(int(f) for f in sel), tuple(sel))
+    for i, center in enumerate(folders):
+        for mode in SYSU_BAG_MODES:
+            sel = folders[max(0, i - mode):min(n, i + mode + 1)]
+            yield Bag(sysu_bag_id(int(center), mode), tuple(int(f) for f in sel), tuple(sel))
+
+
+def _bag_image_folder(entry: str) -> str:
+    """``0000000003/*`` or ``sysu_train_set_all/0000000003/x.jpg`` -> ``0000000003``."""
+    parts = [x for x in str(entry).replace("\\", "/").split("/") if x]
+    return parts[-2] if len(parts) >= 2 else parts[0]
 
 
 def read_bag_level_labels(path: str | Path) -> list[Bag]:
-    """Read a ``bag_level_label.json``: a list of ``{"BagLabel": [...], "BagID": ..., "BagImages": [...]}``."""
+    """Read a ``bag_level_label.json``: a list of ``{"BagLabel": [...], "BagID": ..., "BagImages": [...]}``
+    (``BagImages`` entries like ``"0000000003/*"``; a bag's folders are their parent folders)."""
     path = Path(path)
     try:
         data = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise LayoutError(f"sysu30k: {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise LayoutError(f"sysu30k: {path} must hold a list of bag records")
     bags = []
     for i, rec in enumerate(data):
         try:
             labels = tuple(int(x) for x in rec["BagLabel"])
-            folders = tuple(sorted({str(im).split("/")[0] for im in rec["BagImages"]}))
+            folders = tuple(sorted({_bag_image_folder(im) for im in rec["BagImages"]}))
             bags.append(Bag(str(rec["BagID"]), labels, folders))
-        except (KeyError, TypeError, ValueError) as exc:
-            raise LayoutError(f"sysu30k: {path}: record {i} lacks BagLabel/BagID/BagImages ({exc})") from None
+        except (KeyError, TypeError, ValueError, IndexError) as exc:
+            raise LayoutError(f"sysu30k: {path}: record {i} lacks BagLabel/BagID/BagImages ({exc!r})") from None
     return bags
+
+
+def _sysu_folder_number(name: str, where: str) -> int:
+    if not name.isdigit():
+        raise LayoutError(f"sysu30k: {where}: training folder {name!r} is not a number like 0000000001")
+    return int(name)
 
 
 def iter_sysu_train(train_dir: str | Path, train_list: str | Path | None = None) -> Iterator[Record]:
     """Stream the training images as records (pid = folder number, camera unknown = -1) without
-    building a list of all 29.6M paths: from ``meta/train.txt`` line by line if given, else by
-    scanning the folders one at a time."""
+    building a list of all 29.6M paths: from ``meta/train.txt`` line by line if given (entries
+    ``<folder>/<file>``, optionally prefixed by ``sysu_train_set_all/`` or followed by a label),
+    else by scanning the folders one at a time."""
     train_dir = Path(train_dir)
     if train_list is not None:
         with open(train_list) as fh:
-            for line in fh:
-                rel = line.strip()
-                if rel:
-                    folder = rel.split("/")[-2] if "/" in rel else rel.split("_")[0]
-                    yield Record(str(train_dir / rel), int(folder), -1)
+            for lineno, line in enumerate(fh, 1):
+                fields = line.split()
+                if not fields:
+                    continue
+                parts = [x for x in fields[0].replace("\\", "/").split("/") if x]
+                if len(parts) > 2 and parts[0] == train_dir.name:
+                    parts = parts[1:]
+                if len(parts) >= 2:
+                    folder = parts[-2]
+                else:  # a bare file name: its folder is the prefix before the first "_"
+                    folder = parts[0].split("_")[0]
+                    parts = [folder, parts[0]]
+                pid = _sysu_folder_number(folder, f"{train_list}:{lineno}")
+                yield Record(str(train_dir.joinpath(*parts)), pid, -1)
         return
     for folder in sysu_train_folders(train_dir):
+        pid = _sysu_folder_number(folder, str(train_dir))
         for e in sorted(os.scandir(train_dir / folder), key=lambda e: e.name):
-            if e.name.lower().endswith(IMAGE_SUFFIXES):
-                yield Record(e.path, int(folder), -1)
+            if e.name.lower().endswith(IMAGE_SUFFIXES) and not e.name.startswith("."):
+                yield Record(e.path, pid, -1)
 
 
 @register("sysu30k")
@@ -510,7 +604,9 @@ def sysu30k(root, load_train: bool = True) -> ReIDDataset:
     test = base / "sysu_test_set_all"
     for sub in ("query", "gallery"):
         if not (test / sub).is_dir():
-            raise LayoutError(f"sysu30k: expected {test / sub}/ with one folder per identity")
+            raise LayoutError(f"sysu30k: expected {test / sub}/ with one folder per identity "
+                              f"(e.g. {sub}/000028311/000028311_c{1 if sub == 'gallery' else 2}_"
+                              f"{1 if sub == 'gallery' else 2}.jpg)")
     query, gallery = _sysu_test_split(test / "query"), _sysu_test_split(test / "gallery")
     notes = []
     train: list[Record] = []
@@ -537,8 +633,11 @@ _CAM_RE = re.compile(r"(?:^|[_\-])[cC](\d+)")
 def folder(root) -> ReIDDataset:
     """Your own data: ``ROOT/train/<identity>/*.jpg`` plus optional ``ROOT/query/`` and
     ``ROOT/gallery/`` in the same form. The camera is read from a ``_c<k>`` / ``c<k>`` token in the
-    file name when there is one; without cameras, train images get camera -1, query images camera
-    -1 and gallery images camera 0, so that no gallery image is excluded as same-camera."""
+    file name when there is one (1-based, so ``c1`` is camera 0); without cameras, train images get
+    camera -1, query images camera -1 and gallery images camera 0, so that no gallery image is
+    excluded as same-camera. Identity folder names that are all plain numbers (with no two naming
+    the same number, like ``7`` and ``007``) are the pids; otherwise names are numbered 1.. in
+    sorted order, the same in every split."""
     base = _find_root(root, [], ("train",), "folder")
     found: dict[str, list[tuple[str, Path, int]]] = {}
     for split in ("train", "query", "gallery"):
@@ -546,22 +645,26 @@ def folder(root) -> ReIDDataset:
         found[split] = []
         if not d.is_dir():
             continue
-        ids = sorted(x for x in d.iterdir() if x.is_dir())
+        ids = _list_subdirs(d)
         if not ids:
             raise LayoutError(f"folder: {d} holds no identity sub-folders (expected {d}/<identity>/*.jpg)")
         for ident in ids:
             for p in _list_images(ident):
                 m = _CAM_RE.search(p.stem)
+                if m is not None and int(m.group(1)) == 0:
+                    raise LayoutError(f"folder: {p}: camera token c0; camera tokens are 1-based (c1, c2, ...)")
                 cam = int(m.group(1)) - 1 if m else (0 if split == "gallery" else -1)
                 found[split].append((ident.name, p, cam))
     names = sorted({n for recs in found.values() for n, _, _ in recs})
-    if all(n.isdigit() for n in names):
+    if all(n.isdigit() for n in names) and len({int(n) for n in names}) == len(names):
         pid_of = {n: int(n) for n in names}
-    else:  # non-numeric identity names: numbered 1.. in sorted order, the same in every split
+    else:  # non-numeric (or clashing) identity names: numbered 1.. in sorted order, the same in every split
         pid_of = {n: i + 1 for i, n in enumerate(names)}
     out = {split: [Record(str(p), pid_of[n], cam) for n, p, cam in recs] for split, recs in found.items()}
     if not out["train"]:
         raise LayoutError(f"folder: no images under {base / 'train'}/<identity>/")
     if bool(out["query"]) != bool(out["gallery"]):
-        raise LayoutError(f"folder: {base} has only one of query/ and gallery/; give both or neither")
+        have, lack = ("query", "gallery") if out["query"] else ("gallery", "query")
+        raise LayoutError(f"folder: {base} has images in {have}/ but none in {base / lack}/<identity>/; "
+                          f"give both query/ and gallery/ or neither")
     return ReIDDataset("folder", base, out["train"], out["query"], out["gallery"])

@@ -138,12 +138,16 @@ class ConsecutiveBagSampler(_SeededSampler, Sampler[list[int]]):
     def __init__(self, labels: Sequence[int], batch_size: int = 180, bags_per_batch: int = 12,
                  batches_per_epoch: int | None = None, seed: int = 0):
         super().__init__(seed)
+        if bags_per_batch < 1:
+            raise ValueError(f"bags_per_batch={bags_per_batch} must be at least 1")
         bag_size = batch_size // bags_per_batch
-        if batch_size % bags_per_batch or bag_size % 15:
+        if batch_size % bags_per_batch or bag_size == 0 or bag_size % 15:
             raise ValueError(
-                f"batch_size={batch_size} must split into {bags_per_batch} bags whose size is a multiple "
-                f"of 15 (so bags of 1, 3 and 5 classes divide evenly), e.g. 180; the reference README's "
-                f"batch size 32 gives misaligned bags (spec dgl §1.3)")
+                f"batch_size={batch_size} with {bags_per_batch} bags gives misaligned bags: "
+                f"{bag_size} images per bag, {bag_size * bags_per_batch} sampled indices per batch of "
+                f"{batch_size}. The batch must split into {bags_per_batch} bags whose size is a multiple "
+                f"of 15 (so bags of 1, 3 and 5 classes divide evenly), e.g. {15 * bags_per_batch}; the "
+                f"reference README's batch size 32 with 12 bags is this misalignment (spec dgl §1.3)")
         self.labels = np.asarray(labels, dtype=np.int64)
         self.batch_size, self.bags_per_batch, self.bag_size = batch_size, bags_per_batch, bag_size
         groups = defaultdict(list)
