@@ -49,6 +49,37 @@ def _cmd_reproduce(args) -> int:
     return main_reproduce(args)
 
 
+def _parse_sets(pairs) -> dict:
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"--set wants KEY=VALUE, got {pair!r}")
+        key, raw = pair.split("=", 1)
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key.replace(".", "__")] = tuple(value) if isinstance(value, list) else value
+    return out
+
+
+def _cmd_train(args) -> int:
+    from reidkit.config import get_profile
+    from reidkit.data.datasets import load_dataset
+    from reidkit.train import train_hhcl
+
+    prof = get_profile(args.profile).replace(**_parse_sets(args.set))
+    if args.dataset:
+        prof = prof.replace(data__dataset=args.dataset)
+    ds = load_dataset(prof.data.dataset, args.data_root)
+    res = train_hhcl(prof, ds, out_dir=args.out, device=args.device, memory=args.memory, seed=args.seed,
+                     selection=args.selection, resume=not args.no_resume, epochs=args.epochs)
+    if res.test is not None:
+        print(json.dumps({"selected_epoch": res.best_epoch, "selection": res.selection,
+                          **{k: v for k, v in res.test.items() if k != "cmc"}}))
+    return 0
+
+
 def _cmd_report(args) -> int:
     from reidkit.reproduce import write_report
 
@@ -89,6 +120,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     p.add_argument("--force", action="store_true", help="rerun notebooks already complete")
     p.set_defaults(func=_cmd_reproduce)
+
+    p = sub.add_parser("train", help="train HHCL / Cluster-Contrast; under torchrun, one process per device")
+    p.add_argument("--profile", default="workshop")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--dataset", default=None, help="override the profile's dataset")
+    p.add_argument("--out", required=True, help="output folder (checkpoint.pt, model_best.pt, history.json)")
+    p.add_argument("--memory", choices=["CM", "CMhybrid", "CMhybrid_v2"], default=None)
+    p.add_argument("--selection", choices=["val", "test", "last"], default="val",
+                   help="model selection: a validation split of the training ids (default), the test set "
+                        "(the papers' practice) or the last epoch")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a profile value, e.g. --set hhcl.iters=400 (JSON values)")
+    p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("report", help="(re)write report.md of a run folder")
     p.add_argument("run_dir")

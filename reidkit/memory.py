@@ -370,14 +370,24 @@ class ClusterMemory(nn.Module):
             raise ValueError(f"{targets.numel()} targets for a batch of {inputs.shape[0]}")
         return inputs.to(mem.dtype), targets  # fp16/bf16 (autocast) -> memory dtype
 
+    #: optional ``gather(x, targets) -> (x_all, targets_all)`` applied before every memory update;
+    #: distributed training sets it to an all-gather so that every rank's memory sees the whole
+    #: global batch, in global batch order (the loss itself stays per rank).
+    gather = None
+
     def _update_fn(self):
         m = self.momentum
         if self.mode == "CM":
-            return lambda f, x, y: _update_cm(f, x, y, m)
-        if self.mode == "CMhybrid":
-            return lambda f, x, y: _update_hybrid(f, x, y, m)
-        p = self.num_instances
-        return lambda f, x, y: _update_hybrid_v2(f, x, y, m, p)
+            fn = lambda f, x, y: _update_cm(f, x, y, m)  # noqa: E731
+        elif self.mode == "CMhybrid":
+            fn = lambda f, x, y: _update_hybrid(f, x, y, m)  # noqa: E731
+        else:
+            p = self.num_instances
+            fn = lambda f, x, y: _update_hybrid_v2(f, x, y, m, p)  # noqa: E731
+        gather = self.gather
+        if gather is None:
+            return fn
+        return lambda f, x, y: fn(f, *gather(x, y))
 
     def similarities(self, inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """``S = x @ M.T`` (``x`` normalised first in CM mode), before the temperature, hooked so

@@ -1,0 +1,449 @@
+"""Training loops: HHCL / Cluster-Contrast (unsupervised), with the paper's protocol.
+
+Each epoch of ``train_hhcl`` (spec hhcl §0, §3, §5):
+1. extract L2-normalised features of every training image (eval mode, test transform);
+2. k-reciprocal Jaccard distance (k1, k2) and DBSCAN (eps, min_samples) -> pseudo-labels;
+   outliers (-1) are dropped for the epoch;
+3. a new cluster memory is built from the centroids (``CM``, ``CMhybrid`` or ``CMhybrid_v2``);
+4. exactly ``iters`` iterations of camera-aware PK batches (the sampler restarts when exhausted);
+   Adam (lr, coupled weight decay, the frozen BN-neck bias excluded), StepLR per epoch;
+5. evaluation every ``eval_step`` epochs and at the end; checkpoint every epoch, atomically.
+
+Repeatability: every epoch re-seeds python, numpy and torch (and the sampler and the loader) from
+``(seed, epoch)``, so a run resumed from the checkpoint of epoch e continues exactly like the
+uninterrupted run on CPU. Model selection uses a validation split carved from the training
+identities by default (``selection="val"``); ``selection="test"`` is the papers' practice of
+picking the epoch with the best *test* mAP, and is labelled as such in the results.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reidkit.config import Profile, get_profile
+from reidkit.data.datasets import Record, ReIDDataset
+from reidkit.utils import atomic_torch_save, atomic_write_json, resolve_device, seed_everything, torch_load
+
+SELECTIONS = ("val", "test", "last")
+
+
+# --------------------------------------------------------------------------------------------
+# ghost batch norm: the paper's per-GPU BN statistics on one device
+
+class _GhostBNMixin:
+    """BatchNorm whose training-mode statistics are computed per contiguous chunk of ``ghost_chunk``
+    samples, with the running statistics updated from the first chunk only: exactly what
+    ``nn.DataParallel`` over 4 GPUs does to a batch of 256 (each replica normalises its 64 images;
+    only replica 0 shares its buffers with the module)."""
+
+    ghost_chunk: int = 64
+
+    def forward(self, x):
+        n = x.shape[0]
+        if not self.training or n <= self.ghost_chunk:
+            return super().forward(x)
+        chunks = x.split(self.ghost_chunk)
+        outs = [super().forward(chunks[0])]
+        for c in chunks[1:]:
+            outs.append(F.batch_norm(c, None, None, self.weight, self.bias, True, 0.0, self.eps))
+        return torch.cat(outs)
+
+
+class GhostBatchNorm1d(_GhostBNMixin, nn.BatchNorm1d):
+    pass
+
+
+class GhostBatchNorm2d(_GhostBNMixin, nn.BatchNorm2d):
+    pass
+
+
+def apply_ghost_bn(model: nn.Module, chunk: int | None) -> int:
+    """Turn every BatchNorm1d/2d of ``model`` into its ghost version (state dict keys unchanged).
+    Returns how many layers changed; ``chunk=None`` changes nothing."""
+    if not chunk:
+        return 0
+    count = 0
+    for mod in model.modules():
+        for plain, ghost in ((nn.BatchNorm2d, GhostBatchNorm2d), (nn.BatchNorm1d, GhostBatchNorm1d)):
+            if type(mod) is plain:
+                mod.__class__ = ghost
+                mod.ghost_chunk = int(chunk)
+                count += 1
+    return count
+
+
+# --------------------------------------------------------------------------------------------
+# distributed data parallel (torchrun): one process per device, the global batch split in
+# contiguous slices as nn.DataParallel did (each of the paper's 4 GPUs saw 4 pseudo-ids x 16)
+
+def dist_info() -> tuple[int, int]:
+    """(rank, world size); (0, 1) when not distributed."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def init_distributed(device: Any = "auto"):
+    """Join the process group that ``torchrun`` describes in the environment (nccl on CUDA, gloo on
+    CPU); returns the device this rank should use. Without torchrun it does nothing."""
+    import os
+
+    import torch.distributed as dist
+
+    dev = resolve_device(device)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if dev.type == "cuda":
+            torch.cuda.set_device(local)
+            dev = torch.device("cuda", local)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    return dev
+
+
+def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def _gather_batch(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _all_gather_cat(x), _all_gather_cat(y)
+
+
+class RankSlice(torch.utils.data.Sampler):
+    """Every rank draws the same global batches and keeps its contiguous slice of each."""
+
+    def __init__(self, batch_sampler, rank: int, world: int):
+        self.batch_sampler, self.rank, self.world = batch_sampler, rank, world
+
+    def __len__(self):
+        return len(self.batch_sampler)
+
+    def __iter__(self):
+        for batch in self.batch_sampler:
+            per = len(batch) // self.world
+            yield batch[self.rank * per:(self.rank + 1) * per]
+
+
+def _extract_sharded(model, records, profile, device, desc):
+    """Features of ``records``; under DDP each rank extracts every world-th record, then all gather."""
+    rank, world = dist_info()
+    if world == 1:
+        return extract_records(model, records, profile, device, desc)
+    n = len(records)
+    mine = extract_records(model, records[rank::world], profile, device, desc)
+    per = -(-n // world)
+    pad = np.zeros((per, mine.shape[1]), dtype=np.float32)
+    pad[:len(mine)] = mine
+    full = _all_gather_cat(torch.from_numpy(pad).to(device)).cpu().numpy().reshape(world, per, -1)
+    out = np.empty((n, mine.shape[1]), dtype=np.float32)
+    for r in range(world):
+        cnt = len(range(r, n, world))
+        out[r::world] = full[r, :cnt]
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# validation split and evaluation
+
+def make_val_split(records: Sequence[Record], fraction: float = 0.1, min_ids: int = 2, seed: int = 0
+                   ) -> tuple[list[Record], list[Record], list[Record]]:
+    """Hold out ``fraction`` of the training identities (at least ``min_ids``, only identities seen
+    by two or more cameras) as a labelled validation set for model selection.
+
+    Returns (remaining train records, val query, val gallery): for each held-out identity, the
+    images of one camera are queries and those of its other cameras the gallery."""
+    by_pid: dict[int, list[Record]] = {}
+    for r in records:
+        by_pid.setdefault(r.pid, []).append(r)
+    eligible = sorted(p for p, rs in by_pid.items() if len({r.camid for r in rs}) >= 2)
+    n = max(min_ids, int(round(fraction * len(by_pid))))
+    if len(eligible) < n:
+        raise ValueError(f"only {len(eligible)} training identities are seen by two cameras; "
+                         f"{n} are needed for a validation split (use selection='last' or 'test')")
+    rng = np.random.default_rng(seed)
+    held = set(rng.choice(eligible, size=n, replace=False).tolist())
+    query, gallery = [], []
+    for pid in sorted(held):
+        rs = by_pid[pid]
+        qcam = min(r.camid for r in rs)
+        query += [r for r in rs if r.camid == qcam]
+        gallery += [r for r in rs if r.camid != qcam]
+    train = [r for r in records if r.pid not in held]
+    return train, query, gallery
+
+
+def extract_records(model: nn.Module, records: Sequence[Record], profile: Profile, device: Any = "auto",
+                    desc: str = "features") -> np.ndarray:
+    """L2-normalised features of ``records`` with the test transform of ``profile``."""
+    from reidkit.data.transforms import ImageDataset, test_transform
+    from reidkit.features import extract_features
+
+    ds = ImageDataset(records, test_transform(profile.data.height, profile.data.width))
+    # fp32 features as in the papers unless the profile asks for mixed precision
+    return extract_features(model, ds, device=device, batch_size=profile.data.test_batch_size,
+                            num_workers=profile.data.workers, amp=bool(profile.hhcl.amp), desc=desc)
+
+
+def evaluate_model(model: nn.Module, query: Sequence[Record], gallery: Sequence[Record], profile: Profile,
+                   device: Any = "auto", max_rank: int = 20) -> dict:
+    """Market-protocol mAP / CMC of ``model`` on (query, gallery) records."""
+    from reidkit.evaluation import evaluate_rank, pairwise_distance
+
+    qf = extract_records(model, query, profile, device, "query features")
+    gf = extract_records(model, gallery, profile, device, "gallery features")
+    dist = pairwise_distance(qf, gf, device=device)
+    res = evaluate_rank(np.asarray(dist), np.array([r.pid for r in query]), np.array([r.pid for r in gallery]),
+                        np.array([r.camid for r in query]), np.array([r.camid for r in gallery]),
+                        max_rank=min(max_rank, len(gallery)))
+    cmc = np.asarray(res["cmc"], dtype=float)
+    return {"mAP": float(res["mAP"]), "mINP": float(res["mINP"]),
+            "rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)]),
+            "rank10": float(cmc[min(9, len(cmc) - 1)]), "cmc": cmc.tolist()}
+
+
+# --------------------------------------------------------------------------------------------
+# the unsupervised loop
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    history: list[dict]
+    best_epoch: int | None
+    selection: str
+    test: dict | None
+    model: nn.Module = field(repr=False, default=None)
+
+
+def _epoch_seed(seed: int, epoch: int) -> int:
+    return int(seed) * 10_007 + int(epoch)
+
+
+def _cluster(features: np.ndarray, profile: Profile, device) -> tuple[np.ndarray, dict]:
+    from reidkit.clustering import dbscan_labels
+    from reidkit.neighbors import jaccard_distance
+
+    t0 = time.time()
+    dist = jaccard_distance(features, k1=profile.cluster.k1, k2=profile.cluster.k2, device=device)
+    t1 = time.time()
+    labels = np.asarray(dbscan_labels(dist, eps=profile.cluster.eps, min_samples=profile.cluster.min_samples))
+    t2 = time.time()
+    return labels, {"t_jaccard": t1 - t0, "t_dbscan": t2 - t1}
+
+
+def _optimizer(model, profile: Profile):
+    cfg = profile.hhcl
+    params = [p for p in model.parameters() if p.requires_grad]  # the frozen neck bias is left out
+    opt = torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=cfg.step_size, gamma=cfg.gamma)
+    return opt, sched
+
+
+def train_hhcl(profile: str | Profile = "workshop", dataset: ReIDDataset | None = None,
+               out_dir: str | Path = "runs/train", device: Any = "auto", memory: str | None = None,
+               seed: int | None = None, selection: str = "val", resume: bool = True,
+               epochs: int | None = None, stop_after: int | None = None,
+               log: Callable[[str], None] = print, data_root: str | None = None) -> TrainResult:
+    """Train HHCL (or Cluster-Contrast with ``memory="CM"``) and return the history.
+
+    ``memory`` overrides the profile's memory mode; ``epochs`` its epoch count; ``stop_after``
+    stops after that many epochs of this call (to test resuming). Checkpoints:
+    ``out_dir/checkpoint.pt`` (last epoch, for ``resume``) and ``out_dir/model_best.pt``."""
+    from torch.utils.data import DataLoader
+
+    from reidkit.data.datasets import load_dataset
+    from reidkit.data.samplers import CameraAwarePKSampler
+    from reidkit.data.transforms import ImageDataset, train_transform
+    from reidkit.memory import ClusterMemory
+    from reidkit.models import build_model
+
+    prof = get_profile(profile)
+    if memory is not None:
+        prof = prof.replace(hhcl__memory=memory)
+    if epochs is not None:
+        prof = prof.replace(hhcl__epochs=int(epochs))
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection must be one of {SELECTIONS}")
+    cfg = prof.hhcl
+    seed = prof.seed if seed is None else int(seed)
+    dev = init_distributed(device)
+    rank, world = dist_info()
+    if cfg.batch_size % world:
+        raise ValueError(f"batch size {cfg.batch_size} does not split over {world} processes")
+    if rank != 0:
+        log = lambda *_: None  # noqa: E731  (rank 0 speaks for all)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ds = dataset if dataset is not None else load_dataset(prof.data.dataset, data_root)
+
+    train_recs = list(ds.train)
+    val_q = val_g = []
+    if selection == "val":
+        train_recs, val_q, val_g = make_val_split(train_recs, seed=seed)
+    camids = np.array([r.camid for r in train_recs])
+
+    seed_everything(seed)
+    model = build_model(prof.model.arch, prof.model.pooling, prof.model.pretrained,
+                        last_stride=prof.model.last_stride, device=dev)
+    ghost = apply_ghost_bn(model, cfg.ghost_bn)
+    if dev.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    opt, sched = _optimizer(model, prof)
+    net = model
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    use_amp = bool(cfg.amp and dev.type == "cuda")
+
+    history: list[dict] = []
+    start_epoch, best_score, best_epoch = 0, -math.inf, None
+    ckpt_path = out_dir / "checkpoint.pt"
+    if resume and ckpt_path.is_file():
+        state = torch_load(ckpt_path, map_location=dev)
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        history = json.loads(state["history"])
+        best_score, best_epoch = float(state["best_score"]), state["best_epoch"]
+        log(f"resumed from {ckpt_path} at epoch {start_epoch}")
+
+    train_tf = train_transform(prof.data.height, prof.data.width, flip=prof.data.flip, pad=prof.data.pad,
+                               erasing_p=prof.data.erasing_p, erasing_fill=prof.data.erasing_fill)
+    run_epochs = 0
+    for epoch in range(start_epoch, cfg.epochs):
+        if stop_after is not None and run_epochs >= stop_after:
+            break
+        eseed = _epoch_seed(seed, epoch)
+        seed_everything(eseed)
+        t_epoch = time.time()
+        feats = _extract_sharded(model, train_recs, prof, dev, f"epoch {epoch} features")
+        t_extract = time.time() - t_epoch
+        labels, times = _cluster(feats, prof, dev)
+        if world > 1:  # every rank trains on rank 0's pseudo-labels
+            import torch.distributed as dist
+
+            lab_t = torch.from_numpy(labels.astype(np.int64)).to(dev)
+            dist.broadcast(lab_t, 0)
+            labels = lab_t.cpu().numpy()
+        keep = np.flatnonzero(labels >= 0)
+        n_clusters = int(labels.max()) + 1 if len(keep) else 0
+        entry = {"epoch": epoch, "clusters": n_clusters, "outliers": int((labels < 0).sum()),
+                 "lr": opt.param_groups[0]["lr"], "t_extract": t_extract, **times}
+        if n_clusters < 2:
+            log(f"epoch {epoch}: {n_clusters} clusters, nothing to train on; skipping the epoch's iterations")
+            entry.update(loss=None, t_train=0.0)
+        else:
+            gen = torch.Generator().manual_seed(eseed)
+            mem = ClusterMemory.from_features(torch.from_numpy(np.ascontiguousarray(feats)).to(dev), labels,
+                                              mode=cfg.memory, temp=cfg.temp, momentum=cfg.momentum,
+                                              hard_weight=cfg.hard_weight, num_instances=cfg.num_instances,
+                                              generator=gen)
+            if world > 1:
+                mem.gather = _gather_batch
+            sub = [train_recs[i] for i in keep]
+            sampler = CameraAwarePKSampler(labels[keep], camids[keep], num_instances=cfg.num_instances,
+                                           seed=eseed, camera_aware=cfg.camera_aware)
+            batches = RankSlice(torch.utils.data.BatchSampler(sampler, cfg.batch_size, drop_last=True), rank, world)
+            loader = DataLoader(ImageDataset(sub, train_tf, labels=labels[keep].tolist()),
+                                batch_sampler=batches, num_workers=prof.data.workers,
+                                pin_memory=dev.type == "cuda",
+                                generator=torch.Generator().manual_seed(eseed + 7919 * rank))
+            entry.update(_train_iterations(net, mem, loader, opt, cfg.iters, dev, use_amp))
+        sched.step()
+        last = epoch + 1 == cfg.epochs
+        if rank == 0 and ((epoch + 1) % cfg.eval_step == 0 or last):
+            t0 = time.time()
+            if selection == "val":
+                entry["val"] = _slim(evaluate_model(model, val_q, val_g, prof, dev))
+            entry["test"] = _slim(evaluate_model(model, ds.query, ds.gallery, prof, dev))
+            entry["t_eval"] = time.time() - t0
+            score = entry["val" if selection == "val" else "test"]["mAP"] if selection != "last" else epoch
+            if score > best_score:
+                best_score, best_epoch = score, epoch
+                atomic_torch_save({"model": model.state_dict(), "epoch": epoch + 1, "profile": prof.name,
+                                   "arch": prof.model.arch, "pooling": prof.model.pooling,
+                                   "selection": selection}, out_dir / "model_best.pt")
+        entry["t_epoch"] = time.time() - t_epoch
+        history.append(entry)
+        log(_epoch_line(entry))
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        if rank == 0:
+            atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
+                               "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                               "history": json.dumps(history), "best_score": best_score, "best_epoch": best_epoch,
+                               "profile": prof.name, "memory": cfg.memory, "seed": seed, "ghost_bn_layers": ghost},
+                              ckpt_path)
+        run_epochs += 1
+    if rank == 0:
+        atomic_write_json(out_dir / "history.json", history)
+    finished = len(history) == cfg.epochs
+    test = None
+    if finished and best_epoch is not None:
+        test = next(h["test"] for h in history if h["epoch"] == best_epoch)
+    return TrainResult(out_dir, history, best_epoch, selection, test, model)
+
+
+def _slim(res: dict) -> dict:
+    return {k: v for k, v in res.items() if k != "cmc"} | {"cmc": res["cmc"][:20]}
+
+
+def _train_iterations(model, mem, loader, opt, iters: int, dev, use_amp: bool) -> dict:
+    model.train()
+    losses = []
+    t0 = time.time()
+    it = iter(loader)
+    for _ in range(iters):
+        try:
+            batch = next(it)
+        except StopIteration:  # the sampler is exhausted: start a new pass, as the reference does
+            it = iter(loader)
+            batch = next(it)
+        x = batch["img"].to(dev, non_blocking=True)
+        y = torch.as_tensor(batch["label"]).to(dev)
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+            feat = model(x)
+        loss = mem(feat.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    if losses and dist_info()[1] > 1:  # log the global-batch loss: the mean of the ranks' losses
+        import torch.distributed as dist
+
+        stacked = torch.stack(losses)
+        dist.all_reduce(stacked)
+        losses = list(stacked / dist_info()[1])
+    loss_mean = float(torch.stack(losses).mean()) if losses else None
+    return {"loss": loss_mean, "losses": [float(v) for v in losses], "t_train": time.time() - t0, "iters": iters}
+
+
+def _epoch_line(e: dict) -> str:
+    parts = [f"epoch {e['epoch']:3d}", f"clusters {e['clusters']:5d}", f"outliers {e['outliers']:5d}"]
+    if e.get("loss") is not None:
+        parts.append(f"loss {e['loss']:.3f}")
+    for split in ("val", "test"):
+        if split in e:
+            parts.append(f"{split} mAP {100 * e[split]['mAP']:.1f} r1 {100 * e[split]['rank1']:.1f}")
+    parts.append("time " + " ".join(f"{k[2:]} {e[k]:.1f}s" for k in
+                                     ("t_extract", "t_jaccard", "t_dbscan", "t_train", "t_eval") if k in e))
+    return " | ".join(parts)
