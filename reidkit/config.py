@@ -62,7 +62,7 @@ class HHCLConfig:
     gamma: float = 0.1
     eval_step: int = 10
     ghost_bn: int | None = 64         # BN statistics over chunks of 64, as on the paper's 4 GPUs
-    amp: bool = False                 # the paper trains in fp32; True uses autocast on GPU
+    amp: bool = False                 # the paper trains in fp32; True: bf16 autocast where native (GPU, bf16 CPUs)
     camera_aware: bool = True
 
 
@@ -139,7 +139,7 @@ PROFILES: dict[str, Profile] = {
         model=ModelConfig(arch="mobilenetv2", pooling="avg"),
         cluster=ClusterConfig(k1=20, k2=6, eps=0.6, min_samples=4),
         hhcl=dataclasses.replace(_HHCL_MARKET, epochs=1, iters=2, batch_size=32, num_instances=4,
-                                 eval_step=1, ghost_bn=None),
+                                 eval_step=1, ghost_bn=None, amp=True),
         dgl=DGLConfig(height=128, width=64, ids_per_batch=8, images_per_id=4, epochs=1,
                       milestones=(1,), uo_epochs=1, uo_batch_size=60, uo_bags_per_batch=4),
         expected="CPU, under a minute",
@@ -147,11 +147,11 @@ PROFILES: dict[str, Profile] = {
     "workshop": Profile(
         name="workshop",
         description="Default: embedded mini-MARS sample, MobileNetV2 (offline ImageNet weights), two CPU cores",
-        data=DataConfig(dataset="mini-mars", height=256, width=128, workers=2, test_batch_size=64),
+        data=DataConfig(dataset="mini-mars", height=256, width=128, workers=0, test_batch_size=64),
         model=ModelConfig(arch="mobilenetv2", pooling="avg"),
         cluster=ClusterConfig(k1=20, k2=6, eps=0.6, min_samples=4),
         hhcl=dataclasses.replace(_HHCL_MARKET, epochs=6, iters=20, batch_size=32, num_instances=8,
-                                 step_size=4, eval_step=2, ghost_bn=None),
+                                 step_size=4, eval_step=2, ghost_bn=None, amp=True),
         dgl=DGLConfig(height=256, width=128, ids_per_batch=8, images_per_id=4, epochs=8,
                       milestones=(6,), uo_epochs=8, uo_batch_size=60, uo_bags_per_batch=4),
         expected="2 CPU cores, about 10 minutes for all notebooks",

@@ -105,7 +105,7 @@ def test_ddp_two_cpu_processes_match_one_process_with_ghost_bn(tmp_path):
     import sys
 
     root = _folder_tree(tmp_path / "data", _tiny_dataset())
-    sets = ["data.flip=false", "data.pad=0", "data.erasing_p=0", "data.workers=0", "hhcl.iters=2",
+    sets = ["data.flip=false", "data.pad=0", "data.erasing_p=0", "data.workers=0", "hhcl.amp=false", "hhcl.iters=2",
             "hhcl.batch_size=16", "hhcl.num_instances=4", "hhcl.epochs=1", "hhcl.eval_step=1",
             "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.6"]
     common = ["--profile", "smoke", "--dataset", "folder", "--data-root", str(root), "--selection", "last",
