@@ -96,6 +96,9 @@ class DGLConfig:
     uo_lr_head: float = 1e-3
     uo_epochs: int = 8
     uo_step: int = 8
+    uo_height: int = 192              # UO/train_weak.py trains on 192x96 crops (resize 224x112 + crop)
+    uo_width: int = 96
+    uo_color_jitter: float = 0.1      # the reference README's --color_jitter
 
 
 @dataclass(frozen=True)
@@ -141,7 +144,8 @@ PROFILES: dict[str, Profile] = {
         hhcl=dataclasses.replace(_HHCL_MARKET, epochs=1, iters=2, batch_size=32, num_instances=4,
                                  eval_step=1, ghost_bn=None, amp=True),
         dgl=DGLConfig(height=128, width=64, ids_per_batch=8, images_per_id=4, epochs=1,
-                      milestones=(1,), uo_epochs=1, uo_batch_size=60, uo_bags_per_batch=4),
+                      milestones=(1,), uo_epochs=1, uo_batch_size=60, uo_bags_per_batch=4,
+                      uo_height=128, uo_width=64),
         expected="CPU, under a minute",
     ),
     "workshop": Profile(
@@ -153,7 +157,7 @@ PROFILES: dict[str, Profile] = {
         hhcl=dataclasses.replace(_HHCL_MARKET, epochs=6, iters=20, batch_size=32, num_instances=8,
                                  step_size=4, eval_step=2, ghost_bn=None, amp=True),
         dgl=DGLConfig(height=256, width=128, ids_per_batch=8, images_per_id=4, epochs=8,
-                      milestones=(6,), uo_epochs=8, uo_batch_size=60, uo_bags_per_batch=4),
+                      milestones=(6,), uo_epochs=4, uo_batch_size=60, uo_bags_per_batch=4),
         expected="2 CPU cores, about 10 minutes for all notebooks",
     ),
     "market1501": Profile(

@@ -41,6 +41,7 @@ def test_sysu30k_profile_carries_dgl_values():
     assert (d.lr, d.weight_decay, d.amsgrad, d.epochs, d.milestones, d.gamma) == (2e-4, 5e-4, True, 300, (250, 290), 0.1)
     assert d.erasing_fill == (0.0, 0.0, 0.0)
     assert (d.uo_batch_size, d.uo_bags_per_batch, d.uo_lr_backbone, d.uo_lr_head, d.uo_epochs) == (180, 12, 1e-4, 1e-3, 8)
+    assert (d.uo_height, d.uo_width, d.uo_color_jitter) == (192, 96, 0.1)
 
 
 def test_cpu_profiles_use_the_embedded_sample_and_mobilenet():

@@ -593,6 +593,137 @@ def iter_sysu_train(train_dir: str | Path, train_list: str | Path | None = None)
                 yield Record(e.path, pid, -1)
 
 
+class SysuBag(NamedTuple):
+    """One bag drawn by :func:`iter_sysu_bags`: its index in the bag stream (``3 * folder ordinal +
+    mode``), its id (``bag`` + 10 digits, as :func:`sysu_bag_id`), its label set (folder numbers,
+    ascending) and the images drawn for it (in slot order)."""
+
+    index: int
+    bag_id: str
+    labels: tuple[int, ...]
+    records: tuple[Record, ...]
+
+
+def sysu_num_classes(train_dir: str | Path) -> int:
+    """Size of the SYSU-30k label space: the largest training folder number (28,310 for the real
+    set; folder ``k`` is class ``k - 1``). Lists folder names only, never the images."""
+    folders = sysu_train_folders(train_dir)
+    if not folders:
+        raise LayoutError(f"sysu30k: no training folders in {train_dir} (expected 0000000001 ...)")
+    return max(_sysu_folder_number(f, str(train_dir)) for f in folders)
+
+
+def _sysu_folder_groups(records: Iterable[Record], where: str) -> Iterator[tuple[int, list[Record]]]:
+    """Consecutive records of one folder -> (folder number, its records); a folder that shows up
+    again after another one is a layout error (the bag rule needs the folders in order)."""
+    seen: set[int] = set()
+    current, group = None, []
+    for rec in records:
+        if rec.pid != current:
+            if group:
+                yield current, group
+            if rec.pid in seen:
+                raise LayoutError(f"sysu30k: {where}: images of folder {rec.pid:010d} are not contiguous; "
+                                  f"sort the list by folder")
+            seen.add(rec.pid)
+            current, group = rec.pid, []
+        group.append(rec)
+    if group:
+        yield current, group
+
+
+def iter_sysu_bags(train_dir: str | Path, train_list: str | Path | None = None, bag_size: int = 15,
+                   seed: int = 0, shard: int = 0, num_shards: int = 1, shuffle_buffer: int = 0,
+                   max_bags: int | None = None, modes: Sequence[int] = SYSU_BAG_MODES) -> Iterator[SysuBag]:
+    """Stream SYSU-30k training bags by the consecutive-folder rule, in bounded memory.
+
+    The images come from :func:`iter_sysu_train` (``meta/train.txt`` line by line, or the folder
+    tree one folder at a time) and are grouped by folder; a sliding window keeps the last five
+    folders, so memory is a few thousand records whatever the size of the set (never the 29.6M
+    paths). Around the folder of ordinal ``i`` (0-based, sorted order) come the bags of ``modes``
+    (0, 1, 2 -> 1, 3, 5 adjacent folders) with stream index ``3 * i + mode``.
+
+    * **Images of a bag**: its ``2 * mode + 1`` folder slots are clamped at the ends of the folder
+      list, as the reference sampler does (a boundary bag repeats the end folder), and
+      ``bag_size`` images are split over the slots as evenly as possible (15 -> 15, 5+5+5,
+      3+3+3+3+3), drawn without replacement when a folder has enough images. The draw is seeded
+      by ``(seed, bag index)``: a bag gets the same images however the stream is sharded.
+    * **Sharding**: bag ``k`` belongs to shard ``k % num_shards`` (DDP rank x DataLoader worker);
+      every shard reads the listing, but only decodes its own bags.
+    * **Order**: stream order, or shuffled through a buffer of ``shuffle_buffer`` bags (seeded by
+      ``(seed, shard)``), which mixes bags of distant folders into one batch.
+    * ``max_bags``: stop after that many bags of this shard.
+    """
+    import numpy as np
+    from collections import deque
+
+    if bag_size < 1:
+        raise ValueError(f"bag_size must be >= 1, got {bag_size}")
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard {shard} outside 0..{num_shards - 1}")
+    if any(m not in SYSU_BAG_MODES for m in modes):
+        raise ValueError(f"modes must be among {SYSU_BAG_MODES}, got {tuple(modes)}")
+    where = str(train_list or train_dir)
+    groups = _sysu_folder_groups(iter_sysu_train(train_dir, train_list), where)
+    window: deque = deque(maxlen=5)  # (ordinal, folder number, records)
+
+    def bags_around(center: int, last: int | None) -> Iterator[SysuBag]:
+        by_ord = {o: (f, recs) for o, f, recs in window}
+        for mode in modes:
+            k = 3 * center + mode
+            if k % num_shards != shard:
+                continue
+            hi = last if last is not None else center + mode
+            slots = [min(max(center + d, 0), hi) for d in range(-mode, mode + 1)]
+            rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, k])
+            base, extra = divmod(bag_size, len(slots))
+            recs: list[Record] = []
+            for j, o in enumerate(slots):
+                pool = by_ord[o][1]
+                n = base + (j < extra)
+                pick = rng.choice(len(pool), size=n, replace=len(pool) < n) if n else []
+                recs.extend(pool[int(t)] for t in pick)
+            folder = by_ord[center][0]
+            labels = tuple(sorted({by_ord[o][0] for o in slots}))
+            yield SysuBag(k, sysu_bag_id(folder, mode), labels, tuple(recs))
+
+    def ordered() -> Iterator[SysuBag]:
+        ordinal = -1
+        for ordinal, (folder, recs) in enumerate(groups):
+            window.append((ordinal, folder, recs))
+            if ordinal >= 2:  # folder ordinal-2 has both right neighbours now
+                yield from bags_around(ordinal - 2, None)
+        last = ordinal
+        for center in range(max(0, last - 1), last + 1):  # the last two folders (or fewer)
+            yield from bags_around(center, last)
+
+    emitted = 0
+    if shuffle_buffer <= 1:
+        for bag in ordered():
+            if max_bags is not None and emitted >= max_bags:
+                return
+            emitted += 1
+            yield bag
+        return
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, shard, 1_000_003])
+    buf: list[SysuBag] = []
+    for bag in ordered():
+        if len(buf) < shuffle_buffer:
+            buf.append(bag)
+            continue
+        j = int(rng.integers(len(buf)))
+        out, buf[j] = buf[j], bag
+        if max_bags is not None and emitted >= max_bags:
+            return
+        emitted += 1
+        yield out
+    for j in rng.permutation(len(buf)):
+        if max_bags is not None and emitted >= max_bags:
+            return
+        emitted += 1
+        yield buf[int(j)]
+
+
 @register("sysu30k")
 def sysu30k(root, load_train: bool = True) -> ReIDDataset:
     """SYSU-30k: ``sysu_train_set_all/<10-digit folder>/`` (+ ``meta/train.txt``) and
