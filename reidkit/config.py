@@ -44,6 +44,18 @@ class ClusterConfig:
     k2: int = 6
     eps: float = 0.45
     min_samples: int = 4
+    # the eps values notebook 03 sweeps and offers on its slider
+    eps_grid: tuple[float, ...] = (0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85)
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Test-time settings: k-reciprocal re-ranking (Zhong et al. 2017; HHCL's numbers are without it)."""
+
+    rerank_k1: int = 20
+    rerank_k2: int = 6
+    rerank_lambda: float = 0.3        # d* = (1 - lambda) d_Jaccard + lambda d
+    max_rank: int = 20
 
 
 @dataclass(frozen=True)
@@ -110,6 +122,7 @@ class Profile:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     hhcl: HHCLConfig = field(default_factory=HHCLConfig)
     dgl: DGLConfig = field(default_factory=DGLConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1
     paper: dict = field(default_factory=dict)      # reported numbers this profile should reproduce
     expected: str = ""                             # hardware, time and memory the run needs

@@ -923,3 +923,16 @@ def re_ranking(*args: Any, **kwargs: Any) -> Any:
     from reidkit.neighbors import re_ranking as _rr
 
     return _rr(*args, **kwargs)
+
+
+def ranked_gallery(dist_row, q_pid: int, q_cam: int, g_pids, g_cams, topk: int | None = None) -> np.ndarray:
+    """Gallery indices of one query's ranked list under the Market protocol.
+
+    Gallery images of the query's identity taken by the query's camera are removed (junk), the
+    rest is sorted by ascending distance with ties kept in gallery order (a stable sort), and the
+    first ``topk`` indices are returned (all of them when ``topk`` is None)."""
+    dist_row = np.asarray(dist_row)
+    g_pids, g_cams = np.asarray(g_pids), np.asarray(g_cams)
+    valid = np.flatnonzero(~((g_pids == q_pid) & (g_cams == q_cam)))
+    order = valid[np.argsort(dist_row[valid], kind="stable")]
+    return order if topk is None else order[:topk]

@@ -40,6 +40,7 @@ class RunContext:
     seed: int
     name: str
     started: float = field(default_factory=time.time)
+    key_figures: list = field(default_factory=list)
 
     @classmethod
     def open(cls, profile: str = "workshop", data_root: str | None = None, run_dir: str | None = None,
@@ -66,23 +67,34 @@ class RunContext:
 
         return load_dataset(self.profile.data.dataset, self.data_root)
 
-    def write_metrics(self, metrics: dict) -> Path:
+    def write_metrics(self, metrics: dict) -> None:
+        """Write ``<notebook>/metrics.json`` (atomically). The key figures saved so far are listed
+        under ``figures`` (paths relative to the run folder), so that report.md can show them."""
         metrics = dict(metrics)
         metrics.setdefault("profile", self.profile.name)
         metrics.setdefault("notebook", self.name)
         metrics.setdefault("seconds", round(time.time() - self.started, 2))
-        return atomic_write_json(self.out / "metrics.json", metrics)
+        if self.key_figures:
+            metrics.setdefault("figures", list(self.key_figures))
+        atomic_write_json(self.out / "metrics.json", metrics)
+        print(f"wrote {self.name}/metrics.json")
 
     def read_metrics(self, notebook: str) -> dict | None:
         p = self.run_dir / notebook / "metrics.json"
         return json.loads(p.read_text()) if p.is_file() else None
 
-    def savefig(self, fig, name: str) -> Path:
+    def savefig(self, fig, name: str, key: bool = False) -> None:
+        """Save ``fig`` as ``<notebook>/figures/<name>.png``. ``key=True`` marks a figure that
+        report.md shows beside the notebook's tables. Returns nothing, so a cell ending with it
+        prints nothing but the figure."""
         import io
 
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
-        return atomic_write_bytes(self.out / "figures" / f"{name}.png", buf.getvalue())
+        path = atomic_write_bytes(self.out / "figures" / f"{name}.png", buf.getvalue())
+        rel = path.relative_to(self.run_dir).as_posix()
+        if key and rel not in self.key_figures:
+            self.key_figures.append(rel)
 
     def save_array(self, name: str, arr) -> Path:
         import io
@@ -94,3 +106,57 @@ class RunContext:
     def load_array(self, notebook: str, name: str):
         p = self.run_dir / notebook / f"{name}.npy"
         return np.load(p) if p.is_file() else None
+
+    # -- what earlier notebooks left, or the same thing computed here ---------------------------
+
+    def direct_transfer_model(self):
+        """The profile's ImageNet-initialised network, untrained (direct transfer)."""
+        from reidkit.models import build_model
+
+        m = self.profile.model
+        return build_model(m.arch, m.pooling, m.pretrained, last_stride=m.last_stride, device=self.device)
+
+    def features(self, split: str = "train", records=None) -> np.ndarray:
+        """Direct-transfer features of ``split``: notebook 02's array when it ran in this run
+        folder, otherwise extracted here with the profile's network (and said so)."""
+        feats = self.load_array("02_backbone", f"features_{split}")
+        if feats is not None:
+            return feats
+        from reidkit.train import extract_records
+
+        print(f"notebook 02 has not run in {self.run_dir}: extracting direct-transfer {split} features here")
+        if records is None:
+            records = getattr(self.dataset(), split)
+        if getattr(self, "_dt_model", None) is None:
+            self._dt_model = self.direct_transfer_model()
+        return extract_records(self._dt_model, records, self.profile, self.device, f"{split} features")
+
+    def pseudo_labels(self, feats: np.ndarray | None = None) -> np.ndarray:
+        """DBSCAN pseudo-labels of the training set: notebook 03's when it ran in this run folder,
+        otherwise clustered here from ``feats`` (default: :meth:`features`) with the profile's
+        k1, k2, eps and min_samples."""
+        labels = self.load_array("03_clustering", "pseudo_labels")
+        if labels is not None:
+            return labels
+        from reidkit.clustering import dbscan_labels
+        from reidkit.neighbors import jaccard_distance
+
+        print(f"notebook 03 has not run in {self.run_dir}: clustering the direct-transfer features here")
+        feats = self.features("train") if feats is None else feats
+        c = self.profile.cluster
+        jac = jaccard_distance(feats, k1=c.k1, k2=c.k2, device=self.device)
+        return np.asarray(dbscan_labels(jac, eps=c.eps, min_samples=c.min_samples))
+
+    def eval_features(self) -> dict[str, dict[str, np.ndarray]]:
+        """Every model's test features left in the run folder, ``{name: {"qf", "gf"[, "tf"]}}``,
+        from ``RUN_DIR/<notebook>/eval_<name>.npz`` in notebook order; when there is none, the
+        direct-transfer features computed here."""
+        found = {}
+        for path in sorted(self.run_dir.glob("*/eval_*.npz")):
+            with np.load(path) as z:
+                found[path.stem[len("eval_"):].replace("_", " ")] = {k: z[k] for k in z.files}
+        if not found:
+            print("no model features in the run folder: computing direct transfer here")
+            found["direct transfer"] = {"qf": self.features("query"), "gf": self.features("gallery"),
+                                        "tf": self.features("train")}
+        return found

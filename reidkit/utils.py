@@ -104,10 +104,12 @@ def _interactive_output() -> bool:
 
 
 def progress(iterable: Iterable | None = None, **kwargs):
-    """A tqdm.auto progress bar, quiet when output is neither a terminal nor a notebook.
+    """A text tqdm progress bar, quiet when output is neither a terminal nor a notebook.
 
+    In a notebook the bar is plain text on stderr, never an ipywidget: a widget bar leaves
+    "Error displaying widget: model not found" behind once the notebook is saved and reopened.
     Set ``REIDKIT_PROGRESS=1`` (or ``0``) to force it on (or off)."""
-    from tqdm.auto import tqdm
+    from tqdm.std import tqdm
 
     kwargs.setdefault("disable", not _interactive_output())
     kwargs.setdefault("leave", False)

@@ -1,3 +1,4 @@
+import importlib.util
 import os
 from pathlib import Path
 
@@ -7,9 +8,28 @@ import pytest
 os.environ.setdefault("REIDKIT_OFFLINE", "1")
 os.environ.setdefault("REIDKIT_PROGRESS", "0")
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+ROOT = Path(__file__).resolve().parent.parent
+SOLUTIONS = ROOT / "notebooks" / "solutions"
 
 
 @pytest.fixture(scope="session")
-def golden_dir() -> Path:
-    return GOLDEN
+def smoke_ctx(tmp_path_factory):
+    """A run folder on the smoke profile (embedded sample, CPU) whose notebook-02 arrays (the
+    direct-transfer features of every split) are computed once for the whole session, so that
+    ``ctx.features(split)`` and ``ctx.pseudo_labels()`` are cheap in every test that uses it."""
+    from reidkit.runctx import RunContext
+
+    run_dir = tmp_path_factory.mktemp("smoke-ctx")
+    ctx = RunContext.open("smoke", None, str(run_dir), "cpu", 1, name="02_backbone")
+    for split in ("train", "query", "gallery"):
+        ctx.save_array(f"features_{split}", ctx.features(split))
+    return RunContext.open("smoke", None, str(run_dir), "cpu", 1, name="tests")
+
+
+def load_solution(stem: str):
+    """The module ``notebooks/solutions/<stem>.py`` (the exercises' worked solutions)."""
+    path = SOLUTIONS / f"{stem}.py"
+    spec = importlib.util.spec_from_file_location(f"solutions_{stem}", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

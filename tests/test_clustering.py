@@ -7,7 +7,6 @@ re-implementation written from the documented semantics.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,18 +19,18 @@ from reidkit import neighbors as nb
 from reidkit.clustering import cluster_stats, dbscan_labels, eps_sweep, radius_graph
 from reidkit.neighbors import jaccard_distance, knn
 
-GOLDEN = Path(__file__).parent / "golden" / "jaccard.npz"
+from _golden import case_prefixes, load_golden
+
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def z():
-    return dict(np.load(GOLDEN))
+    return load_golden("jaccard")
 
 
 def _cases(z):
-    """Prefixes of the cases in the file ('' = public; a larger case may carry a prefix)."""
-    return [k[: -len("features")] for k in z if k.endswith("features") and k[: -len("features")] + "jaccard_dist" in z]
+    return case_prefixes(z, "features", "jaccard_dist")
 
 
 def _backends():

@@ -3,7 +3,6 @@ sections 2 and 4) and against brute-force re-implementations on small random dat
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,17 +11,17 @@ import torch
 from reidkit import evaluation as ev
 from reidkit.evaluation import evaluate_rank, pairwise_distance, sysu30k_evaluate
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+from _golden import load_golden
 
 
 @pytest.fixture(scope="module")
 def market():
-    return dict(np.load(GOLDEN / "eval_market.npz"))
+    return load_golden("eval_market")
 
 
 @pytest.fixture(scope="module")
 def sysu():
-    return dict(np.load(GOLDEN / "sysu_protocol.npz"))
+    return load_golden("sysu_protocol")
 
 
 # ----------------------------------------------------------------------------------------------

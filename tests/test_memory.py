@@ -3,7 +3,6 @@ per-sample loop references (CM sequential update, CMhybrid, CMhybrid_v2)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,13 +11,13 @@ import torch.nn.functional as F
 
 from reidkit.memory import ClusterMemory, cluster_centroids, init_memory_features, sample_instances
 
-GOLDEN = Path(__file__).parent / "golden" / "cm_memory.npz"
+from _golden import load_golden
 ATOL, RTOL = 1e-6, 1e-5
 
 
 @pytest.fixture(scope="module")
 def z():
-    return dict(np.load(GOLDEN))
+    return load_golden("cm_memory")
 
 
 def _cases(z):

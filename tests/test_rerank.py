@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,17 +10,18 @@ import torch
 
 from reidkit.neighbors import re_ranking
 
-GOLDEN = Path(__file__).parent / "golden" / "rerank.npz"
+from _golden import case_prefixes, load_golden
+
 ATOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def z():
-    return dict(np.load(GOLDEN))
+    return load_golden("rerank")
 
 
 def _cases(z):
-    return [k[: -len("q_g_dist")] for k in z if k.endswith("q_g_dist") and k[: -len("q_g_dist")] + "final_dist" in z]
+    return case_prefixes(z, "q_g_dist", "final_dist")
 
 
 def _devices():

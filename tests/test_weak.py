@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +10,12 @@ import torch
 
 from reidkit import weak
 
-GOLDEN = Path(__file__).parent / "golden" / "dgl_losses.npz"
+from _golden import load_golden
 
 
 @pytest.fixture(scope="module")
 def z():
-    return dict(np.load(GOLDEN))
+    return load_golden("dgl_losses")
 
 
 def _loss_cases(z):

@@ -1,7 +1,4 @@
-"""Figures for the notebooks (matplotlib), the same in JupyterLab and in headless runs.
-
-Widgets only re-render these figures; every function returns a ``matplotlib.figure.Figure``.
-"""
+"""Basic figures: image grids, dataset statistics, training curves, CMC curves."""
 
 from __future__ import annotations
 
@@ -102,16 +99,6 @@ def dataset_stats_figure(dataset):
     return fig
 
 
-def ranked_list(query_path: str, gallery_paths: Sequence[str], matches: Sequence[bool],
-                distances: Sequence[float] | None = None, title: str | None = None):
-    """A query and its top-k gallery images, green border = same identity, red = different."""
-    paths = [query_path] + list(gallery_paths)
-    colors = [None] + [GREEN if m else RED for m in matches]
-    titles = ["query"] + [f"{i + 1}" + (f"\n{d:.3f}" if distances is not None else "")
-                          for i, d in enumerate(distances if distances is not None else [0] * len(matches))]
-    return image_grid(paths, titles, ncols=len(paths), border_colors=colors, suptitle=title)
-
-
 def curves(history: Sequence[dict], keys: Sequence[str], xkey: str = "epoch", title: str | None = None):
     """One small panel per key of a per-epoch history (list of dicts)."""
     import matplotlib.pyplot as plt
@@ -144,37 +131,3 @@ def cmc_figure(cmcs: dict, max_rank: int = 20):
     ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def ranked_browser(dist, query, gallery, topk: int = 10, title: str = ""):
-    """An ipywidgets browser: a query slider and its ranked gallery (same-pid same-camera removed).
-
-    ``dist`` is (num_query, num_gallery); ``query`` / ``gallery`` are record lists. The widget only
-    re-renders :func:`ranked_list`; nothing is computed on interaction but the sort of one row."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
-    from IPython.display import display
-
-    dist = np.asarray(dist)
-    q_pids = np.array([r.pid for r in query]); g_pids = np.array([r.pid for r in gallery])
-    q_cams = np.array([r.camid for r in query]); g_cams = np.array([r.camid for r in gallery])
-    slider = widgets.IntSlider(0, 0, len(query) - 1, description="query", continuous_update=False)
-    k = widgets.IntSlider(topk, 1, min(20, len(gallery)), description="top-k", continuous_update=False)
-    out = widgets.Output()
-
-    def render(*_):
-        qi = slider.value
-        valid = ~((g_pids == q_pids[qi]) & (g_cams == q_cams[qi]))
-        order = np.flatnonzero(valid)[np.argsort(dist[qi, valid], kind="stable")][: k.value]
-        with out:
-            out.clear_output(wait=True)
-            fig = ranked_list(query[qi].path, [gallery[j].path for j in order],
-                              [g_pids[j] == q_pids[qi] for j in order], dist[qi, order],
-                              title=f"{title} query {qi}: id {q_pids[qi]}, C{q_cams[qi] + 1}")
-            display(fig)
-            plt.close(fig)
-
-    slider.observe(render, names="value")
-    k.observe(render, names="value")
-    render()
-    return widgets.VBox([widgets.HBox([slider, k]), out])
