@@ -124,11 +124,11 @@ def notebook_stats(path: str | Path) -> NotebookStats:
     st.front_matter_missing = [w for w in FRONT_MATTER if w not in first]
     summary = _section(cells, "Summary")
     if summary:
-        text = "".join("".join(c.get("source", "")) for c in summary if c["cell_type"] == "markdown")
+        text = "\n".join("".join(c.get("source", "")) for c in summary if c["cell_type"] == "markdown")
         st.summary_points = len(re.findall(r"^\s*(?:[-*]|\d+\.)\s+\S", text, re.M))
     exercises = _section(cells, "Exercises")
     if exercises:
-        text = "".join("".join(c.get("source", "")) for c in exercises if c["cell_type"] == "markdown")
+        text = "\n".join("".join(c.get("source", "")) for c in exercises if c["cell_type"] == "markdown")
         st.exercises = len(re.findall(r"^### +Exercise\b", text, re.M))
     if st.front_matter_missing:
         st.problems.append(f"front matter lacks: {', '.join(st.front_matter_missing)}")

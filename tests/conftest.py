@@ -26,6 +26,18 @@ def smoke_ctx(tmp_path_factory):
     return RunContext.open("smoke", None, str(run_dir), "cpu", 1, name="tests")
 
 
+@pytest.fixture(scope="session")
+def smoke_run(tmp_path_factory):
+    """The papermill chain of every notebook on the smoke profile, run once per session:
+    ``(run_dir, results, log lines)``. Tests that change the folder work on a copy."""
+    from reidkit.reproduce import run_notebooks
+
+    run_dir = tmp_path_factory.mktemp("smoke-run")
+    logs = []
+    run_dir, results = run_notebooks("smoke", run_dir=run_dir, log=logs.append)
+    return run_dir, results, logs
+
+
 def load_solution(stem: str):
     """The module ``notebooks/solutions/<stem>.py`` (the exercises' worked solutions)."""
     path = SOLUTIONS / f"{stem}.py"

@@ -25,7 +25,7 @@ def test_notebook_follows_the_lesson_shape(nb):
 def test_every_exercise_has_a_worked_solution(nb):
     sol = SOLUTIONS / f"{nb.stem}.py"
     assert sol.is_file(), f"no solutions file {sol}"
-    text = "".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"])
+    text = "\n".join("".join(c["source"]) for c in json.loads(nb.read_text())["cells"])
     n = len(re.findall(r"^### +Exercise\b", text, re.M))
     funcs = set(re.findall(r"^def (exercise_\d+)\(", sol.read_text(), re.M))
     assert funcs == {f"exercise_{k}" for k in range(1, n + 1)}, (nb.stem, sorted(funcs), n)

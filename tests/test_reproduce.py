@@ -14,14 +14,6 @@ from reidkit.reproduce import NotebookFailed, list_notebooks, run_notebooks
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="module")
-def smoke_run(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("smoke-run")
-    logs = []
-    run_dir, results = run_notebooks("smoke", run_dir=run_dir, log=logs.append)
-    return run_dir, results, logs
-
-
 def test_smoke_chain_runs_every_notebook(smoke_run):
     run_dir, results, logs = smoke_run
     names = [p.stem for p in list_notebooks()]
@@ -68,3 +60,78 @@ def test_cli_reports_failure_with_nonzero_exit(tmp_path):
     out = subprocess.run([sys.executable, "-m", "reidkit", "reproduce", "--profile", "nope",
                           "--run-dir", str(tmp_path)], capture_output=True, text=True)
     assert out.returncode != 0 and "unknown profile" in out.stderr
+
+
+def _png(path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(1, 1))
+    ax.plot([0, 1], [0, 1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def test_report_embeds_key_figures_overrides_subset_and_device(tmp_path):
+    """A run folder written by hand: report.md shows each notebook's key figures (relative links
+    beside its tables), the overrides, the identity subset and the device actually used."""
+    from reidkit.reproduce import write_report
+    from reidkit.runctx import RunContext
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text(json.dumps({
+        "parameters": {"PROFILE": "laptop", "DATA_ROOT": "/data", "RUN_DIR": str(run), "DEVICE": "auto",
+                       "SEED": 1, "INTERACTIVE": False},
+        "overrides": {"data.subset_ids": 100, "hhcl.epochs": 2},
+        "device": "cpu",
+        "profile": {"name": "laptop", "data": {"dataset": "market1501", "subset_ids": 100, "subset_seed": 0}},
+    }))
+    # a notebook that records its key figures through RunContext.savefig(..., key=True)
+    ctx = RunContext.open("smoke", None, str(run), "cpu", 1, name="02_backbone")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for name, key in (("ranked", True), ("cmc", True), ("scratch", False)):
+        fig, ax = plt.subplots(figsize=(1, 1))
+        ctx.savefig(fig, name, key=key)
+        plt.close(fig)
+    ctx.write_metrics({"tables": {"direct transfer": {"columns": ["model", "mAP"], "rows": [["m", 1.0]]}}})
+    # another notebook lists a figure that is not there: no broken link
+    (run / "03_clustering").mkdir()
+    _png(run / "03_clustering" / "figures" / "eps_sweep.png")
+    (run / "03_clustering" / "metrics.json").write_text(json.dumps(
+        {"figures": ["03_clustering/figures/eps_sweep.png", "03_clustering/figures/gone.png"], "eps": 0.6}))
+
+    text = write_report(run).read_text()
+    assert "![ranked](02_backbone/figures/ranked.png)" in text
+    assert "![cmc](02_backbone/figures/cmc.png)" in text
+    assert "scratch.png" not in text                      # not a key figure
+    assert "![eps_sweep](03_clustering/figures/eps_sweep.png)" in text and "gone.png" not in text
+    # figures sit beside their notebook's tables, after them and before the next notebook
+    sec02 = text[text.index("## 02_backbone"):text.index("## 03_clustering")]
+    assert sec02.index("**direct transfer**") < sec02.index("![ranked]")
+    for line in text.splitlines():
+        if line.startswith("!["):
+            rel = line[line.index("(") + 1:-1]
+            assert not rel.startswith("/") and (run / rel).is_file()
+    assert "device: `cpu`" in text and "`auto`" not in text
+    assert "identity subset: 100 training and 100 test identities" in text
+    assert "`data.subset_ids=100`" in text and "`hhcl.epochs=2`" in text
+    assert "dataset: `market1501`" in text
+
+
+def test_report_resolves_auto_device_of_older_runs(tmp_path):
+    from reidkit.reproduce import write_report
+
+    (tmp_path / "run.json").write_text(json.dumps({"parameters": {"PROFILE": "smoke", "DEVICE": "auto", "SEED": 1},
+                                                   "profile": {"data": {"dataset": "mini-mars"}}}))
+    text = write_report(tmp_path).read_text()
+    assert "`auto`" not in text and ("device: `cpu`" in text or "device: `cuda`" in text)
+    assert "identity subset: none" in text and "overrides: none" in text
