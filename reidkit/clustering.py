@@ -218,3 +218,109 @@ def eps_sweep(
             stats["labels"] = labels
         results.append(stats)
     return results
+
+
+# =============================================================================================
+# What the clusters join and what they miss, split by camera (notebook 03's honest part)
+# =============================================================================================
+def _pairs(counts: np.ndarray) -> int:
+    """Number of unordered pairs inside groups of the given sizes: sum of n(n-1)/2."""
+    c = np.asarray(counts, dtype=np.int64)
+    return int((c * (c - 1) // 2).sum())
+
+
+def _group_sizes(*keys: np.ndarray) -> np.ndarray:
+    """Sizes of the groups of points that agree on every key."""
+    _, counts = np.unique(np.stack(keys, axis=1), axis=0, return_counts=True)
+    return counts
+
+
+def camera_split_purity(labels: Sequence[int] | np.ndarray, pids: Sequence[int] | np.ndarray,
+                        camids: Sequence[int] | np.ndarray) -> dict:
+    """How clean and how complete a clustering is, within one camera and across cameras.
+
+    Every unordered pair of images is either *within a camera* (both seen by the same camera) or
+    *across cameras*. For each of the two kinds this counts, in pairs:
+
+    * ``same_id_pairs`` -- pairs of the same true identity (what a perfect clustering joins);
+    * ``joined_same_id`` -- of those, the pairs that share a cluster (outliers join nothing);
+    * ``recall`` -- ``joined_same_id / same_id_pairs`` (``nan`` when there is no such pair);
+    * ``clustered_pairs`` -- pairs that share a cluster, of any identity;
+    * ``purity`` -- ``joined_same_id / clustered_pairs``: the fraction of the pairs a cluster
+      asserts that are true (pair precision; ``nan`` when the clusters join no such pair).
+
+    Also returned: ``clusters`` (labels >= 0), ``single_camera_clusters`` (clusters whose members
+    all come from one camera), ``ids_multi_camera`` (true identities seen by two or more cameras)
+    and ``ids_joined_across`` (of those, how many have at least one cross-camera pair in a cluster).
+
+    Computed from group counts, never from the N x N pairs, so it is cheap at any N.
+    """
+    lab = np.asarray(labels, dtype=np.int64).ravel()
+    pid = np.asarray(pids, dtype=np.int64).ravel()
+    cam = np.asarray(camids, dtype=np.int64).ravel()
+    if not lab.size == pid.size == cam.size:
+        raise ValueError(f"sizes differ: labels {lab.size}, pids {pid.size}, camids {cam.size}")
+    c = lab >= 0
+    same_id = {"within": _pairs(_group_sizes(pid, cam)), "all": _pairs(_group_sizes(pid))}
+    joined = {"within": _pairs(_group_sizes(lab[c], pid[c], cam[c])) if c.any() else 0,
+              "all": _pairs(_group_sizes(lab[c], pid[c])) if c.any() else 0}
+    clustered = {"within": _pairs(_group_sizes(lab[c], cam[c])) if c.any() else 0,
+                 "all": _pairs(_group_sizes(lab[c])) if c.any() else 0}
+    out: dict[str, Any] = {}
+    for kind in ("within", "across"):
+        def pick(d):
+            return d["within"] if kind == "within" else d["all"] - d["within"]
+        s, j, k = pick(same_id), pick(joined), pick(clustered)
+        out[f"{kind}_camera" if kind == "within" else "across_cameras"] = {
+            "same_id_pairs": s, "joined_same_id": j, "clustered_pairs": k,
+            "recall": j / s if s else float("nan"), "purity": j / k if k else float("nan")}
+    cams_per_cluster = [np.unique(cam[c][lab[c] == k]).size for k in np.unique(lab[c])]
+    multi = [p for p in np.unique(pid) if np.unique(cam[pid == p]).size > 1]
+    joined_across = 0
+    for p in multi:
+        sel = c & (pid == p)
+        if any(np.unique(cam[sel & (lab == k)]).size > 1 for k in np.unique(lab[sel])):
+            joined_across += 1
+    out.update({"clusters": len(cams_per_cluster),
+                "single_camera_clusters": int(sum(n == 1 for n in cams_per_cluster)),
+                "ids_multi_camera": len(multi), "ids_joined_across": joined_across})
+    return out
+
+
+def missed_cross_camera_pairs(labels: Sequence[int] | np.ndarray, pids: Sequence[int] | np.ndarray,
+                              camids: Sequence[int] | np.ndarray) -> list[dict]:
+    """Which cross-camera pairs of one person the clusters join, and which they miss.
+
+    One row per true identity and pair of cameras that both see it (``cam_a < cam_b``, 0-based):
+
+    * ``pairs`` -- image pairs of this person between the two cameras (``n_a * n_b``);
+    * ``joined`` / ``missed`` -- of those, the pairs in one cluster / the others;
+    * ``clusters_a`` / ``clusters_b`` -- ``{label: images}`` of the person's images in each camera
+      (label -1 = outlier), i.e. where DBSCAN put each side;
+    * ``status`` -- ``"joined"`` (every pair shares a cluster), ``"missed"`` (none does) or
+      ``"partial"``.
+
+    Rows are sorted with the most missed pairs first, then by identity.
+    """
+    lab = np.asarray(labels, dtype=np.int64).ravel()
+    pid = np.asarray(pids, dtype=np.int64).ravel()
+    cam = np.asarray(camids, dtype=np.int64).ravel()
+    rows = []
+    for p in np.unique(pid):
+        cams = np.unique(cam[pid == p])
+        for ia, a in enumerate(cams):
+            for b in cams[ia + 1:]:
+                la, lb = lab[(pid == p) & (cam == a)], lab[(pid == p) & (cam == b)]
+                ca = dict(zip(*[x.tolist() for x in np.unique(la, return_counts=True)]))
+                cb = dict(zip(*[x.tolist() for x in np.unique(lb, return_counts=True)]))
+                joined = sum(n * cb.get(k, 0) for k, n in ca.items() if k >= 0)
+                pairs = la.size * lb.size
+                rows.append({"pid": int(p), "cam_a": int(a), "cam_b": int(b), "pairs": int(pairs),
+                             "joined": int(joined), "missed": int(pairs - joined),
+                             "clusters_a": ca, "clusters_b": cb,
+                             "status": "joined" if joined == pairs else ("missed" if joined == 0 else "partial")})
+    rows.sort(key=lambda r: (-r["missed"], r["pid"], r["cam_a"], r["cam_b"]))
+    return rows
+
+
+__all__ += ["camera_split_purity", "missed_cross_camera_pairs"]
