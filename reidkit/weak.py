@@ -313,3 +313,73 @@ def exact_balanced_assignment(scores, bag_ids) -> np.ndarray:
     out = np.empty(n, dtype=np.int64)
     out[rows[real]] = ids[slot_id[cols[real]]]
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# Teaching helpers (notebook 05): the kernel alone, simulated bags, greedy vs exact on many bags
+# --------------------------------------------------------------------------------------------
+def appearance_kernel(g, sigma: float = 1.0):
+    """The pairwise appearance kernel ``k_ij = exp(-||g_i - g_j||^2 / sigma)`` of :func:`graph_loss`.
+
+    Same expanded squared distance as the loss (not clamped), so the diagonal is 1 up to round-off.
+    Torch in, torch out (same device); anything else in, float64 NumPy out."""
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    if isinstance(g, torch.Tensor):
+        return torch.exp(-_sq_dist(g.float()) / sigma)
+    x = np.asarray(g, dtype=np.float64)
+    sq = (x * x).sum(1)
+    return np.exp(-(sq[:, None] + sq[None, :] - 2.0 * x @ x.T) / sigma)
+
+
+def simulated_bags(labels, ids_per_bag: int, images_per_id: int, num_bags: int, seed: int = 0):
+    """Bags drawn from a labelled set, as the full model's sampler forms them (spec §1.2).
+
+    Each bag takes ``ids_per_bag`` distinct ids at random and ``images_per_id`` images of each
+    (without replacement when the id has enough), id-major. Returns a list of
+    ``(image indices, bag ids)`` with the ids ascending; the true labels stay with the caller."""
+    labels = np.asarray(labels, dtype=np.int64)
+    ids = np.unique(labels)
+    if ids_per_bag > ids.size:
+        raise ValueError(f"ids_per_bag={ids_per_bag} but only {ids.size} ids")
+    rng = np.random.default_rng(seed)
+    index_of = {int(c): np.flatnonzero(labels == c) for c in ids}
+    bags = []
+    for _ in range(num_bags):
+        chosen = np.sort(rng.choice(ids, size=ids_per_bag, replace=False))
+        idx = [rng.choice(index_of[int(c)], size=images_per_id, replace=index_of[int(c)].size < images_per_id)
+               for c in chosen]
+        bags.append((np.concatenate(idx), [int(c) for c in chosen]))
+    return bags
+
+
+def compare_assignments(scores, bags, true_labels) -> dict:
+    """Pseudo-labels of many bags by three rules, scored against the (hidden) true labels.
+
+    ``scores``: ``(N, C)`` logits of every image; ``bags``: ``(image indices, bag ids)`` pairs (as
+    :func:`simulated_bags` returns); ``true_labels``: ``(N,)``. Per bag: the accuracy of the MAP
+    rule without balance (argmax inside the bag), of :func:`greedy_balanced_assignment` and of
+    :func:`exact_balanced_assignment`, the unary cost of both balanced labellings
+    (:func:`assignment_cost`), and whether greedy and exact disagree. Returns arrays of length
+    ``len(bags)``."""
+    s = _as_numpy(scores)
+    y = _as_numpy(true_labels).astype(np.int64)
+    keys = ("map_acc", "greedy_acc", "exact_acc", "greedy_cost", "exact_cost", "disagree")
+    out = {k: [] for k in keys}
+    for idx, ids in bags:
+        idx = np.asarray(idx)
+        ids_arr = np.asarray(ids, dtype=np.int64)
+        sub = s[idx]
+        mapped = ids_arr[np.argmax(sub[:, ids_arr], axis=1)]
+        greedy = greedy_balanced_assignment(sub, ids_arr)
+        exact = exact_balanced_assignment(sub, ids_arr)
+        out["map_acc"].append(float((mapped == y[idx]).mean()))
+        out["greedy_acc"].append(float((greedy == y[idx]).mean()))
+        out["exact_acc"].append(float((exact == y[idx]).mean()))
+        out["greedy_cost"].append(assignment_cost(sub, ids_arr, greedy))
+        out["exact_cost"].append(assignment_cost(sub, ids_arr, exact))
+        out["disagree"].append(bool((greedy != exact).any()))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+__all__ += ["appearance_kernel", "simulated_bags", "compare_assignments"]

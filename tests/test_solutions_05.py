@@ -1,0 +1,242 @@
+"""Notebook 05's worked solutions and its library helpers (reidkit.weak teaching helpers,
+reidkit.train_weak tables, reidkit.viz.bags figures), on the embedded sample (smoke profile)."""
+
+import itertools
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import ROOT, load_solution
+
+NB = "05_weak_graphical"
+
+
+@pytest.fixture(scope="module")
+def ctx05(smoke_ctx):
+    """The smoke run folder with notebook 05's full and unary-only networks trained for two iterations
+    (what the solutions load instead of training the profile's epochs)."""
+    from reidkit.train_weak import train_dgl
+
+    ds = smoke_ctx.dataset()
+    for variant in ("full", "unary_only"):
+        if not smoke_ctx.path(NB, variant, "model_final.pt").is_file():
+            train_dgl("smoke", ds, smoke_ctx.path(NB, variant), variant=variant, device="cpu", seed=1,
+                      epochs=1, iters=2, evaluate=False, log=lambda s: None)
+    return smoke_ctx
+
+
+@pytest.fixture(scope="module")
+def sol():
+    return load_solution(NB)
+
+
+# ---------------------------------------------------------------------------------------------
+# library helpers
+
+def test_appearance_kernel_matches_graph_loss_kernel_and_plain_numpy():
+    from reidkit.weak import appearance_kernel
+
+    g = np.random.default_rng(0).normal(size=(6, 4))
+    plain = np.exp(-((g[:, None] - g[None]) ** 2).sum(-1) / 0.7)
+    assert np.allclose(appearance_kernel(g, 0.7), plain)
+    t = appearance_kernel(torch.tensor(g, dtype=torch.float32), 0.7)
+    assert isinstance(t, torch.Tensor) and np.allclose(t.numpy(), plain, atol=1e-5)
+    with pytest.raises(ValueError):
+        appearance_kernel(g, 0.0)
+
+
+def test_simulated_bags_layout():
+    from reidkit.weak import simulated_bags
+
+    labels = np.repeat(np.arange(6), 5)
+    bags = simulated_bags(labels, ids_per_bag=3, images_per_id=4, num_bags=10, seed=0)
+    assert len(bags) == 10
+    for idx, ids in bags:
+        assert len(idx) == 12 and len(set(ids)) == 3 and ids == sorted(ids)
+        assert (labels[idx] == np.repeat(ids, 4)).all()  # id-major, 4 images each
+    with pytest.raises(ValueError):
+        simulated_bags(labels, ids_per_bag=7, images_per_id=2, num_bags=1)
+
+
+def test_compare_assignments_exact_never_costs_more_and_brute_force_agrees():
+    from reidkit.weak import assignment_cost, compare_assignments, exact_balanced_assignment, simulated_bags
+
+    rng = np.random.default_rng(3)
+    labels = np.repeat(np.arange(5), 6)
+    scores = rng.normal(size=(30, 5)) + 2.0 * np.eye(5)[labels]
+    bags = simulated_bags(labels, 2, 3, 25, seed=1)
+    s = compare_assignments(scores, bags, labels)
+    assert all(len(v) == 25 for v in s.values())
+    assert (s["exact_cost"] <= s["greedy_cost"] + 1e-9).all()
+    assert ((s["greedy_cost"] - s["exact_cost"] > 1e-9) <= s["disagree"]).all()
+    # the notebook's brute force, on a bag of 7 images with 3 ids (k = 2, remainder 1)
+    sc, ids = rng.normal(size=(7, 5)), np.array([0, 2, 4])
+    best = min((l for l in itertools.product(ids, repeat=7)
+                if min(np.bincount(l, minlength=5)[ids]) >= 2 and max(np.bincount(l, minlength=5)[ids]) <= 3),
+               key=lambda l: assignment_cost(sc, ids, l))
+    exact = exact_balanced_assignment(sc, ids)
+    assert np.isclose(assignment_cost(sc, ids, exact), assignment_cost(sc, ids, best))
+
+
+def test_example_bag_and_forward_records(smoke_ctx):
+    from reidkit.train_weak import build_weak_model, example_bag, forward_records
+
+    prof = smoke_ctx.profile
+    bag = example_bag(prof, smoke_ctx.dataset(), seed=1)
+    n = prof.dgl.ids_per_bag * prof.dgl.images_per_id
+    assert len(bag["records"]) == n and len(bag["bag_classes"]) == prof.dgl.ids_per_bag
+    assert set(bag["true_cls"].tolist()) == set(bag["bag_classes"])
+    assert sorted(bag["bag_vector"]) == bag["bag_classes"]
+    assert np.isclose(sum(bag["bag_vector"].values()), 1.0)
+    net = build_weak_model(prof, "full", bag["num_classes"], device="cpu")
+    out = forward_records(net, bag["records"][:5], prof, "cpu", batch_size=2)
+    assert out["logits"].shape == (5, bag["num_classes"]) and out["low"].shape[0] == 5
+
+
+def test_results_and_training_tables(ctx05, tmp_path):
+    from reidkit.train_weak import (RESULT_COLUMNS, VARIANT_NAMES, evaluate_variants, load_weak_model,
+                                    results_table, training_table, variants_summary)
+    from reidkit.runctx import RunContext
+    from types import SimpleNamespace
+
+    ds = ctx05.dataset()
+    model = load_weak_model(ctx05.path(NB, "full", "model_final.pt"), "smoke", "cpu")
+    hist = [{"epoch": 0, "loss": 1.0, "ce": 0.5, "pairwise": -0.01, "triplet": 0.2, "pseudo_acc": 0.5, "t_epoch": 1.0}]
+    runs = {"full": SimpleNamespace(model=model, history=hist, network="reidnet", num_classes=16)}
+    ctx = RunContext.open("smoke", None, str(tmp_path), "cpu", 1, name=NB)
+    results = evaluate_variants(runs, ds, "smoke", ctx.out, "cpu")
+    assert (ctx.out / f"eval_{VARIANT_NAMES['full']}.npz").is_file()
+    with np.load(ctx.out / "eval_DGL_full.npz") as z:
+        assert set(z.files) == {"qf", "gf", "tf"} and z["tf"].shape[0] == len(ds.train)
+    columns, rows = results_table(ctx, results, ds)
+    assert columns == RESULT_COLUMNS and rows[0][0] == "DGL_full" and 0 <= rows[0][2] <= 100
+    assert [r[0] for r in rows[1:]] == ["HHCL (notebook 04)", "direct transfer (notebook 02)"]  # nothing else ran
+    assert rows[1][2] == "not run"
+    # a model another notebook left is scored with the same code
+    f = np.load(ctx.out / "eval_DGL_full.npz")
+    (tmp_path / "04_hybrid_contrast").mkdir()
+    np.savez(tmp_path / "04_hybrid_contrast" / "eval_HHCL_CMhybrid.npz", qf=f["qf"], gf=f["gf"], tf=f["tf"])
+    _, rows2 = results_table(ctx, results, ds)
+    hhcl = next(r for r in rows2 if r[0] == "HHCL CMhybrid")
+    assert hhcl[2:] == rows2[0][2:] and not any(r[0] == "HHCL (notebook 04)" for r in rows2)
+    tcols, trows = training_table(runs)
+    assert trows == [["full", 0, 1.0, 0.5, -0.01, 0.2, 50.0, 1.0]] and len(tcols) == 8
+    summary = variants_summary(runs, results)
+    assert summary["full"]["final_pseudo_acc"] == 0.5 and "market" in summary["full"]
+
+
+# ---------------------------------------------------------------------------------------------
+# figures and the widget
+
+def test_bag_figures_and_committed_diagram(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from reidkit import viz
+    from reidkit.data.datasets import load_dataset
+    from reidkit.weak import appearance_kernel
+
+    recs = load_dataset("mini-mars", None).train[:6]
+    paths = [r.path for r in recs]
+    g = np.random.default_rng(0).normal(size=(6, 3))
+    true = np.array([0, 0, 0, 1, 1, 1])
+    K = appearance_kernel(g, 2.0)
+    for fig in (viz.dgl_graph_diagram(), viz.bag_graph(paths, K, true, [0, 1]), viz.kernel_matrix(K, true),
+                viz.kernel_sigma_figure(g, true, [0.1, 1, 10]),
+                viz.bag_inference_figure(paths, true, [0, 1, 0, 1, 1, 1], np.full((6, 2), 0.5)),
+                viz.weak_triplet_figure(g[:, :2], true),
+                viz.weak_training_curves({"full": [{"epoch": 0, "loss": 1.0, "pseudo_acc": 0.5}]})):
+        assert isinstance(fig, plt.Figure)
+        plt.close(fig)
+    with pytest.raises(ValueError):
+        viz.bag_graph(paths, K[:3, :3], true, [0, 1])
+    c = viz.kernel_contrast(np.array([[1, .9, .1], [.9, 1, .2], [.1, .2, 1]]), [0, 0, 1])
+    assert np.isclose(c["same"], 0.9) and np.isclose(c["different"], 0.15) and np.isclose(c["gap"], 0.75)
+    out = viz.save_dgl_graph_diagram(tmp_path / "d.png")
+    assert out.stat().st_size > 10_000
+    committed = ROOT / "notebooks" / "figures" / "dgl_graph.png"
+    assert committed.is_file() and committed.stat().st_size > 10_000
+
+
+def test_kernel_widget_redraws_when_sigma_moves(monkeypatch):
+    import io
+
+    import matplotlib.pyplot as plt
+
+    from reidkit import viz
+    from reidkit.data.datasets import load_dataset
+    from reidkit.viz import bags
+
+    recs = load_dataset("mini-mars", None).train[:4]
+    paths = [r.path for r in recs]
+    g = np.random.default_rng(1).normal(size=(4, 3))
+    drawn = []
+    real_view = bags._sigma_view
+
+    def spy(*args):
+        drawn.append(args[-1])
+        return real_view(*args)
+
+    monkeypatch.setattr(bags, "_sigma_view", spy)
+    w = viz.kernel_widget(g, paths, [0, 0, 1, 1], [0, 1], sigma=1.0)
+    slider = w.children[0]
+    assert slider.continuous_update is False
+    slider.value = slider.max
+    assert drawn == [1.0, slider.max]  # one render at start, one per move
+
+    def png(sigma):
+        fig = real_view(g, paths, [0, 0, 1, 1], [0, 1], sigma)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png")
+        plt.close(fig)
+        return buf.getvalue()
+
+    assert png(10 ** slider.min) != png(10 ** slider.max)  # what the student sees changes (log slider)
+
+
+# ---------------------------------------------------------------------------------------------
+# the worked solutions
+
+def test_exercise_1_wrong_label_set(ctx05, sol):
+    r = sol.exercise_1(ctx05)
+    assert r["impostor"] not in r["clean_set"] and r["removed"] not in r["corrupted_set"]
+    n, lost = r["n_images"], r["n_images_of_removed"]
+    k = n // len(r["corrupted_set"])
+    for method in ("map", "greedy", "exact"):
+        bad = r[f"corrupted {method}"]
+        assert bad["accuracy"] <= (n - lost) / n + 1e-9  # the removed person's images are always wrong
+        assert r[f"clean {method}"]["on_impostor"] == 0
+    for method in ("greedy", "exact"):
+        assert r[f"corrupted {method}"]["on_impostor"] in (k, k + 1)  # the balance forces k images onto it
+    assert "constraint" in r["explanation"]
+
+
+def test_exercise_2_greedy_exact_disagree(ctx05, sol):
+    r = sol.exercise_2(ctx05)
+    assert r["bag"] is not None
+    assert (r["greedy"] != r["exact"]).any() and len(r["differ_at"]) >= 2
+    assert r["exact_cost"] <= r["greedy_cost"] + 1e-9
+    for lab in (r["greedy"], r["exact"]):
+        counts = np.bincount(np.searchsorted(r["ids"], lab), minlength=len(r["ids"]))
+        assert (counts == 5).all()  # 15 images, 3 ids: exactly 5 each
+
+
+def test_exercise_3_sigma_sweep(ctx05, sol):
+    r = sol.exercise_3(ctx05)
+    assert np.all(np.diff(r["same"]) >= -1e-12) and np.all(np.diff(r["different"]) >= -1e-12)
+    assert r["different"][0] < 1e-3 and r["same"][-1] > 0.99 and r["different"][-1] > 0.99
+    assert abs(r["gap"][0]) < 0.05 and abs(r["gap"][-1]) < 0.01 and r["gap"].max() > 0.1
+    assert r["sigmas"][0] < r["best_sigma"] < r["sigmas"][-1]  # the gap peaks inside the grid
+
+
+def test_exercise_4_bag_size(ctx05, sol):
+    r = sol.exercise_4(ctx05, num_bags=10)
+    assert r["sizes"] == [1, 2, 3, 4, 5]
+    assert r["map_acc"][0] == 1.0 and r["exact_acc"][0] == 1.0  # one id per bag = full supervision
+    assert all(0 <= a <= 1 for a in r["map_acc"] + r["exact_acc"])
+    assert r["map_acc"][-1] < 1.0 and r["exact_acc"][-1] < 1.0
