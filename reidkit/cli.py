@@ -9,10 +9,13 @@ import sys
 
 def _cmd_datasets(args) -> int:
     from reidkit.data.datasets import LayoutError, check_images, load_dataset
+    from reidkit.data.subset import subset_identities
 
     try:
         ds = load_dataset(args.dataset, args.root)
-    except (LayoutError, KeyError, FileNotFoundError, NotADirectoryError) as exc:
+        if args.subset_ids is not None:
+            ds = subset_identities(ds, args.subset_ids, args.subset_seed)
+    except (LayoutError, KeyError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) else str(exc)
         print(f"error: {msg}", file=sys.stderr)
         return 2
@@ -25,7 +28,7 @@ def _cmd_datasets(args) -> int:
         print(json.dumps(out, indent=2))
     else:
         print(ds.table())
-        if not verify:
+        if not verify and args.verify is None:
             print(f"note: images not decoded ({len(records):,} > {args.verify_limit:,}); pass --verify to check them")
     for e in errors:
         print(f"error: {e}", file=sys.stderr)
@@ -49,29 +52,25 @@ def _cmd_reproduce(args) -> int:
     return main_reproduce(args)
 
 
-def _parse_sets(pairs) -> dict:
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"--set wants KEY=VALUE, got {pair!r}")
-        key, raw = pair.split("=", 1)
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        out[key.replace(".", "__")] = tuple(value) if isinstance(value, list) else value
-    return out
-
-
 def _cmd_train(args) -> int:
-    from reidkit.config import get_profile
-    from reidkit.data.datasets import load_dataset
+    from reidkit.config import OverrideError, apply_overrides, get_profile
+    from reidkit.data.datasets import LayoutError
+    from reidkit.data.subset import load_profile_dataset
+    from reidkit.reproduce import overrides_from_args
+
+    try:
+        overrides = overrides_from_args(args)
+        if args.dataset:
+            overrides["data.dataset"] = args.dataset
+        prof = apply_overrides(get_profile(args.profile), overrides)
+        ds = load_profile_dataset(prof, args.data_root)
+    except (OverrideError, LayoutError, KeyError, ValueError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
+        return 2
+    if prof.data.subset_ids is not None:
+        print(ds.notes[-1])
     from reidkit.train import train_hhcl
 
-    prof = get_profile(args.profile).replace(**_parse_sets(args.set))
-    if args.dataset:
-        prof = prof.replace(data__dataset=args.dataset)
-    ds = load_dataset(prof.data.dataset, args.data_root)
     res = train_hhcl(prof, ds, out_dir=args.out, device=args.device, memory=args.memory, seed=args.seed,
                      selection=args.selection, resume=not args.no_resume, epochs=args.epochs)
     if res.test is not None:
@@ -104,6 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-verify", dest="verify", action="store_false", help="do not decode images")
     p.add_argument("--verify-limit", type=int, default=200_000,
                    help="decode images by default only up to this many (default 200,000)")
+    p.add_argument("--subset-ids", type=int, default=None, metavar="N",
+                   help="show the identity subset of N training and N test identities (reidkit.data.subset)")
+    p.add_argument("--subset-seed", type=int, default=0, help="seed of the subset's id choice (default 0)")
     p.set_defaults(func=_cmd_datasets)
 
     p = sub.add_parser("profiles", help="list the run profiles")
@@ -119,6 +121,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--notebooks", nargs="*", default=None, help="only these (e.g. 01 02)")
     p.add_argument("--timeout", type=int, default=None, help="per-cell timeout in seconds")
     p.add_argument("--force", action="store_true", help="rerun notebooks already complete")
+    p.add_argument("--subset-ids", type=int, default=None, metavar="N",
+                   help="keep N training and N test identities of the dataset (same as --set data.subset_ids=N)")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a profile value, e.g. --set hhcl.epochs=2 (JSON values); recorded in run.json")
     p.set_defaults(func=_cmd_reproduce)
 
     p = sub.add_parser("train", help="train HHCL / Cluster-Contrast; under torchrun, one process per device")
@@ -136,6 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a profile value, e.g. --set hhcl.iters=400 (JSON values)")
+    p.add_argument("--subset-ids", type=int, default=None, metavar="N",
+                   help="keep N training and N test identities (same as --set data.subset_ids=N)")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("report", help="(re)write report.md of a run folder")

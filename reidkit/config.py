@@ -3,6 +3,9 @@
 - ``smoke``: CI. The embedded sample at a small input size, a couple of iterations: seconds.
 - ``workshop`` (default): the embedded mini-MARS sample, MobileNetV2 with offline ImageNet weights,
   minutes on two CPU cores.
+- ``laptop``: the real task on a laptop: a real dataset (``--data-root``; Market-1501 unless
+  ``--set data.dataset=...``) cut to 150 training and 150 test identities, MobileNetV2 with offline
+  ImageNet weights, budgets that fit a 3-hour workshop on two CPU cores.
 - ``market1501``, ``dukemtmcreid``, ``msmt17``: HHCL exactly as released (spec hhcl §10 checklist).
 - ``sysu30k``: DGL on SYSU-30k (spec dgl-sysu30k appendix).
 
@@ -28,6 +31,10 @@ class DataConfig:
     erasing_fill: tuple[float, float, float] = (0.485, 0.456, 0.406)  # reference fill, normalised space
     workers: int = 4
     test_batch_size: int = 256
+    # identity subset (reidkit.data.subset): keep this many training and this many test identities,
+    # chosen by a seeded hash of the pid (the same ids every time); None = the whole dataset
+    subset_ids: int | None = None
+    subset_seed: int = 0
 
 
 @dataclass(frozen=True)
@@ -147,6 +154,14 @@ class Profile:
 
 _HHCL_MARKET = HHCLConfig()
 
+# the laptop profile's budgets. Measured on a Market-layout tree of the size of a 150-identity
+# Market subset (2,550 train, 750 query, 3,110 gallery images), one thread, as CPU seconds: one
+# image's forward pass ~30-38 ms (x 6,410 images, about five times in a run: notebooks 02, 04, and
+# 05's three models), an HHCL step (32 images) ~2.8 s, a DGL step ~3.5 s (unary-only, 60 images at
+# 192x96: ~4.5 s x 42 per epoch). These budgets make the six notebooks about 40-45 minutes.
+LAPTOP_HHCL_EPOCHS, LAPTOP_HHCL_ITERS = 4, 25
+LAPTOP_DGL_EPOCHS, LAPTOP_DGL_UO_EPOCHS = 3, 1
+
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
         name="smoke",
@@ -172,6 +187,21 @@ PROFILES: dict[str, Profile] = {
         dgl=DGLConfig(height=256, width=128, ids_per_batch=8, images_per_id=4, epochs=8,
                       milestones=(6,), uo_epochs=4, uo_batch_size=60, uo_bags_per_batch=4),
         expected="2 CPU cores, about 10 minutes for all notebooks",
+    ),
+    "laptop": Profile(
+        name="laptop",
+        description="The real task on a laptop: a real dataset (--data-root; market1501 unless --set "
+                    "data.dataset=...) cut to 150 train + 150 test identities, MobileNetV2, two CPU cores",
+        data=DataConfig(dataset="market1501", height=256, width=128, workers=0, test_batch_size=64,
+                        subset_ids=150),
+        model=ModelConfig(arch="mobilenetv2", pooling="avg"),
+        cluster=ClusterConfig(k1=20, k2=6, eps=0.6, min_samples=4),
+        hhcl=dataclasses.replace(_HHCL_MARKET, epochs=LAPTOP_HHCL_EPOCHS, iters=LAPTOP_HHCL_ITERS, batch_size=32,
+                                 num_instances=8, step_size=3, eval_step=2, ghost_bn=None, amp=True),
+        dgl=DGLConfig(height=256, width=128, ids_per_batch=8, images_per_id=4, epochs=LAPTOP_DGL_EPOCHS,
+                      milestones=(LAPTOP_DGL_EPOCHS - 1,), uo_epochs=LAPTOP_DGL_UO_EPOCHS, uo_batch_size=60,
+                      uo_bags_per_batch=4),
+        expected="2 CPU cores, about 40-45 minutes for all notebooks on a 150-identity Market subset",
     ),
     "market1501": Profile(
         name="market1501",
@@ -228,3 +258,116 @@ def get_profile(name: str | Profile | None = None) -> Profile:
 
 def list_profiles() -> list[str]:
     return list(PROFILES)
+
+
+# --------------------------------------------------------------------------------------------
+# overrides: ``--set section.field=value`` on the command line, ``"overrides"`` in run.json
+
+class OverrideError(ValueError):
+    """An override names no field of the profile, or its value does not fit the field's type."""
+
+
+_SECTIONS = ("data", "model", "cluster", "hhcl", "dgl", "eval")
+_TOP_LEVEL = ("seed",)
+
+
+def _field_type(key: str):
+    import typing
+
+    parts = key.split(".")
+    if len(parts) == 1 and parts[0] in _TOP_LEVEL:
+        return typing.get_type_hints(Profile)[parts[0]]
+    if len(parts) != 2 or parts[0] not in _SECTIONS:
+        raise OverrideError(f"--set {key}: expected SECTION.FIELD with SECTION one of {', '.join(_SECTIONS)} "
+                            f"(or {', '.join(_TOP_LEVEL)})")
+    section, name = parts
+    cls = typing.get_type_hints(Profile)[section]
+    hints = typing.get_type_hints(cls)
+    if name not in hints:
+        raise OverrideError(f"--set {key}: {section} has no field {name!r}; fields: {', '.join(hints)}")
+    return hints[name]
+
+
+def _coerce(key: str, value: Any, hint) -> Any:
+    """``value`` (as JSON-decoded, or the raw string) converted to the field type ``hint``."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return tuple(value) if isinstance(value, list) else value
+    if origin in (typing.Union, types.UnionType):
+        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+            if type(None) in args:
+                return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(key, value, arg)
+            except OverrideError as exc:
+                errors.append(str(exc))
+        raise OverrideError(errors[0] if errors else f"--set {key}: {value!r} does not fit {hint}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            value = [value]
+        inner = args[0] if args else Any
+        if len(args) == 2 and args[1] is Ellipsis or len(args) == 1:
+            return tuple(_coerce(key, v, inner) for v in value)
+        if len(value) != len(args):
+            raise OverrideError(f"--set {key}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(key, v, a) for v, a in zip(value, args))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise OverrideError(f"--set {key}: expected true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise OverrideError(f"--set {key}: expected an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise OverrideError(f"--set {key}: expected a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if isinstance(value, (dict, list)) or value is None:
+            raise OverrideError(f"--set {key}: expected a string, got {value!r}")
+        return str(value)
+    if hint is dict:
+        if not isinstance(value, dict):
+            raise OverrideError(f"--set {key}: expected a JSON object, got {value!r}")
+        return value
+    raise OverrideError(f"--set {key}: cannot set a field of type {hint}")
+
+
+def parse_set(pairs) -> dict[str, Any]:
+    """``["hhcl.iters=400", "data.dataset=dukemtmcreid"]`` -> ``{"hhcl.iters": 400, ...}``: values
+    are read as JSON where they parse (numbers, true/false, null, lists), else as plain strings.
+    Validated against the profile's field types (raises ``OverrideError``)."""
+    import json
+
+    out: dict[str, Any] = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise OverrideError(f"--set wants SECTION.FIELD=VALUE, got {pair!r}")
+        key, raw = (x.strip() for x in pair.split("=", 1))
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        out[key] = _coerce(key, value, _field_type(key))
+    return out
+
+
+def validate_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
+    """Check and convert ``{"section.field": value}`` (as read back from run.json, where tuples
+    became lists) against the field types; returns the converted dict."""
+    return {key: _coerce(key, value, _field_type(key)) for key, value in (overrides or {}).items()}
+
+
+def apply_overrides(profile: "Profile | str", overrides: dict[str, Any] | None) -> Profile:
+    """The profile with ``{"section.field": value}`` applied (validated first). The profile keeps its name."""
+    prof = get_profile(profile)
+    checked = validate_overrides(overrides or {})
+    return prof.replace(**{k.replace(".", "__"): v for k, v in checked.items()}) if checked else prof

@@ -1,6 +1,10 @@
 """The reproduction driver: run the notebooks in order with papermill, headless.
 
-``python -m reidkit reproduce --profile P [--data-root D] [--run-dir R]``:
+``python -m reidkit reproduce --profile P [--data-root D] [--run-dir R] [--subset-ids N] [--set S.F=V]``:
+- applies the overrides (``--subset-ids N`` is ``--set data.subset_ids=N``), checked against the
+  profile's field types before any work, and records them in ``RUN_DIR/run.json`` ("overrides"),
+  where ``RunContext.open`` finds them, so every notebook (and one opened by hand on the run
+  folder) sees the same profile;
 - injects PROFILE, DATA_ROOT, RUN_DIR, DEVICE, SEED, INTERACTIVE=False into each notebook's
   ``parameters`` cell and saves the executed notebook as ``RUN_DIR/notebooks/<name>.ipynb``;
 - stops at the first failing cell and names it (notebook, cell number, error);
@@ -44,8 +48,12 @@ def list_notebooks(folder: Path | None = None) -> list[Path]:
     return nbs
 
 
-def params_digest(params: dict, notebook: Path) -> str:
-    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+def params_digest(params: dict, notebook: Path, overrides: dict | None = None) -> str:
+    """Digest of a notebook's inputs: the injected parameters, the profile overrides, the notebook."""
+    payload = dict(params)
+    if overrides:
+        payload["__overrides__"] = overrides
+    h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode())
     h.update(notebook.read_bytes())
     return h.hexdigest()[:16]
 
@@ -87,15 +95,50 @@ class NotebookResult:
     seconds: float
 
 
+class RunSetupError(ValueError):
+    """The run cannot start: an override or the data root does not fit the profile."""
+
+
+def check_run(profile: str = "workshop", data_root: str | None = None, overrides: dict | None = None):
+    """The profile with ``overrides`` applied, after the checks that need no work: every override
+    names a field and fits its type, the dataset is known, and a real dataset has a data root.
+    Raises ``RunSetupError`` (or ``KeyError`` for an unknown profile) with a one-line message."""
+    from reidkit.config import OverrideError, apply_overrides, get_profile
+    from reidkit.data.datasets import ALIASES, PARSERS
+
+    base = get_profile(profile)
+    try:
+        prof = apply_overrides(base, overrides)
+    except (OverrideError, KeyError, TypeError) as exc:
+        raise RunSetupError(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)) from None
+    key = ALIASES.get(prof.data.dataset.lower(), prof.data.dataset.lower())
+    if key not in PARSERS:
+        raise RunSetupError(f"data.dataset={prof.data.dataset!r} is not a known dataset; known: "
+                            f"{', '.join(sorted(PARSERS))}")
+    if key != "mini-mars" and not data_root:
+        raise RunSetupError(f"profile {prof.name} reads {prof.data.dataset} from disk: give --data-root "
+                            f"(the folder holding the dataset)")
+    if data_root and not Path(data_root).expanduser().exists():
+        raise RunSetupError(f"--data-root {data_root} does not exist")
+    n = prof.data.subset_ids
+    if n is not None and n < 1:
+        raise RunSetupError(f"data.subset_ids must be a positive number of identities, got {n}")
+    return prof
+
+
 def run_notebooks(profile: str = "workshop", data_root: str | None = None, run_dir: str | Path | None = None,
                   device: str = "auto", seed: int = 1, notebooks: Sequence[str] | None = None,
-                  timeout: int | None = None, force: bool = False, log=print) -> tuple[Path, list[NotebookResult]]:
-    """Run the notebooks in order; returns the run folder and what happened to each notebook."""
+                  timeout: int | None = None, force: bool = False, log=print,
+                  overrides: dict | None = None) -> tuple[Path, list[NotebookResult]]:
+    """Run the notebooks in order; returns the run folder and what happened to each notebook.
+    ``overrides``: ``{"section.field": value}`` applied to the profile in every notebook."""
     import papermill as pm
 
-    from reidkit.config import get_profile
+    from reidkit.config import validate_overrides
+    from reidkit.utils import resolve_device
 
-    prof = get_profile(profile)
+    prof = check_run(profile, data_root, overrides)
+    overrides = validate_overrides(overrides or {})
     if run_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = project_root() / "runs" / f"{prof.name}-{stamp}"
@@ -107,15 +150,18 @@ def run_notebooks(profile: str = "workshop", data_root: str | None = None, run_d
         nbs = [p for p in nbs if p.stem in wanted or p.stem[:2] in wanted]
     params = {"PROFILE": prof.name, "DATA_ROOT": str(data_root) if data_root else "",
               "RUN_DIR": str(run_dir), "DEVICE": device, "SEED": int(seed), "INTERACTIVE": False}
-    atomic_write_json(run_dir / "run.json", {"parameters": params, "profile": prof.to_dict(),
+    atomic_write_json(run_dir / "run.json", {"parameters": params, "overrides": overrides,
+                                             "device": str(resolve_device(device)),
+                                             "profile": prof.to_dict(),
                                              "notebooks": [p.name for p in nbs]})
-    log(f"reidkit reproduce: profile {prof.name}, run folder {run_dir}")
+    log(f"reidkit reproduce: profile {prof.name}, run folder {run_dir}"
+        + (", overrides " + " ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else ""))
     results: list[NotebookResult] = []
     env_progress = os.environ.get("REIDKIT_PROGRESS")
     os.environ["REIDKIT_PROGRESS"] = "0"   # kernels inherit: no widget progress bars in saved notebooks
     try:
         for k, nb in enumerate(nbs, 1):
-            digest = params_digest(params, nb)
+            digest = params_digest(params, nb, overrides)
             tag = f"[{k}/{len(nbs)}] {nb.stem}"
             if not force and is_complete(run_dir, nb, digest):
                 log(f"{tag}: already complete with these parameters, skipped")
@@ -163,18 +209,56 @@ def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     return lines
 
 
+def _run_header(run: dict) -> list[str]:
+    """The run's setup: profile, dataset and subset, overrides, device actually used, seed."""
+    params = run.get("parameters", {})
+    if not params:
+        return []
+    prof = run.get("profile") or {}
+    data = prof.get("data") or {}
+    device = run.get("device") or params.get("DEVICE")
+    if device in (None, "auto"):  # runs recorded before the device was: resolve it here
+        from reidkit.utils import resolve_device
+
+        device = str(resolve_device(params.get("DEVICE") or "auto"))
+    lines = [f"- profile: `{params.get('PROFILE')}`, device: `{device}`, seed: {params.get('SEED')}",
+             f"- dataset: `{data.get('dataset', '?')}`, data root: `{params.get('DATA_ROOT') or 'embedded sample'}`"]
+    n = data.get("subset_ids")
+    if n:
+        lines.append(f"- identity subset: {n} training and {n} test identities (subset seed "
+                     f"{data.get('subset_seed', 0)}; distractors kept in proportion; reidkit.data.subset)")
+    else:
+        lines.append("- identity subset: none (every identity of the dataset)")
+    overrides = run.get("overrides") or {}
+    if overrides:
+        lines.append("- overrides: " + ", ".join(f"`{k}={json.dumps(v, default=list)}`"
+                                                 for k, v in overrides.items()))
+    else:
+        lines.append("- overrides: none (the profile as defined in reidkit/config.py)")
+    return lines + [""]
+
+
+def _figure_lines(run_dir: Path, figures) -> list[str]:
+    """Markdown images, with links relative to the run folder, for the figures that exist."""
+    out = []
+    for rel in figures or []:
+        rel = str(rel)
+        if (run_dir / rel).is_file():
+            out += [f"![{Path(rel).stem}]({rel})", ""]
+    return out
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Gather ``RUN_DIR/*/metrics.json`` into ``RUN_DIR/report.md``.
 
     A metrics file may hold ``tables`` ({title: {"columns": [...], "rows": [[...]]}}) which are
-    rendered as they are; every other scalar is listed under its notebook."""
+    rendered as they are, and ``figures`` (paths relative to RUN_DIR, the key figures that
+    ``RunContext.savefig(..., key=True)`` recorded), shown as images beside the tables; every other
+    scalar is listed under its notebook. The header names the dataset, the identity subset, the
+    profile overrides and the device the run used."""
     run_dir = Path(run_dir)
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
-    params = run.get("parameters", {})
-    lines = [f"# reidkit report: {run_dir.name}", ""]
-    if params:
-        lines += [f"- profile: `{params.get('PROFILE')}`, device: `{params.get('DEVICE')}`, seed: {params.get('SEED')}",
-                  f"- data root: `{params.get('DATA_ROOT') or 'embedded sample'}`", ""]
+    lines = [f"# reidkit report: {run_dir.name}", ""] + _run_header(run)
     paper = run.get("profile", {}).get("paper") or {}
     if paper:
         lines += ["Paper figures for this profile: " + ", ".join(f"{k} {v}" for k, v in paper.items()), ""]
@@ -191,8 +275,9 @@ def write_report(run_dir: str | Path) -> Path:
         lines += [f"## {stem}", ""]
         for title, tab in (metrics.get("tables") or {}).items():
             lines += [f"**{title}**", ""] + _table(tab["columns"], tab["rows"]) + [""]
+        lines += _figure_lines(run_dir, metrics.get("figures"))
         scalars = [(k, v) for k, v in metrics.items()
-                   if k not in ("tables", "notebook") and not isinstance(v, dict)]
+                   if k not in ("tables", "notebook", "figures") and not isinstance(v, dict)]
         if scalars:
             lines += _table(["metric", "value"], scalars) + [""]
     if timing_rows:
@@ -202,13 +287,31 @@ def write_report(run_dir: str | Path) -> Path:
     return out
 
 
+def overrides_from_args(args) -> dict:
+    """``--set`` pairs and ``--subset-ids`` of a command line as ``{"section.field": value}``
+    (validated; raises ``OverrideError``)."""
+    from reidkit.config import parse_set
+
+    overrides = parse_set(getattr(args, "set", None))
+    if getattr(args, "subset_ids", None) is not None:
+        overrides.update(parse_set([f"data.subset_ids={int(args.subset_ids)}"]))
+    return overrides
+
+
 def main_reproduce(args) -> int:
+    from reidkit.config import OverrideError
+
     try:
+        overrides = overrides_from_args(args)
+        check_run(args.profile, args.data_root, overrides)
         run_dir, results = run_notebooks(args.profile, args.data_root, args.run_dir, args.device, args.seed,
-                                         args.notebooks, args.timeout, args.force)
+                                         args.notebooks, args.timeout, args.force, overrides=overrides)
     except NotebookFailed as exc:
         print(f"reproduction stopped: {exc}", file=sys.stderr)
         return 1
+    except (OverrideError, RunSetupError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (KeyError, FileNotFoundError) as exc:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2

@@ -31,6 +31,24 @@ def default_run_dir(profile: str) -> Path:
     return base / f"{profile}-interactive"
 
 
+def run_overrides(run_dir: str | Path, profile: str | None = None) -> dict:
+    """The profile overrides recorded in ``RUN_DIR/run.json`` (``{"section.field": value}``);
+    empty when there is none, or when the run used another profile than ``profile``."""
+    path = Path(run_dir) / "run.json"
+    if not path.is_file():
+        return {}
+    try:
+        run = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        return {}
+    recorded = run.get("overrides") or {}
+    ran_with = (run.get("parameters") or {}).get("PROFILE")
+    if recorded and profile is not None and ran_with not in (None, profile):
+        print(f"note: {path} records overrides for profile {ran_with!r}, not {profile!r}: not applied")
+        return {}
+    return dict(recorded)
+
+
 @dataclass
 class RunContext:
     profile: Profile
@@ -44,13 +62,27 @@ class RunContext:
 
     @classmethod
     def open(cls, profile: str = "workshop", data_root: str | None = None, run_dir: str | None = None,
-             device: str = "auto", seed: int = 1, name: str = "notebook") -> "RunContext":
+             device: str = "auto", seed: int = 1, name: str = "notebook",
+             overrides: dict | None = None) -> "RunContext":
+        """Open the run folder for notebook ``name``. The profile gets the overrides that
+        ``reidkit reproduce --set/--subset-ids`` recorded in ``RUN_DIR/run.json`` (when that run
+        used the same profile), then ``overrides`` (``{"section.field": value}``) if given, so a
+        notebook opened by hand on a run folder sees the same subset and budgets as the run."""
+        from reidkit.config import apply_overrides
+
         prof = get_profile(profile)
         if run_dir in (None, ""):
             run_dir = default_run_dir(prof.name)
             print(f"RUN_DIR not given: using {run_dir} (results of earlier notebooks are read from there; "
                   f"what is missing is computed here)")
-        ctx = cls(prof, data_root or None, Path(run_dir).resolve(), resolve_device(device), int(seed), name)
+        run_dir = Path(run_dir).resolve()
+        recorded = run_overrides(run_dir, prof.name)
+        merged = {**recorded, **(overrides or {})}
+        if merged:
+            prof = apply_overrides(prof, merged)
+            print("profile overrides: " + ", ".join(f"{k}={v}" for k, v in merged.items())
+                  + (" (from run.json)" if recorded else ""))
+        ctx = cls(prof, data_root or None, run_dir, resolve_device(device), int(seed), name)
         ctx.out.mkdir(parents=True, exist_ok=True)
         seed_everything(ctx.seed)
         return ctx
@@ -62,10 +94,13 @@ class RunContext:
     def path(self, *parts: str) -> Path:
         return self.run_dir.joinpath(*parts)
 
-    def dataset(self):
-        from reidkit.data.datasets import load_dataset
+    def dataset(self, **kwargs):
+        """The profile's dataset under ``data_root``, cut to ``profile.data.subset_ids`` identities
+        when the profile (or the run's overrides) sets it; ``kwargs`` go to the parser (e.g.
+        ``load_train=False`` for SYSU-30k's test split alone)."""
+        from reidkit.data.subset import load_profile_dataset
 
-        return load_dataset(self.profile.data.dataset, self.data_root)
+        return load_profile_dataset(self.profile, self.data_root, **kwargs)
 
     def write_metrics(self, metrics: dict) -> None:
         """Write ``<notebook>/metrics.json`` (atomically). The key figures saved so far are listed

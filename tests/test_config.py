@@ -59,3 +59,42 @@ def test_replace_and_unknown_profile():
         get_profile("smoke").replace(hhcl__nope=1)
     with pytest.raises(KeyError, match="unknown profile"):
         get_profile("imagenet")
+
+
+def test_laptop_profile_is_a_real_dataset_subset():
+    p = get_profile("laptop")
+    assert p.data.dataset == "market1501" and p.data.subset_ids == 150 and p.data.subset_seed == 0
+    assert p.model.arch == "mobilenetv2" and p.model.pretrained is True
+    assert p.data.workers == 0 and p.hhcl.ghost_bn is None
+    assert get_profile("workshop").data.subset_ids is None and get_profile("market1501").data.subset_ids is None
+
+
+def test_parse_set_converts_to_field_types():
+    from reidkit.config import apply_overrides, parse_set, validate_overrides
+
+    got = parse_set(["hhcl.iters=400", "data.dataset=dukemtmcreid", "hhcl.lr=1e-4", "hhcl.amp=false",
+                     "dgl.milestones=[3, 5]", "data.subset_ids=null", "hhcl.ghost_bn=32", "seed=3",
+                     "cluster.eps=1", "model.pretrained=/w/x.pth"])
+    assert got == {"hhcl.iters": 400, "data.dataset": "dukemtmcreid", "hhcl.lr": 1e-4, "hhcl.amp": False,
+                   "dgl.milestones": (3, 5), "data.subset_ids": None, "hhcl.ghost_bn": 32, "seed": 3,
+                   "cluster.eps": 1.0, "model.pretrained": "/w/x.pth"}
+    assert isinstance(got["cluster.eps"], float)
+    # JSON round trip (run.json) gives the same profile
+    assert validate_overrides({"dgl.milestones": [3, 5]}) == {"dgl.milestones": (3, 5)}
+    p = apply_overrides("laptop", {"data.subset_ids": 50, "data.dataset": "dukemtmcreid"})
+    assert (p.name, p.data.subset_ids, p.data.dataset) == ("laptop", 50, "dukemtmcreid")
+    assert apply_overrides("laptop", None) == get_profile("laptop")
+
+
+@pytest.mark.parametrize("pair, message", [
+    ("hhcl.iters=many", "expected an integer"), ("hhcl.iters=2.5", "expected an integer"),
+    ("hhcl.amp=perhaps", "true or false"), ("hhcl.lr=fast", "expected a number"),
+    ("hhcl.nope=1", "has no field 'nope'"), ("train.iters=1", "SECTION.FIELD"), ("hhcl.iters", "KEY=VALUE|FIELD=VALUE"),
+    ("data.erasing_fill=[1, 2]", "expected 3 values"), ("data.subset_ids=lots", "expected an integer"),
+])
+def test_parse_set_rejects_with_one_line(pair, message):
+    from reidkit.config import OverrideError, parse_set
+
+    with pytest.raises(OverrideError, match=message) as exc:
+        parse_set([pair])
+    assert "\n" not in str(exc.value)
