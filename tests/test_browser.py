@@ -1,0 +1,499 @@
+"""The widgets, proven in a real browser: JupyterLab on 127.0.0.1 with a token, driven by headless
+Chromium (Debian's ``chromium`` + ``chromium-driver``, through selenium from PyPI).
+
+For every notebook that shows widgets, the test runs all cells in JupyterLab, checks that no cell
+fails and no widget shows an error, moves every slider on the page and checks that the widget
+output next to it changed, then saves the notebook, reloads the page and checks that no dead
+widget output ("Error displaying widget: model not found") is left behind.
+
+Screenshots of each slider's output before and after the move (and of each page after run-all and
+after reload) are kept in ``$REIDKIT_SCREENSHOTS`` or ``runs/browser-screenshots/``.
+
+Skipped only when Chromium, its driver, selenium or JupyterLab is missing; with ``CI=true`` or
+``REIDKIT_REQUIRE_BROWSER=1`` a missing piece fails the test instead. Optional knobs:
+``REIDKIT_CHROMIUM`` / ``REIDKIT_CHROMEDRIVER`` (paths), ``REIDKIT_BROWSER_NOTEBOOKS`` (another
+notebook folder), ``REIDKIT_BROWSER_RUN_DIR`` (a filled smoke
+run folder to copy instead of running the papermill chain first), ``REIDKIT_BROWSER_TIMEOUT``
+(seconds a notebook may take to run all its cells; default 1200).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import nbformat
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOKS = Path(os.environ.get("REIDKIT_BROWSER_NOTEBOOKS") or ROOT / "notebooks")
+RUN_ALL_TIMEOUT = float(os.environ.get("REIDKIT_BROWSER_TIMEOUT", "1200"))
+UPDATE_TIMEOUT = 180.0          # seconds a widget may take to redraw after a slider move
+WIDGET_ERRORS = ("Error displaying widget", "model not found")
+
+pytestmark = pytest.mark.slow
+
+
+# ----------------------------------------------------------------------------- what is needed
+
+def _truthy(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _require_or_skip(reason: str):
+    if _truthy("CI") or _truthy("REIDKIT_REQUIRE_BROWSER"):
+        pytest.fail(f"browser test cannot run in CI: {reason} (see .ci/run)")
+    pytest.skip(reason)
+
+
+def _find_binary(env: str, *names: str) -> str | None:
+    if os.environ.get(env):
+        return os.environ[env] if os.access(os.environ[env], os.X_OK) else None
+    for name in names:
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def _widget_notebooks() -> list[Path]:
+    """The notebooks whose code shows widgets (mentions ipywidgets, a widget, or display())."""
+    found = []
+    for path in sorted(NOTEBOOKS.glob("[0-9]*.ipynb")):
+        nb = nbformat.read(path, as_version=4)
+        code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+        if re.search(r"widget|ipywidgets|display\(", code):
+            found.append(path)
+    return found
+
+
+def _expects_slider(path: Path) -> bool:
+    nb = nbformat.read(path, as_version=4)
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    return bool(re.search(r"Slider|interact|_browser|_widget", code))
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+@pytest.fixture(scope="module")
+def tools():
+    chromium = _find_binary("REIDKIT_CHROMIUM", "chromium", "chromium-browser")
+    driver = _find_binary("REIDKIT_CHROMEDRIVER", "chromedriver")
+    if chromium is None:
+        _require_or_skip("Chromium not found (Debian: apt-get install chromium chromium-driver)")
+    if driver is None:
+        _require_or_skip("chromedriver not found (Debian: apt-get install chromium-driver)")
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        _require_or_skip("selenium is not installed (pip install -e '.[dev]')")
+    try:
+        import jupyterlab  # noqa: F401
+    except ImportError:
+        _require_or_skip("jupyterlab is not installed (pip install -e '.[dev]')")
+    return {"chromium": chromium, "chromedriver": driver}
+
+
+@pytest.fixture(scope="module")
+def shots():
+    folder = Path(os.environ.get("REIDKIT_SCREENSHOTS") or ROOT / "runs" / "browser-screenshots")
+    folder.mkdir(parents=True, exist_ok=True)
+    for old in folder.glob("*.png"):
+        old.unlink()
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(tools, tmp_path_factory, request):
+    """A copy of a smoke run folder already filled by the papermill chain (the session's
+    ``smoke_run``, shared with test_reproduce), so that the notebooks opened in the browser find
+    their inputs and resume their training from checkpoints."""
+    run = tmp_path_factory.mktemp("browser") / "run"
+    given = os.environ.get("REIDKIT_BROWSER_RUN_DIR")
+    source = Path(given) if given else request.getfixturevalue("smoke_run")[0]
+    shutil.copytree(source, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def lab(tools, run_dir, tmp_path_factory):
+    """JupyterLab on 127.0.0.1, a free port and a random token, serving copies of the widget
+    notebooks whose parameters cell points at the smoke run folder with INTERACTIVE=True."""
+    base = tmp_path_factory.mktemp("lab")
+    root = base / "root"
+    root.mkdir()
+    for src in _widget_notebooks():
+        nb = nbformat.read(src, as_version=4)
+        _set_parameters(nb, PROFILE="smoke", RUN_DIR=str(run_dir), INTERACTIVE=True)
+        for cell in nb.cells:
+            if cell.cell_type == "code":
+                cell.outputs, cell.execution_count = [], None
+        nb.metadata.pop("widgets", None)
+        nbformat.write(nb, root / src.name)
+    # the notebooks import from notebooks/ (helpers beside them) as they do in the project
+    for extra in NOTEBOOKS.iterdir():
+        if extra.suffix != ".ipynb" and not extra.name.startswith("."):
+            target = root / extra.name
+            (shutil.copytree if extra.is_dir() else shutil.copy)(extra, target)
+
+    settings = base / "settings"
+    _write_json(settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings",
+                {"windowingMode": "none"})              # every cell in the DOM, so every slider is
+    _write_json(settings / "@jupyterlab" / "apputils-extension" / "notification.jupyterlab-settings",
+                {"fetchNews": "false", "checkForUpdates": False})
+    env = dict(os.environ)
+    env.pop("REIDKIT_PROGRESS", None)                   # the kernels behave as for a student
+    env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+               JUPYTER_CONFIG_DIR=str(base / "config"), JUPYTER_DATA_DIR=str(base / "data"),
+               JUPYTER_RUNTIME_DIR=str(base / "runtime"), JUPYTERLAB_SETTINGS_DIR=str(settings),
+               JUPYTERLAB_WORKSPACES_DIR=str(base / "workspaces"))
+    port, token = _free_port(), secrets.token_hex(16)
+    log = open(base / "jupyter.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--ip", "127.0.0.1", "--port", str(port),
+         "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+         f"--ServerApp.root_dir={root}", "--LabApp.expose_app_in_browser=True"]
+        + (["--allow-root"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []),
+        cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"jupyter lab exited ({proc.returncode}):\n{_tail(base / 'jupyter.log')}")
+            try:
+                with urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"jupyter lab did not answer in 180 s:\n{_tail(base / 'jupyter.log')}")
+            time.sleep(1)
+        yield {"url": url, "token": token, "root": root, "log": base / "jupyter.log"}
+    finally:
+        proc.send_signal(signal.SIGTERM)               # the server shuts its kernels down
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tools):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    os.environ.setdefault("SE_OFFLINE", "true")        # never let Selenium Manager download a browser
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = tools["chromium"]
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
+                "--window-size=1400,1400", "--hide-scrollbars", "--no-first-run",
+                "--disable-background-networking"):
+        opts.add_argument(arg)
+    try:
+        driver = webdriver.Chrome(service=Service(executable_path=tools["chromedriver"]), options=opts)
+    except Exception as exc:                            # e.g. a driver that does not match the browser
+        _require_or_skip(f"headless Chromium did not start: {exc}".splitlines()[0])
+    driver.set_script_timeout(60)
+    yield driver
+    driver.quit()
+
+
+# ----------------------------------------------------------------------------- the test
+
+WIDGET_NOTEBOOKS = _widget_notebooks()
+
+
+def test_some_notebook_shows_widgets():
+    assert WIDGET_NOTEBOOKS, "no notebook mentions ipywidgets / display(): the course lost its widgets"
+
+
+@pytest.mark.parametrize("nb_path", WIDGET_NOTEBOOKS, ids=[p.stem for p in WIDGET_NOTEBOOKS])
+def test_widgets_in_jupyterlab(nb_path, lab, browser, shots):
+    stem, problems = nb_path.stem, []
+    try:
+        _run_and_check(nb_path, stem, problems, lab, browser, shots)
+    except Exception:
+        browser.save_screenshot(str(shots / f"{stem}-failed.png"))
+        raise
+    finally:
+        _shutdown_kernels(lab)                          # notebooks never share the 2 cores
+    assert not problems, f"{stem}:\n" + "\n".join(problems)
+
+
+def _run_and_check(nb_path, stem, problems, lab, browser, shots):
+    _open(browser, lab, nb_path.name)
+    # not returned: selenium would wait on the promise, which settles only when the last cell ends
+    browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells'); return null")
+    _wait_all_ran(browser, stem)
+    time.sleep(2)                                       # late widget views
+    browser.save_screenshot(str(shots / f"{stem}-0-run-all.png"))
+
+    errors = [f"cell {i} ({c['head']!r}): {e}" for i, c in enumerate(_state(browser)["cells"])
+              for e in c["errors"]]
+    assert not errors, f"{stem}: cells failed in JupyterLab:\n" + "\n".join(errors)
+    text = _page_text(browser)
+    assert not any(w in text for w in WIDGET_ERRORS), f"{stem}: a widget shows an error after run-all"
+
+    sliders = browser.find_elements("css selector", ".jp-Notebook .widget-slider")
+    if _expects_slider(nb_path):
+        assert sliders, f"{stem}: its code builds a slider, but none is on the page"
+    for k in range(len(sliders)):
+        problems += _move_slider(browser, stem, k, shots)
+
+    # save, reload: nothing left behind that the widget manager cannot display
+    browser.execute_script("window.jupyterapp.commands.execute('docmanager:save'); return null")
+    _wait(lambda: not _state(browser).get("dirty", True), 60, f"{stem}: save")
+    saved = (lab["root"] / nb_path.name).read_text()
+    if any(w in saved for w in WIDGET_ERRORS):
+        problems.append("the saved notebook contains a widget error text")
+    _open(browser, lab, nb_path.name)
+    time.sleep(5)                                       # widget views render from the live kernel
+    browser.save_screenshot(str(shots / f"{stem}-9-reloaded.png"))
+    dead = browser.execute_script(_DEAD_JS, list(WIDGET_ERRORS))
+    for index, n, head in dead:
+        problems.append(f"after save and reload, cell {index} ({head!r}) shows {n}x 'Error displaying widget'"
+                        " (a widget output whose model is gone)")
+        cell = browser.find_elements("css selector", ".jp-Notebook .jp-Cell")[index]
+        _element_shot(browser, cell, shots / f"{stem}-9-reloaded-dead-widget-cell{index}.png")
+    text = _page_text(browser)
+    if not dead and any(w in text for w in WIDGET_ERRORS):
+        problems.append("after save and reload the page shows 'Error displaying widget'")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _set_parameters(nb, **values):
+    """Rewrite the assignments of the notebook's ``parameters`` cell (add a cell if it has none)."""
+    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
+    if cell is None:
+        cell = nbformat.v4.new_code_cell("", metadata={"tags": ["parameters"]})
+        nb.cells.insert(0, cell)
+    lines = cell.source.splitlines()
+    for name, value in values.items():
+        pattern = re.compile(rf"^{name}\s*=")
+        hits = [i for i, line in enumerate(lines) if pattern.match(line)]
+        for i in hits:
+            lines[i] = f"{name} = {value!r}"
+        if not hits:
+            lines.append(f"{name} = {value!r}")
+    cell.source = "\n".join(lines)
+
+
+def _write_json(path: Path, obj):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+
+
+def _wait(cond, timeout: float, what: str, every: float = 0.5):
+    deadline = time.time() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.time() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(every)
+
+
+_STATE_JS = """
+const app = window.jupyterapp;
+if (!app || !app.shell) return {ready: false};
+const panel = app.shell.currentWidget;
+if (!panel || !panel.content || !panel.content.model || !panel.context || !panel.context.isReady)
+  return {ready: false};
+const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
+const cells = [];
+for (const cell of panel.content.widgets) {
+  const m = cell.model;
+  if (m.type !== 'code') continue;
+  const src = m.sharedModel.getSource();
+  const outs = m.outputs.toJSON();
+  cells.push({count: m.executionCount, blank: !src.trim(), head: src.trim().slice(0, 60),
+              errors: outs.filter(o => o.output_type === 'error').map(o => o.ename + ': ' + o.evalue)});
+}
+return {ready: true, status: kernel ? kernel.status : 'none', dirty: panel.context.model.dirty,
+        path: panel.context.path, cells: cells};
+"""
+
+
+# the cells whose outputs show a widget error: (index among the cells, count, first source line)
+_DEAD_JS = """
+const words = arguments[0], found = [];
+document.querySelectorAll('.jp-Notebook .jp-Cell').forEach((cell, i) => {
+  const out = cell.querySelector('.jp-Cell-outputWrapper');
+  const text = out ? out.innerText : '';
+  if (words.some(w => text.includes(w))) {
+    const src = cell.querySelector('.jp-InputArea-editor');
+    const head = src ? src.innerText.trim().split('\\n')[0].slice(0, 70) : '';
+    found.push([i, text.split(words[0]).length - 1, head]);
+  }
+});
+return found;
+"""
+
+
+def _state(driver) -> dict:
+    return driver.execute_script(_STATE_JS) or {"ready": False}
+
+
+def _page_text(driver) -> str:
+    return driver.execute_script("return document.body.innerText")
+
+
+def _open(driver, lab, name: str):
+    driver.get(f"{lab['url']}/lab/tree/{name}?token={lab['token']}&reset")
+    _wait(lambda: (lambda s: s.get("ready") and s.get("path") == name and s.get("status") == "idle")(_state(driver)),
+          180, f"{name} to open with an idle kernel", every=1)
+
+
+def _wait_all_ran(driver, stem: str):
+    """Until every non-blank code cell has an execution count and the kernel is idle (twice in a
+    row); fails early as soon as a cell shows an error."""
+    deadline, calm = time.time() + RUN_ALL_TIMEOUT, 0
+    while True:
+        s = _state(driver)
+        cells = s.get("cells", [])
+        failed = [f"{c['head']!r}: {e}" for c in cells for e in c["errors"]]
+        assert not failed, f"{stem}: a cell failed during run-all:\n" + "\n".join(failed)
+        done = s.get("ready") and cells and all(c["count"] is not None for c in cells if not c["blank"])
+        calm = calm + 1 if done and s.get("status") == "idle" else 0
+        if calm >= 2:
+            return
+        if time.time() > deadline:
+            left = sum(c["count"] is None for c in cells if not c["blank"])
+            raise AssertionError(f"{stem}: run-all not finished after {RUN_ALL_TIMEOUT:.0f} s "
+                                 f"({left} cells not run, kernel {s.get('status')})")
+        time.sleep(2)
+
+
+# the HTML of the widget Output region nearest to a slider: the Output widgets of its closest
+# ancestor (within its cell) that holds any, else the cell's outputs without the controls
+_REGION_JS = """
+const slider = arguments[0];
+const cell = slider.closest('.jp-Cell');
+let node = slider.parentElement, found = [];
+while (node && node !== cell) {
+  found = node.querySelectorAll('.widget-output');
+  if (found.length) break;
+  node = node.parentElement;
+}
+let html;
+if (found.length) {
+  html = Array.from(found).map(o => o.innerHTML).join('\\n');
+} else {
+  const area = (cell || slider.parentElement).querySelector('.jp-Cell-outputArea') || cell;
+  const copy = area.cloneNode(true);
+  copy.querySelectorAll('.widget-slider, .widget-readout, input, select').forEach(e => e.remove());
+  html = copy.innerHTML;
+}
+const label = slider.querySelector('.widget-label');
+const handle = slider.querySelector('.noUi-handle, .ui-slider-handle, [role=slider]');
+return {html: html, label: label ? label.textContent.trim() : '',
+        value: handle ? (handle.getAttribute('aria-valuenow') || '') : '',
+        max: handle ? (handle.getAttribute('aria-valuemax') || '') : '',
+        readout: (slider.querySelector('.widget-readout') || {}).textContent || '',
+        error: !!(found.length ? node : cell).querySelector('[data-mime-type="application/vnd.jupyter.error"]')};
+"""
+
+
+def _move_slider(driver, stem: str, k: int, shots: Path) -> list[str]:
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.keys import Keys
+
+    slider = driver.find_elements("css selector", ".jp-Notebook .widget-slider")[k]
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", slider)
+    time.sleep(0.5)
+    before = driver.execute_script(_REGION_JS, slider)
+    name = f"{stem}-slider{k + 1}-{re.sub(r'[^A-Za-z0-9]+', '_', before['label']).strip('_') or 'unnamed'}"
+    where = f"slider {k + 1} ({before['label'] or 'no label'}, at {before['readout'].strip()})"
+    cell_out = _cell_output(driver, slider)
+    _element_shot(driver, cell_out, shots / f"{name}-before.png")
+
+    handle = slider.find_element("css selector", ".noUi-handle, .ui-slider-handle, [role=slider]")
+    at_max = before["value"] and before["max"] and float(before["value"]) >= float(before["max"])
+    key = Keys.ARROW_LEFT if at_max else Keys.ARROW_RIGHT
+    driver.execute_script("arguments[0].focus()", handle)
+    t0 = time.time()
+    for _ in range(2):
+        ActionChains(driver).send_keys(key).perform()
+        time.sleep(0.3)
+    moved = driver.execute_script(_REGION_JS, slider)
+    if moved["readout"] == before["readout"]:           # keys did nothing: drag the handle instead
+        ActionChains(driver).drag_and_drop_by_offset(handle, -40 if at_max else 40, 0).perform()
+    try:
+        after = _wait(lambda: (lambda r: r if r["html"] != before["html"] else None)(
+            driver.execute_script(_REGION_JS, slider)), UPDATE_TIMEOUT, f"{stem} {where} to redraw")
+    except AssertionError as exc:
+        _element_shot(driver, cell_out, shots / f"{name}-after.png")
+        return [f"{where}: moved to {driver.execute_script(_REGION_JS, slider)['readout'].strip()}, "
+                f"but its output did not change ({exc})"]
+    # settle: the same output twice, a second apart (several key presses queue several redraws)
+    last = after["html"]
+    for _ in range(int(UPDATE_TIMEOUT)):
+        time.sleep(1)
+        now = driver.execute_script(_REGION_JS, slider)
+        if now["html"] == last and _state(driver).get("status") == "idle":
+            after = now
+            break
+        last = now["html"]
+    took = time.time() - t0
+    _element_shot(driver, cell_out, shots / f"{name}-after.png")
+    print(f"{stem} {where} -> {after['readout'].strip()}: output redrawn in {took:.1f} s")
+    out = []
+    if after["error"] or "Traceback" in after["html"]:
+        out.append(f"{where}: the output shows an error after the move")
+    if any(w in after["html"] for w in WIDGET_ERRORS):
+        out.append(f"{where}: the output shows a widget error after the move")
+    return out
+
+
+def _cell_output(driver, slider):
+    return driver.execute_script(
+        "const c = arguments[0].closest('.jp-Cell');"
+        "return (c && c.querySelector('.jp-Cell-outputWrapper')) || c || arguments[0];", slider)
+
+
+def _element_shot(driver, element, path: Path):
+    try:
+        driver.execute_script("arguments[0].scrollIntoView({block: 'start'})", element)
+        time.sleep(0.3)
+        element.screenshot(str(path))
+    except Exception:                                   # e.g. an element taller than Chromium allows
+        driver.save_screenshot(str(path))
+
+
+def _shutdown_kernels(lab):
+    """Close the notebook's kernel through the REST API, so notebooks do not share the 2 cores."""
+    base, tok = lab["url"], lab["token"]
+    try:
+        with urllib.request.urlopen(f"{base}/api/sessions?token={tok}", timeout=10) as r:
+            sessions = json.load(r)
+        for s in sessions:
+            req = urllib.request.Request(f"{base}/api/sessions/{s['id']}?token={tok}", method="DELETE")
+            urllib.request.urlopen(req, timeout=30).close()
+    except OSError:
+        pass
