@@ -4,6 +4,8 @@ VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.reidkit-installed
 PROFILE ?= workshop
+# a real dataset's folder for the laptop and paper profiles: make reproduce PROFILE=laptop DATA_ROOT=~/data
+DATA_ROOT ?=
 LAB_PORT ?= 8888
 # the exact torch / torchvision pair the kit is tested with (the package itself asks for torch>=2.4)
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
@@ -25,7 +27,7 @@ test: venv
 	$(BIN)/python -m pytest
 
 reproduce: venv
-	$(BIN)/python -m reidkit reproduce --profile $(PROFILE)
+	$(BIN)/python -m reidkit reproduce --profile $(PROFILE) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
 # JupyterLab on this machine only (127.0.0.1), behind a fresh random token; LAB_PORT=... to change the port
 lab: venv

@@ -1031,3 +1031,29 @@ def compare_rankings(before: dict, after: dict) -> dict[str, Any]:
         "fixed": pick((b > 0) & (a == 0), +1),
         "broken": pick((b == 0) & (a > 0), -1),
     }
+
+
+def camera_share_by_rank(dist, q_pids, g_pids, q_cams, g_cams, max_k: int = 50):
+    """How often the nearest *other-person* gallery images come from the query's own camera.
+
+    For every query, the gallery images of other identities are sorted by distance (stable);
+    ``share[k-1]`` is the fraction, over queries, of the first k of them taken by the query's
+    camera, and ``chance`` the same fraction over all of them (what a camera-blind feature gives at
+    every k). Returns ``(share, chance)``; ``share`` has ``min(max_k, smallest count)`` entries."""
+    d = np.asarray(dist)
+    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
+    q_cams, g_cams = np.asarray(q_cams), np.asarray(g_cams)
+    k = max_k
+    rows, chance = [], []
+    for i in range(d.shape[0]):
+        other = np.flatnonzero(g_pids != q_pids[i])
+        same = g_cams[other] == q_cams[i]
+        order = np.argsort(d[i, other], kind="stable")
+        k = min(k, len(other))
+        rows.append(same[order[:max_k]])
+        chance.append(same.mean())
+    if not rows or k == 0:
+        raise ValueError("no query has gallery images of other identities")
+    hits = np.stack([r[:k] for r in rows]).astype(np.float64)
+    share = (np.cumsum(hits, axis=1) / np.arange(1, k + 1)).mean(axis=0)
+    return share, float(np.mean(chance))

@@ -298,3 +298,19 @@ def _write_npy(chunks, expected, out: Path, model, dev, flip, amp, normalize, fo
 def read_sidecar(out: str | Path) -> dict:
     """The JSON sidecar of a features file written by :func:`extract_features`."""
     return json.loads(sidecar_path(out).read_text())
+
+
+def pixel_features(records, profile, size: tuple[int, int] = (16, 8)) -> np.ndarray:
+    """The no-network baseline: each image resized as the test transform does (profile height x
+    width, ImageNet-normalised), block-averaged to ``size`` (h, w) cells of RGB and L2-normalised.
+    An (N, 3 * h * w) float32 array."""
+    from reidkit.data.transforms import load_image, test_transform
+
+    tf = test_transform(profile.data.height, profile.data.width)
+    out = []
+    for start in range(0, len(records), 64):
+        batch = torch.stack([tf(load_image(r.path)) for r in records[start:start + 64]])
+        out.append(F.normalize(F.adaptive_avg_pool2d(batch, size).flatten(1), dim=1))
+    if not out:
+        raise ValueError("no records to compute pixel features of")
+    return torch.cat(out).numpy().astype(np.float32)

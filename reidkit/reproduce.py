@@ -248,6 +248,25 @@ def _figure_lines(run_dir: Path, figures) -> list[str]:
     return out
 
 
+def cell_timings(executed: str | Path) -> list[tuple[int, float, str]]:
+    """``(cell index, seconds, first code line)`` of every code cell of a notebook executed by
+    papermill (read from the cells' ``papermill.duration`` metadata), slowest first."""
+    import nbformat
+
+    try:
+        nb = nbformat.read(str(executed), as_version=4)
+    except Exception:
+        return []
+    rows = []
+    for k, cell in enumerate(nb.cells):
+        secs = (cell.metadata.get("papermill") or {}).get("duration")
+        if cell.cell_type == "code" and isinstance(secs, (int, float)):
+            first = next((ln.strip() for ln in cell.source.splitlines()
+                          if ln.strip() and not ln.strip().startswith("#")), "")
+            rows.append((k, float(secs), first[:70]))
+    return sorted(rows, key=lambda r: -r[1])
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Gather ``RUN_DIR/*/metrics.json`` into ``RUN_DIR/report.md``.
 
@@ -282,6 +301,11 @@ def write_report(run_dir: str | Path) -> Path:
             lines += _table(["metric", "value"], scalars) + [""]
     if timing_rows:
         lines += ["## Timings", ""] + _table(["notebook", "seconds"], timing_rows) + [""]
+        slow = [(stem, k, round(secs, 1), "`" + first.replace("|", "\\|") + "`") for stem, _ in timing_rows
+                for k, secs, first in cell_timings(run_dir / "notebooks" / f"{stem}.ipynb")[:3]]
+        if slow:
+            lines += ["Slowest cells of each notebook:", ""]
+            lines += _table(["notebook", "cell", "seconds", "first line"], slow) + [""]
     out = run_dir / "report.md"
     atomic_write_bytes(out, "\n".join(lines).encode())
     return out

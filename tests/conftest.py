@@ -38,6 +38,12 @@ def smoke_run(tmp_path_factory):
     return run_dir, results, logs
 
 
+@pytest.fixture(scope="module")
+def sol(request):
+    """The worked solutions named by the test module's ``SOLUTION`` (a notebook stem)."""
+    return load_solution(request.module.SOLUTION)
+
+
 def load_solution(stem: str):
     """The module ``notebooks/solutions/<stem>.py`` (the exercises' worked solutions)."""
     path = SOLUTIONS / f"{stem}.py"

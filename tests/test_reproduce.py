@@ -1,6 +1,7 @@
 """The papermill driver: the smoke chain over every notebook, skipping on rerun, failure naming."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +27,8 @@ def test_smoke_chain_runs_every_notebook(smoke_run):
         assert injected and "INTERACTIVE = False" in injected[0].source
     report = (run_dir / "report.md").read_text()
     assert "01_data_prep" in report and "| train | 16 | 256 | 6 |" in report
+    assert "Slowest cells of each notebook" in report
+    assert re.search(r"^\| 04_hybrid_contrast \| \d+ \| [\d.]+ \| `.+` \|$", report, re.M)
     assert any("done in" in line for line in logs)
 
 

@@ -4,15 +4,12 @@ helpers it teaches from (reidkit.data.stats), on hand-made records whose answers
 import numpy as np
 import pytest
 
-from conftest import load_solution
 from reidkit.data import stats
 from reidkit.data.datasets import Record, relabel
 from reidkit.data.samplers import CameraAwarePKSampler
 
 
-@pytest.fixture(scope="module")
-def sol():
-    return load_solution("01_data_prep")
+SOLUTION = "01_data_prep"  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>.py
 
 
 def rec(pid, cam, trk=0, name="x"):

@@ -9,14 +9,13 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from conftest import load_solution  # noqa: E402
 from reidkit import viz  # noqa: E402
+from reidkit.evaluation import camera_share_by_rank  # noqa: E402
+from reidkit.features import pixel_features  # noqa: E402
 from reidkit.models import GeneralizedMeanPooling  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def sol():
-    return load_solution("02_backbone")
+SOLUTION = "02_backbone"  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>.py
 
 
 def test_exercise_1_gem_against_average(sol, smoke_ctx):
@@ -113,7 +112,7 @@ def test_camera_share_by_rank():
     # query 0 (id 0, cam 0): the two nearest other-person images are from cam 0, the far ones not
     dist = np.array([[0.1, 0.2, 0.9, 1.0, 0.05]])
     g_pids = np.array([1, 2, 3, 4, 0]); g_cams = np.array([0, 0, 1, 1, 1])
-    share, chance = viz.camera_share_by_rank(dist, [0], g_pids, [0], g_cams, max_k=10)
+    share, chance = camera_share_by_rank(dist, [0], g_pids, [0], g_cams, max_k=10)
     assert len(share) == 4 and np.allclose(share, [1, 1, 2 / 3, 0.5]) and chance == 0.5
 
 
@@ -121,7 +120,7 @@ def test_pixel_features_and_figures(smoke_ctx):
     import matplotlib.pyplot as plt
 
     ds = smoke_ctx.dataset()
-    px = viz.pixel_features(ds.query[:5], smoke_ctx.profile)
+    px = pixel_features(ds.query[:5], smoke_ctx.profile)
     assert px.shape == (5, 3 * 16 * 8) and np.allclose(np.linalg.norm(px, axis=1), 1, atol=1e-5)
     fmap = np.random.default_rng(0).random((16, 8, 4)).astype(np.float32)
     path = ds.query[0].path

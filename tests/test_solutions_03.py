@@ -11,7 +11,6 @@ import pytest
 
 from reidkit.clustering import camera_split_purity, missed_cross_camera_pairs
 
-from conftest import load_solution
 
 
 # ---------------------------------------------------------------------------------------------
@@ -133,9 +132,7 @@ def test_clustering_figures_and_eps_widget(run, capsys):
 # ---------------------------------------------------------------------------------------------
 # the worked solutions
 
-@pytest.fixture(scope="module")
-def sol():
-    return load_solution("03_clustering")
+SOLUTION = "03_clustering"  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>.py
 
 
 def test_exercise_1_eps(smoke_ctx, sol):

@@ -9,12 +9,9 @@ import torch.nn.functional as F
 from reidkit import memory as mm
 from reidkit.memory import ClusterMemory
 
-from conftest import load_solution
 
 
-@pytest.fixture(scope="module")
-def sol():
-    return load_solution("04_hybrid_contrast")
+SOLUTION = "04_hybrid_contrast"  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>.py
 
 
 def test_exercise_1_high_temperature_flattens_at_its_floor(sol, smoke_ctx):

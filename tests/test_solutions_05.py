@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import ROOT, load_solution
+from conftest import ROOT
 
 NB = "05_weak_graphical"
 
@@ -31,9 +31,7 @@ def ctx05(smoke_ctx):
     return smoke_ctx
 
 
-@pytest.fixture(scope="module")
-def sol():
-    return load_solution(NB)
+SOLUTION = NB  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>.py
 
 
 # ---------------------------------------------------------------------------------------------

@@ -13,14 +13,11 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from conftest import load_solution  # noqa: E402
 from reidkit.evaluation import (compare_rankings, evaluate_rank, precision_recall,  # noqa: E402
                                 queries_by_outcome)
 
 
-@pytest.fixture(scope="module")
-def sol():
-    return load_solution("06_evaluation")
+SOLUTION = "06_evaluation"  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>.py
 
 
 def _random_case(seed=0, nq=12, ng=60, ids=6, cams=3):

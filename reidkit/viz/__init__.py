@@ -19,5 +19,5 @@ from reidkit.viz.clustering import (contingency_figure, cross_camera_figure, dis
                                     eps_sweep_figure, eps_widget, neighbours_figure)
 from reidkit.viz.memory import (hardest_members_figure, hhcl_loop_figure, memories_figure, memory_2d_figure,  # noqa: F401
                                 memory_widget, probe_figure, temperature_figure)
-from reidkit.viz.backbone import (baseline_figure, camera_share_by_rank, gem_figure, gem_share, gem_values, gem_widget,  # noqa: F401
-                                  pair_distance_figure, pipeline_diagram, pixel_features, stride_maps_figure)
+from reidkit.viz.backbone import (baseline_figure, gem_figure, gem_share, gem_values, gem_widget,  # noqa: F401
+                                  pair_distance_figure, pipeline_diagram, stride_maps_figure)

@@ -3,9 +3,8 @@ feature map at last stride 1 and 2, where generalized-mean pooling takes its val
 pair distances of direct-transfer features, and the baselines a re-ID model must beat.
 
 Small helpers feed them: :func:`gem_share` and :func:`gem_values` (which cells of the map a GeM
-pool draws on, and what it gives per channel), :func:`camera_share_by_rank` (how often the nearest
-wrong images come from the query's camera) and :func:`pixel_features` (raw pixels as a feature:
-the no-network baseline)."""
+pool draws on, and what it gives per channel). The computations behind the figures live where they
+belong: :func:`reidkit.evaluation.camera_share_by_rank` and :func:`reidkit.features.pixel_features`."""
 
 from __future__ import annotations
 
@@ -13,6 +12,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from reidkit.evaluation import camera_share_by_rank
 from reidkit.viz.base import GREEN, GREY, RED, _thumb
 
 
@@ -49,25 +49,6 @@ def gem_values(fmap, ps: Sequence[float], eps: float = 1e-6) -> np.ndarray:
     x = torch.as_tensor(fmap).double().clamp(min=eps).flatten(1)
     rows = [x.amax(dim=1) if np.isinf(p) else x.pow(p).mean(dim=1).pow(1.0 / p) for p in ps]
     return torch.stack(rows).numpy()
-
-
-def pixel_features(records, profile, size: tuple[int, int] = (16, 8)) -> np.ndarray:
-    """The no-network baseline: each image resized as the test transform does (profile height x
-    width, ImageNet-normalised), block-averaged to ``size`` (h, w) cells of RGB and L2-normalised.
-    An (N, 3 * h * w) float32 array."""
-    import torch
-    import torch.nn.functional as F
-
-    from reidkit.data.transforms import load_image, test_transform
-
-    tf = test_transform(profile.data.height, profile.data.width)
-    out = []
-    for start in range(0, len(records), 64):
-        batch = torch.stack([tf(load_image(r.path)) for r in records[start:start + 64]])
-        out.append(F.normalize(F.adaptive_avg_pool2d(batch, size).flatten(1), dim=1))
-    if not out:
-        raise ValueError("no records to compute pixel features of")
-    return torch.cat(out).numpy().astype(np.float32)
 
 
 def _overlay(ax, image_path: str, heat: np.ndarray, size, title: str, grid: bool = True, cmap="magma"):
@@ -202,32 +183,6 @@ def gem_widget(image_path: str, fmap, p: float = 3.0, size=(256, 128), p_max: fl
     slider.observe(render, names="value")
     render()
     return widgets.VBox([slider, out])
-
-
-def camera_share_by_rank(dist, q_pids, g_pids, q_cams, g_cams, max_k: int = 50):
-    """How often the nearest *other-person* gallery images come from the query's own camera.
-
-    For every query, the gallery images of other identities are sorted by distance (stable);
-    ``share[k-1]`` is the fraction, over queries, of the first k of them taken by the query's
-    camera, and ``chance`` the same fraction over all of them (what a camera-blind feature gives at
-    every k). Returns ``(share, chance)``; ``share`` has ``min(max_k, smallest count)`` entries."""
-    d = np.asarray(dist)
-    q_pids, g_pids = np.asarray(q_pids), np.asarray(g_pids)
-    q_cams, g_cams = np.asarray(q_cams), np.asarray(g_cams)
-    k = max_k
-    rows, chance = [], []
-    for i in range(d.shape[0]):
-        other = np.flatnonzero(g_pids != q_pids[i])
-        same = g_cams[other] == q_cams[i]
-        order = np.argsort(d[i, other], kind="stable")
-        k = min(k, len(other))
-        rows.append(same[order[:max_k]])
-        chance.append(same.mean())
-    if not rows or k == 0:
-        raise ValueError("no query has gallery images of other identities")
-    hits = np.stack([r[:k] for r in rows]).astype(np.float64)
-    share = (np.cumsum(hits, axis=1) / np.arange(1, k + 1)).mean(axis=0)
-    return share, float(np.mean(chance))
 
 
 def pair_distance_figure(dist, q_pids, g_pids, q_cams, g_cams, title: str = "", max_k: int = 50):

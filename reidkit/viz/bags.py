@@ -113,11 +113,12 @@ def bag_graph(paths: Sequence[str], kernel, true_cls: Sequence[int], bag_classes
     for i, p in enumerate(paths):
         ax.add_artist(AnnotationBbox(OffsetImage(_thumb(p, thumb), zoom=1.0), pos[i], frameon=True, zorder=2,
                                      bboxprops=dict(edgecolor=colour[int(true_cls[i])], lw=3)))
-        ax.text(*(1.3 * pos[i]), f"$y_{{{i}}}$", ha="center", va="center", fontsize=9)
+        ax.text(*(1.45 * pos[i]), f"$y_{{{i}}}$", ha="center", va="center", fontsize=9, zorder=5,
+                bbox=dict(boxstyle="round,pad=0.15", fc="w", ec="none", alpha=0.9))
     ax.text(0, 0, "$y_i \\in L_b = \\{" + ", ".join(map(str, bag_classes)) + "\\}$", ha="center", va="center",
             fontsize=10, bbox=dict(boxstyle="round", fc="w", ec="grey"))
-    ax.set_xlim(-1.5, 1.5)
-    ax.set_ylim(-1.5, 1.5)
+    ax.set_xlim(-1.65, 1.65)
+    ax.set_ylim(-1.65, 1.65)
     ax.set_aspect("equal")
     ax.axis("off")
     ax.set_title(title or "one bag: edges = appearance kernel $k_{ij}$", fontsize=10)

@@ -118,16 +118,21 @@ def curves(history: Sequence[dict], keys: Sequence[str], xkey: str = "epoch", ti
 
 
 def cmc_figure(cmcs: dict, max_rank: int = 20):
-    """CMC curves (rank-k accuracy against k) of several models."""
+    """CMC curves (rank-k accuracy against k) of several models; a model's re-ranked curve
+    (named ``<model> + re-rank``) is drawn dashed in the model's colour, the legend beside the plot."""
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(4.5, 3.2))
+    fig, ax = plt.subplots(figsize=(7.0, 3.4))
+    colours = {}
     for name, cmc in cmcs.items():
         cmc = np.asarray(cmc)[:max_rank]
-        ax.plot(np.arange(1, len(cmc) + 1), 100 * cmc, marker=".", label=name)
+        base = name[: -len(" + re-rank")] if name.endswith(" + re-rank") else name
+        line, = ax.plot(np.arange(1, len(cmc) + 1), 100 * cmc, marker=".", label=name, color=colours.get(base),
+                        ls="--" if base != name else "-")
+        colours.setdefault(base, line.get_color())
     ax.set_xlabel("rank k")
     ax.set_ylabel("matching rate (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     fig.tight_layout()
     return fig
