@@ -86,6 +86,251 @@ def _cmd_report(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------------------------
+# evaluate / extract: any checkpoint reidkit.models.load_released recognises
+
+
+class _UserError(Exception):
+    """A mistake in the command line or its inputs: one line on stderr, exit status 2."""
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    return " ".join(str(msg).split()) or type(exc).__name__
+
+
+def _open_weights_and_data(args):
+    """(model, test_feature, dataset, device) for evaluate / extract; user errors -> _UserError."""
+    from reidkit.data.datasets import LayoutError, load_dataset
+    from reidkit.utils import resolve_device
+    from reidkit.weights import CheckpointError, load_released
+
+    try:
+        dev = resolve_device(args.device)
+    except (RuntimeError, ValueError) as exc:
+        raise _UserError(f"bad --device {args.device!r}: {_one_line(exc)}") from exc
+    import torch
+
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise _UserError(f"--device {args.device}: CUDA is not available on this machine")
+    try:
+        kwargs = {"load_train": False} if args.dataset.lower() in ("sysu30k", "sysu") and args.split != "train" else {}
+        ds = load_dataset(args.dataset, args.data_root, **kwargs)
+    except (LayoutError, KeyError, FileNotFoundError, NotADirectoryError, ValueError) as exc:
+        raise _UserError(_one_line(exc)) from exc
+    try:
+        model, feature = load_released(args.weights, device=dev)
+    except (FileNotFoundError, CheckpointError) as exc:
+        raise _UserError(_one_line(exc)) from exc
+    return model, feature, ds, dev
+
+
+def _show_progress() -> bool:
+    """Progress bars for the long kernels: on a terminal, or forced by REIDKIT_PROGRESS=1 / 0."""
+    import os
+
+    flag = os.environ.get("REIDKIT_PROGRESS")
+    return flag == "1" if flag in ("0", "1") else sys.stderr.isatty()
+
+
+def _released_features(model, feature, records, dev, batch_size: int, desc: str, out=None, meta=None):
+    """The checkpoint's test feature of ``records`` (its authors' transform, flip and forward)."""
+    from reidkit.data.transforms import ImageDataset
+    from reidkit.features import extract_features
+
+    data = ImageDataset(records, feature.transform())
+    return extract_features(model, data, device=dev, flip=feature.flip, amp=False, batch_size=batch_size,
+                            forward_fn=feature.raw, desc=desc, out=out, meta=meta)
+
+
+def _market_protocol(model, feature, ds, dev, args, prof) -> dict:
+    """CMC / mAP / mINP (reidkit.evaluation.evaluate_rank), optionally after k-reciprocal re-ranking."""
+    import numpy as np
+
+    from reidkit.evaluation import evaluate_rank, pairwise_distance, re_ranking
+
+    if not ds.query or not ds.gallery:
+        raise _UserError(f"dataset {ds.name!r} has no query or no gallery split to evaluate on")
+    qf = _released_features(model, feature, ds.query, dev, args.batch_size, "query features")
+    gf = _released_features(model, feature, ds.gallery, dev, args.batch_size, "gallery features")
+    dist = pairwise_distance(qf, gf, device=dev)
+    if args.rerank:
+        e = prof.eval
+        dist = re_ranking(dist, pairwise_distance(qf, qf, device=dev), pairwise_distance(gf, gf, device=dev),
+                          k1=e.rerank_k1, k2=e.rerank_k2, lambda_value=e.rerank_lambda,
+                          device="auto" if args.device in (None, "auto") else dev)  # auto: sized to free GPU memory
+    res = evaluate_rank(np.asarray(dist), [r.pid for r in ds.query], [r.pid for r in ds.gallery],
+                        [r.camid for r in ds.query], [r.camid for r in ds.gallery],
+                        max_rank=min(prof.eval.max_rank, len(ds.gallery)), device=dev,
+                        show_progress=_show_progress())
+    cmc = [float(v) for v in res["cmc"]]
+    return {"rank1": cmc[0], "rank5": cmc[min(4, len(cmc) - 1)], "rank10": cmc[min(9, len(cmc) - 1)],
+            "mAP": float(res["mAP"]), "mINP": float(res["mINP"]), "cmc": cmc,
+            "num_query": len(ds.query), "num_gallery": len(ds.gallery)}
+
+
+def _sysu_protocol(model, feature, ds, dev, args) -> dict:
+    """The SYSU-30k protocol with the gallery features streamed (reidkit.evaluation.sysu30k_evaluate)."""
+    import numpy as np
+
+    from reidkit.data.transforms import ImageDataset
+    from reidkit.evaluation import sysu30k_evaluate
+    from reidkit.features import iter_features
+
+    if not ds.query or not ds.gallery:
+        raise _UserError(f"dataset {ds.name!r} has no query or no gallery split to evaluate on")
+    qf = _released_features(model, feature, ds.query, dev, args.batch_size, "query features")
+    g_labels = np.array([r.pid for r in ds.gallery], dtype=np.int64)
+    g_cams = np.array([r.camid for r in ds.gallery], dtype=np.int64)
+    data = ImageDataset(ds.gallery, feature.transform())
+
+    def gallery_chunks():
+        for feats, start in iter_features(model, data, device=dev, flip=feature.flip, amp=False,
+                                          batch_size=args.batch_size, chunk_rows=args.chunk,
+                                          forward_fn=feature.raw, desc="gallery features"):
+            end = start + feats.shape[0]
+            yield feats, g_labels[start:end], g_cams[start:end]
+
+    res = sysu30k_evaluate(qf, np.array([r.pid for r in ds.query]), np.array([r.camid for r in ds.query]),
+                           gallery_chunks, chunk_size=args.chunk, device=dev, show_progress=_show_progress())
+    out = {k: float(res[k]) for k in ("rank1", "rank5", "rank10", "mAP", "mAP_standard") if k in res}
+    out.update(cmc=[float(v) for v in np.asarray(res.get("cmc", []))[:20]],
+               num_query=len(ds.query), num_gallery=len(ds.gallery))
+    return out
+
+
+def _environment(dev) -> dict:
+    import platform
+
+    import torch
+
+    from reidkit import __version__
+
+    env = {"reidkit": __version__, "torch": torch.__version__, "python": platform.python_version(),
+           "device": str(dev)}
+    if dev.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(dev)
+    return env
+
+
+def _eval_profile(args, feature):
+    from reidkit.config import get_profile
+
+    try:
+        return get_profile(args.profile or feature.meta.get("profile") or "workshop")
+    except (KeyError, ValueError) as exc:
+        raise _UserError(_one_line(exc)) from exc
+
+
+def _cmd_evaluate(args) -> int:
+    args.split = "test"
+    try:
+        model, feature, ds, dev = _open_weights_and_data(args)
+        prof = _eval_profile(args, feature)
+        protocol = args.protocol if args.protocol != "auto" else ("sysu30k" if ds.name == "sysu30k" else "market")
+        if protocol == "sysu30k" and args.rerank:
+            raise _UserError("--rerank applies to the Market protocol only, not to the SYSU-30k protocol")
+        metrics = (_sysu_protocol(model, feature, ds, dev, args) if protocol == "sysu30k"
+                   else _market_protocol(model, feature, ds, dev, args, prof))
+    except _UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    result = {"weights": str(args.weights), "layout": feature.layout, "dataset": ds.name, "protocol": protocol,
+              "rerank": bool(args.rerank), "feature": {"dim": feature.dim, "flip": feature.flip,
+                                                       "input_size": list(feature.input_size)},
+              **metrics, "environment": _environment(dev)}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        extra = f" mINP {100 * metrics['mINP']:.1f}" if "mINP" in metrics else ""
+        print(f"{ds.name} ({protocol} protocol{', re-ranked' if args.rerank else ''}), {feature.layout} weights: "
+              f"mAP {100 * metrics['mAP']:.1f}{extra} rank-1 {100 * metrics['rank1']:.1f} "
+              f"rank-5 {100 * metrics['rank5']:.1f} rank-10 {100 * metrics['rank10']:.1f}")
+    return 0
+
+
+def _save_npz(out, feats, records) -> None:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    import numpy as np
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npz", dir=out.parent)
+    os.close(fd)
+    try:
+        np.savez(tmp, features=np.asarray(feats, dtype=np.float32),
+                 pids=np.array([r.pid for r in records], dtype=np.int64),
+                 camids=np.array([r.camid for r in records], dtype=np.int64),
+                 paths=np.array([str(r.path) for r in records]))
+        os.replace(tmp, out)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _cmd_extract(args) -> int:
+    from pathlib import Path
+
+    try:
+        if Path(args.out).suffix not in (".npy", ".npz"):
+            raise _UserError(f"--out {args.out}: use a .npy (features + JSON sidecar) or .npz file name")
+        model, feature, ds, dev = _open_weights_and_data(args)
+        records = list(ds.splits()[args.split])
+        if not records:
+            raise _UserError(f"dataset {ds.name!r} has no {args.split} images")
+    except _UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    desc = f"{args.split} features"
+    if args.out.endswith(".npz"):
+        feats = _released_features(model, feature, records, dev, args.batch_size, desc)
+        _save_npz(args.out, feats, records)
+    else:
+        meta = {"weights": str(args.weights), "layout": feature.layout, "dataset": ds.name, "split": args.split,
+                "pids": [int(r.pid) for r in records], "camids": [int(r.camid) for r in records],
+                "paths": [str(r.path) for r in records]}
+        feats = _released_features(model, feature, records, dev, args.batch_size, desc, out=args.out, meta=meta)
+    print(f"{len(records)} x {feats.shape[1]} {feature.layout} features of {ds.name} {args.split} -> {args.out}")
+    return 0
+
+
+def _add_weights_args(p) -> None:
+    p.add_argument("--weights", "-w", required=True,
+                   help="checkpoint: the kit's model_best.pt / checkpoint.pt, HHCL / Cluster-Contrast "
+                        "model_best.pth.tar or SYSU-30k net_6.pth")
+    p.add_argument("--dataset", "-d", required=True, help="market1501 | dukemtmcreid | msmt17 | mars | "
+                   "mini-mars | sysu30k | folder")
+    p.add_argument("--data-root", default=None, help="dataset folder (omit for the embedded mini-mars sample)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    p.add_argument("--batch-size", type=int, default=64)
+
+
+def _add_eval_parsers(sub) -> None:
+    p = sub.add_parser("evaluate", help="score a checkpoint: Market protocol, or SYSU-30k's (streamed)",
+                       epilog="example: reidkit evaluate --weights runs/x/model_best.pt --dataset mini-mars --json")
+    _add_weights_args(p)
+    p.add_argument("--rerank", action="store_true", help="k-reciprocal re-ranking (the profile's eval settings)")
+    p.add_argument("--json", action="store_true", help="print the metrics and the environment as JSON")
+    p.add_argument("--protocol", choices=["auto", "market", "sysu30k"], default="auto",
+                   help="auto: SYSU-30k's for the sysu30k dataset, the Market protocol otherwise")
+    p.add_argument("--profile", default=None, help="profile for the eval settings (default: the checkpoint's)")
+    p.add_argument("--chunk", type=int, default=8192, help="gallery rows per streamed chunk (SYSU-30k protocol)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("extract", help="write a checkpoint's test features of one split to .npy / .npz",
+                       epilog="example: reidkit extract --weights net_6.pth --dataset sysu30k --data-root "
+                              "/data/SYSU-30k --split query --out query.npz")
+    _add_weights_args(p)
+    p.add_argument("--split", "-s", required=True, choices=["train", "query", "gallery"])
+    p.add_argument("--out", "-o", required=True,
+                   help=".npz (features, pids, camids, paths) or .npy (features; labels in the .json sidecar)")
+    p.set_defaults(func=_cmd_extract)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from reidkit import __version__
 
@@ -149,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="(re)write report.md of a run folder")
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_report)
+
+    _add_eval_parsers(sub)
     return parser
 
 

@@ -606,3 +606,6 @@ def build_model(arch: str = "resnet50", pooling: str = "avg", pretrained: Any = 
     model = ReIDNet(arch, pooling=pooling, num_classes=num_classes, last_stride=last_stride)
     load_pretrained(model, pretrained)
     return model.to(resolve_device(device))
+
+
+from reidkit.weights import CheckpointError, load_released  # noqa: E402,F401  (released checkpoints)
