@@ -48,7 +48,6 @@ __all__ = [
     "greedy_balanced_assignment",
     "exact_balanced_assignment",
     "assignment_cost",
-    "sysu_bag_ids",
 ]
 
 
@@ -80,24 +79,6 @@ def bag_label_vectors(labels, bagid: int, batchid: int, batchimage: int, num_cla
     nbags = batchid // bagid
     per_slot = onehot.reshape(nbags, bagid, batchimage, num_classes).sum(1) / bagid
     return per_slot.unsqueeze(1).expand(nbags, bagid, batchimage, num_classes).reshape(n, num_classes)
-
-
-def sysu_bag_ids(center: int, mode: int, num_classes: int, unique: bool = True) -> list[int]:
-    """Ids of a SYSU-30k-style bag of adjacent classes (the unary-only sampler, spec §1.3).
-
-    ``mode`` 0, 1, 2 gives 1, 3, 5 adjacent class indices ``center-mode .. center+mode``. Indices
-    are clamped to ``[0, num_classes-1]``, so a bag at the boundary has fewer distinct ids.
-
-    ``unique=True`` (default) returns the bag's id *set*, ascending (the bag label).
-    ``unique=False`` returns the ``2*mode+1`` sampler slots, with clamped duplicates kept (e.g. the
-    reference draws two slots of 5 images from class 0 for ``center=0, mode=1``).
-    """
-    if mode not in (0, 1, 2):
-        raise ValueError(f"mode must be 0, 1 or 2, got {mode}")
-    if not 0 <= center < num_classes:
-        raise ValueError(f"center {center} outside [0, {num_classes})")
-    slots = [min(max(center + d, 0), num_classes - 1) for d in range(-mode, mode + 1)]
-    return sorted(set(slots)) if unique else slots
 
 
 @torch.no_grad()

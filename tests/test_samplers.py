@@ -14,8 +14,8 @@ from reidkit.data.samplers import (
     CameraAwarePKSampler,
     ConsecutiveBagSampler,
     PKBagSampler,
-    consecutive_bag_classes,
 )
+from reidkit.data.sysu import bag_slots
 
 
 def chunks(sampler: CameraAwarePKSampler, stream: list[int]) -> list[list[int]]:
@@ -225,14 +225,13 @@ def test_pk_bag_matches_weak_bag_labels():
 # ---------------------------------------------------------------------------------------------
 # ConsecutiveBagSampler
 
-@pytest.mark.parametrize("center,mode,expected", [
-    (5, 0, [5]), (5, 1, [4, 5, 6]), (5, 2, [3, 4, 5, 6, 7]),
-    (0, 1, [0, 0, 1]), (0, 2, [0, 0, 0, 1, 2]), (1, 2, [0, 0, 1, 2, 3]),
-    (9, 1, [8, 9, 9]), (9, 2, [7, 8, 9, 9, 9]), (8, 2, [6, 7, 8, 9, 9]),
-])
-def test_consecutive_bag_classes_clamps(center, mode, expected):
-    assert consecutive_bag_classes(center, mode, 10) == expected
-    assert weak.sysu_bag_ids(center, mode, 10, unique=False) == expected  # the two modules agree
+def test_consecutive_bag_sampler_uses_the_bag_rule():
+    # the sampler's bag classes are reidkit.data.sysu.bag_slots (its tests pin the rule itself)
+    s = ConsecutiveBagSampler(np.repeat(np.arange(10), 15), batch_size=45, bags_per_batch=3)
+    for center in range(10):
+        for mode in (0, 1, 2):
+            assert s.bag_classes(center, mode) == bag_slots(center, mode, 10)
+    assert s.bag_classes(0, 2) == [0, 0, 0, 1, 2] and s.bag_classes(9, 1) == [8, 9, 9]
 
 
 def test_consecutive_bag_sampler_modes_cycle():
@@ -251,7 +250,7 @@ def test_consecutive_bag_sampler_modes_cycle():
             assert all(len(set(slot)) == 1 for slot in slots)
             slot_classes = [slot[0] for slot in slots]
             center = slot_classes[mode]
-            assert slot_classes == consecutive_bag_classes(center, mode, C)
+            assert slot_classes == bag_slots(center, mode, C)
             centers.append(center)
             if mode == 0:
                 assert len(set(batch[j * 15:(j + 1) * 15])) == 15  # 20 images >= 15: no replacement
@@ -267,7 +266,7 @@ def test_consecutive_bag_sampler_clamps_at_boundaries():
         counts = Counter(bag2)
         assert set(counts) == {0, 1, 2}
         center = bag2[6]
-        assert [bag2[k] for k in range(0, 15, 3)] == consecutive_bag_classes(center, 2, 3)
+        assert [bag2[k] for k in range(0, 15, 3)] == bag_slots(center, 2, 3)
 
 
 def test_consecutive_bag_sampler_rejects_misaligned_batch():

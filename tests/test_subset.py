@@ -336,7 +336,7 @@ def test_laptop_profile_values():
 
 
 FAST = ["data.height=128", "data.width=64", "data.test_batch_size=64", "hhcl.epochs=1", "hhcl.iters=2",
-        "hhcl.eval_step=1", "dgl.height=128", "dgl.width=64", "dgl.epochs=1", "dgl.milestones=[1]",
+        "hhcl.eval_step=1", "dgl.epochs=1", "dgl.milestones=[1]",
         "dgl.uo_epochs=1", "dgl.uo_height=128", "dgl.uo_width=64"]
 
 

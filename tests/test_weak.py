@@ -118,27 +118,6 @@ def test_pseudo_labels_from_bags():
         assert pseudo[i].item() == ids[logits[i, ids].argmax()].item()
 
 
-@pytest.mark.parametrize("center,mode,C,expected,slots", [
-    (5, 0, 10, [5], [5]),
-    (5, 1, 10, [4, 5, 6], [4, 5, 6]),
-    (5, 2, 10, [3, 4, 5, 6, 7], [3, 4, 5, 6, 7]),
-    (0, 1, 10, [0, 1], [0, 0, 1]),
-    (1, 2, 10, [0, 1, 2, 3], [0, 0, 1, 2, 3]),
-    (9, 2, 10, [7, 8, 9], [7, 8, 9, 9, 9]),
-    (0, 2, 1, [0], [0, 0, 0, 0, 0]),
-])
-def test_sysu_bag_ids(center, mode, C, expected, slots):
-    assert weak.sysu_bag_ids(center, mode, C) == expected
-    assert weak.sysu_bag_ids(center, mode, C, unique=False) == slots
-
-
-def test_sysu_bag_ids_invalid():
-    with pytest.raises(ValueError):
-        weak.sysu_bag_ids(3, 3, 10)
-    with pytest.raises(ValueError):
-        weak.sysu_bag_ids(10, 0, 10)
-
-
 # ------------------------------------------------------------------------------- loss semantics
 def _loop_graph_loss(logits, bag, g, sigma, w):
     """Entry-by-entry float64 reading of the pairwise definition."""

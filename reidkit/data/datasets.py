@@ -20,6 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
+from reidkit.data import sysu
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
@@ -508,26 +510,15 @@ def sysu_train_folders(train_dir: str | Path) -> list[str]:
     return sorted(e.name for e in os.scandir(train_dir) if e.is_dir() and not e.name.startswith("."))
 
 
-SYSU_BAG_MODES = (0, 1, 2)  # bags of 1, 3 and 5 adjacent folders
-
-
-def sysu_bag_id(folder_number: int, mode: int) -> str:
-    """Id of the bag around folder ``folder_number`` in ``mode`` (0, 1, 2 -> 1, 3, 5 folders):
-    ``bag`` + 10 digits of ``3 * folder + mode``, which reproduces the maintainers' example
-    (folder 3: bag0000000009 = [3], bag0000000010 = [2, 3, 4], bag0000000011 = [1..5])."""
-    return f"bag{3 * folder_number + mode:010d}"
-
-
 def sysu_consecutive_bags(folders: Sequence[str]) -> Iterator[Bag]:
-    """Bags by the consecutive-folder rule: around every folder f, bags of 1, 3 and 5 adjacent
-    folders (f; f-1..f+1; f-2..f+2) of the sorted list, clipped at the ends (a boundary bag has
-    fewer folders). A folder's label is its integer name; see ``sysu_bag_id`` for the bag ids."""
+    """Every bag of the folder list, by the bag rule of :mod:`reidkit.data.sysu`: around each
+    folder (sorted by number) the bags of 1, 3 and 5 adjacent folders, with the maintainers' bag
+    ids. A folder's label is its integer name; a boundary bag has fewer folders."""
     folders = sorted(folders, key=int)
-    n = len(folders)
     for i, center in enumerate(folders):
-        for mode in SYSU_BAG_MODES:
-            sel = folders[max(0, i - mode):min(n, i + mode + 1)]
-            yield Bag(sysu_bag_id(int(center), mode), tuple(int(f) for f in sel), tuple(sel))
+        for mode in sysu.BAG_MODES:
+            sel = [folders[j] for j in sysu.bag_members(i, mode, len(folders))]
+            yield Bag(sysu.bag_id(int(center), mode), tuple(int(f) for f in sel), tuple(sel))
 
 
 def _bag_image_folder(entry: str) -> str:
@@ -595,8 +586,9 @@ def iter_sysu_train(train_dir: str | Path, train_list: str | Path | None = None)
 
 class SysuBag(NamedTuple):
     """One bag drawn by :func:`iter_sysu_bags`: its index in the bag stream (``3 * folder ordinal +
-    mode``), its id (``bag`` + 10 digits, as :func:`sysu_bag_id`), its label set (folder numbers,
-    ascending) and the images drawn for it (in slot order)."""
+    mode``, :func:`reidkit.data.sysu.bag_index`), its id (``bag`` + 10 digits,
+    :func:`reidkit.data.sysu.bag_id`), its label set (folder numbers, ascending) and the images
+    drawn for it (in slot order)."""
 
     index: int
     bag_id: str
@@ -634,7 +626,7 @@ def _sysu_folder_groups(records: Iterable[Record], where: str) -> Iterator[tuple
 
 def iter_sysu_bags(train_dir: str | Path, train_list: str | Path | None = None, bag_size: int = 15,
                    seed: int = 0, shard: int = 0, num_shards: int = 1, shuffle_buffer: int = 0,
-                   max_bags: int | None = None, modes: Sequence[int] = SYSU_BAG_MODES) -> Iterator[SysuBag]:
+                   max_bags: int | None = None, modes: Sequence[int] = sysu.BAG_MODES) -> Iterator[SysuBag]:
     """Stream SYSU-30k training bags by the consecutive-folder rule, in bounded memory.
 
     The images come from :func:`iter_sysu_train` (``meta/train.txt`` line by line, or the folder
@@ -661,20 +653,22 @@ def iter_sysu_bags(train_dir: str | Path, train_list: str | Path | None = None, 
         raise ValueError(f"bag_size must be >= 1, got {bag_size}")
     if not 0 <= shard < num_shards:
         raise ValueError(f"shard {shard} outside 0..{num_shards - 1}")
-    if any(m not in SYSU_BAG_MODES for m in modes):
-        raise ValueError(f"modes must be among {SYSU_BAG_MODES}, got {tuple(modes)}")
+    if any(m not in sysu.BAG_MODES for m in modes):
+        raise ValueError(f"modes must be among {sysu.BAG_MODES}, got {tuple(modes)}")
     where = str(train_list or train_dir)
     groups = _sysu_folder_groups(iter_sysu_train(train_dir, train_list), where)
     window: deque = deque(maxlen=5)  # (ordinal, folder number, records)
 
     def bags_around(center: int, last: int | None) -> Iterator[SysuBag]:
         by_ord = {o: (f, recs) for o, f, recs in window}
+        # folders past ``center + 2`` are not read yet: until the last folder is known, the folder
+        # count only has to cover the bag's right end (nothing is clamped there)
+        count = last + 1 if last is not None else center + max(modes, default=0) + 1
         for mode in modes:
-            k = 3 * center + mode
+            k = sysu.bag_index(center, mode)
             if k % num_shards != shard:
                 continue
-            hi = last if last is not None else center + mode
-            slots = [min(max(center + d, 0), hi) for d in range(-mode, mode + 1)]
+            slots = sysu.bag_slots(center, mode, count)
             rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, k])
             base, extra = divmod(bag_size, len(slots))
             recs: list[Record] = []
@@ -685,7 +679,7 @@ def iter_sysu_bags(train_dir: str | Path, train_list: str | Path | None = None, 
                 recs.extend(pool[int(t)] for t in pick)
             folder = by_ord[center][0]
             labels = tuple(sorted({by_ord[o][0] for o in slots}))
-            yield SysuBag(k, sysu_bag_id(folder, mode), labels, tuple(recs))
+            yield SysuBag(k, sysu.bag_id(folder, mode), labels, tuple(recs))
 
     def ordered() -> Iterator[SysuBag]:
         ordinal = -1

@@ -24,6 +24,8 @@ from typing import Iterator, Sequence
 import numpy as np
 from torch.utils.data import Sampler
 
+from reidkit.data.sysu import bag_slots
+
 
 class _SeededSampler:
     def __init__(self, seed: int):
@@ -122,13 +124,6 @@ class PKBagSampler(_SeededSampler, Sampler[list[int]]):
         return np.arange(self.batch_size) // (self.ids_per_bag * self.images_per_id)
 
 
-def consecutive_bag_classes(center: int, mode: int, num_classes: int) -> list[int]:
-    """Classes of a bag around ``center``: mode 0 -> [k]; 1 -> k-1..k+1; 2 -> k-2..k+2, clamped to
-    0..num_classes-1 (a boundary bag repeats the end class, so it holds fewer distinct ids)."""
-    half = {0: 0, 1: 1, 2: 2}[mode]
-    return [min(max(c, 0), num_classes - 1) for c in range(center - half, center + half + 1)]
-
-
 class ConsecutiveBagSampler(_SeededSampler, Sampler[list[int]]):
     """The unary-only / SYSU-30k bag rule: each batch holds ``bags_per_batch`` bags of
     ``batch_size // bags_per_batch`` images; bag j is built around class t[j] of a random
@@ -164,7 +159,9 @@ class ConsecutiveBagSampler(_SeededSampler, Sampler[list[int]]):
         return self.batches_per_epoch
 
     def bag_classes(self, center: int, mode: int) -> list[int]:
-        return consecutive_bag_classes(center, mode, self.num_classes)
+        """The class of each image slot of the bag around class ``center`` in ``mode``
+        (:func:`reidkit.data.sysu.bag_slots`: clamped at the ends, duplicates kept)."""
+        return bag_slots(center, mode, self.num_classes)
 
     def __iter__(self) -> Iterator[list[int]]:
         for _ in range(len(self)):
