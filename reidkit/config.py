@@ -90,8 +90,9 @@ class DGLConfig:
     """The full DGL model (unary + pairwise + weak triplet) and the unary-only variant."""
 
     variant: str = "full"             # full | unary_only
-    height: int = 384
-    width: int = 128
+    # input (height, width) of the full model / supervised baseline; None: the data section's
+    # height x width (see dgl_input_size). Set only where DGL's input differs from the data's
+    input_size: tuple[int, int] | None = None
     ids_per_bag: int = 2              # bagid
     ids_per_batch: int = 16           # batchid
     images_per_id: int = 4            # batchimage
@@ -104,10 +105,10 @@ class DGLConfig:
     lr: float = 2e-4
     weight_decay: float = 5e-4
     amsgrad: bool = True
+    amp: bool = False                 # the reference trains in fp32; True: bf16 autocast where native
     epochs: int = 300
     milestones: tuple[int, ...] = (250, 290)
     gamma: float = 0.1
-    erasing_fill: tuple[float, float, float] = (0.0, 0.0, 0.0)
     # unary-only variant (UO/train_weak.py)
     uo_batch_size: int = 180
     uo_bags_per_batch: int = 12
@@ -118,6 +119,11 @@ class DGLConfig:
     uo_height: int = 192              # UO/train_weak.py trains on 192x96 crops (resize 224x112 + crop)
     uo_width: int = 96
     uo_color_jitter: float = 0.1      # the reference README's --color_jitter
+
+
+#: DGL's random-erasing fill: both references erase with 0 (spec dgl §3.2, §3.3), whatever the
+#: profile; ``data.erasing_fill`` is HHCL's constant fill (spec hhcl §1.4)
+DGL_ERASING_FILL: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,8 @@ class Profile:
 
 
 _HHCL_MARKET = HHCLConfig()
+# DGL under the HHCL paper profiles: MGN's 384x128 input (spec dgl §3.1); their data section is HHCL's 256x128
+_DGL_MGN_INPUT = DGLConfig(input_size=(384, 128))
 
 # the laptop profile's budgets. Measured on a Market-layout tree of the size of a 150-identity
 # Market subset (2,550 train, 750 query, 3,110 gallery images), one thread, as CPU seconds: one
@@ -171,7 +179,7 @@ PROFILES: dict[str, Profile] = {
         cluster=ClusterConfig(k1=20, k2=6, eps=0.6, min_samples=4),
         hhcl=dataclasses.replace(_HHCL_MARKET, epochs=1, iters=2, batch_size=32, num_instances=4,
                                  eval_step=1, ghost_bn=None, amp=True),
-        dgl=DGLConfig(height=128, width=64, ids_per_batch=8, images_per_id=4, epochs=1,
+        dgl=DGLConfig(ids_per_batch=8, images_per_id=4, epochs=1,
                       milestones=(1,), uo_epochs=1, uo_batch_size=60, uo_bags_per_batch=4,
                       uo_height=128, uo_width=64),
         expected="CPU, under a minute",
@@ -184,7 +192,7 @@ PROFILES: dict[str, Profile] = {
         cluster=ClusterConfig(k1=20, k2=6, eps=0.6, min_samples=4),
         hhcl=dataclasses.replace(_HHCL_MARKET, epochs=6, iters=20, batch_size=32, num_instances=8,
                                  step_size=4, eval_step=2, ghost_bn=None, amp=True),
-        dgl=DGLConfig(height=256, width=128, ids_per_batch=8, images_per_id=4, epochs=8,
+        dgl=DGLConfig(ids_per_batch=8, images_per_id=4, epochs=8,
                       milestones=(6,), uo_epochs=4, uo_batch_size=60, uo_bags_per_batch=4),
         expected="2 CPU cores, about 10 minutes for all notebooks",
     ),
@@ -198,7 +206,7 @@ PROFILES: dict[str, Profile] = {
         cluster=ClusterConfig(k1=20, k2=6, eps=0.6, min_samples=4),
         hhcl=dataclasses.replace(_HHCL_MARKET, epochs=LAPTOP_HHCL_EPOCHS, iters=LAPTOP_HHCL_ITERS, batch_size=32,
                                  num_instances=8, step_size=3, eval_step=2, ghost_bn=None, amp=True),
-        dgl=DGLConfig(height=256, width=128, ids_per_batch=8, images_per_id=4, epochs=LAPTOP_DGL_EPOCHS,
+        dgl=DGLConfig(ids_per_batch=8, images_per_id=4, epochs=LAPTOP_DGL_EPOCHS,
                       milestones=(LAPTOP_DGL_EPOCHS - 1,), uo_epochs=LAPTOP_DGL_UO_EPOCHS, uo_batch_size=60,
                       uo_bags_per_batch=4),
         expected="2 CPU cores, about 40-45 minutes for all notebooks on a 150-identity Market subset",
@@ -209,6 +217,7 @@ PROFILES: dict[str, Profile] = {
         data=DataConfig(dataset="market1501"),
         cluster=ClusterConfig(eps=0.45),
         hhcl=_HHCL_MARKET,
+        dgl=_DGL_MGN_INPUT,
         paper={"mAP": 84.2, "rank1": 93.4, "rank5": 97.7, "rank10": 98.5,
                "source": "HHCL README / paperswithcode (4 GPUs, no re-ranking)"},
         expected="1 GPU with >= 40 GB (fp32, bs 256) or 4 x 12 GB; about 2 h on 4 x 2080Ti",
@@ -219,6 +228,7 @@ PROFILES: dict[str, Profile] = {
         data=DataConfig(dataset="dukemtmcreid"),
         cluster=ClusterConfig(eps=0.6),
         hhcl=_HHCL_MARKET,
+        dgl=_DGL_MGN_INPUT,
         paper={"mAP": 73.3, "rank1": 85.1, "rank5": 92.4, "rank10": 94.6,
                "source": "HHCL README / paperswithcode"},
         expected="as market1501, about 20% longer",
@@ -229,6 +239,7 @@ PROFILES: dict[str, Profile] = {
         data=DataConfig(dataset="msmt17"),
         cluster=ClusterConfig(eps=0.7),
         hhcl=dataclasses.replace(_HHCL_MARKET, iters=300),
+        dgl=_DGL_MGN_INPUT,
         paper={"mAP": 31.8, "rank1": 58.9, "rank5": 71.3, "rank10": 75.8,
                "source": "author, HHCL issue #7 (not in the paper)"},
         expected="1 GPU with >= 40 GB; the Jaccard step needs < 3 GB host RAM here (the reference 9-13 GB)",
@@ -254,6 +265,14 @@ def get_profile(name: str | Profile | None = None) -> Profile:
     if key not in PROFILES:
         raise KeyError(f"unknown profile {name!r}; known: {', '.join(PROFILES)}")
     return PROFILES[key]
+
+
+def dgl_input_size(profile: str | Profile) -> tuple[int, int]:
+    """(height, width) of DGL's full model and supervised baseline: ``dgl.input_size`` where the
+    profile sets one, else the data section's ``height x width`` (the one home of the input size)."""
+    prof = get_profile(profile)
+    size = prof.dgl.input_size
+    return (int(size[0]), int(size[1])) if size else (prof.data.height, prof.data.width)
 
 
 def list_profiles() -> list[str]:

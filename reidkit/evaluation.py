@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from reidkit.utils import progress, resolve_device
+from reidkit.utils import exact_fp32_matmul, progress, resolve_device
 
 __all__ = ["evaluate_rank", "sysu30k_evaluate", "pairwise_distance", "re_ranking"]
 
@@ -721,7 +721,8 @@ def sysu30k_evaluate(
         g = torch.as_tensor(_to_numpy(feats) if not _is_tensor(feats) else feats)
         g = g.to(device=dev, dtype=torch.float32)
         q = qf if rows is None else qf[torch.as_tensor(rows, device=dev)]
-        return q @ g.T
+        with exact_fp32_matmul():  # ranking scores: no TF32 / bf16 matmul a caller may have enabled
+            return q @ g.T
 
     def mask_junk(s: Any, neg1: np.ndarray, junk: tuple[np.ndarray, np.ndarray]) -> None:
         if len(neg1):
@@ -903,12 +904,13 @@ def pairwise_distance(
     yt = yt.to(device=dev, dtype=torch.float32)
     yy = yt.pow(2).sum(dim=1, keepdim=True).t()
     out = torch.empty((xt.shape[0], yt.shape[0]), dtype=torch.float32)
-    for s in range(0, xt.shape[0], chunk_size):
-        xc = xt[s : s + chunk_size].to(device=dev, dtype=torch.float32)
-        xx = xc.pow(2).sum(dim=1, keepdim=True)
-        d = xx.expand(-1, yt.shape[0]) + yy.expand(xc.shape[0], -1)
-        d.addmm_(xc, yt.t(), beta=1, alpha=-2)
-        out[s : s + chunk_size] = d.cpu()
+    with exact_fp32_matmul():  # exact float32 products whatever TF32 setting the caller made
+        for s in range(0, xt.shape[0], chunk_size):
+            xc = xt[s : s + chunk_size].to(device=dev, dtype=torch.float32)
+            xx = xc.pow(2).sum(dim=1, keepdim=True)
+            d = xx.expand(-1, yt.shape[0]) + yy.expand(xc.shape[0], -1)
+            d.addmm_(xc, yt.t(), beta=1, alpha=-2)
+            out[s : s + chunk_size] = d.cpu()
     return out.numpy() if as_numpy else out
 
 

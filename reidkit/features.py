@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
-from reidkit.utils import atomic_write_json, progress, resolve_device
+from reidkit.utils import atomic_write_json, bf16_native, progress, resolve_device
 
 __all__ = ["extract_features", "iter_features", "batch_images", "resolve_amp", "sidecar_path",
            "read_sidecar", "DEFAULT_CHUNK_ROWS"]
@@ -60,7 +60,8 @@ def batch_images(batch: Any) -> torch.Tensor:
 
 
 def resolve_amp(amp: Any, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype: "auto" -> bf16 (fp16 on GPUs without bf16) on CUDA, off elsewhere;
+    """Autocast dtype: "auto" -> bf16 on CUDA where native (compute capability >= 8; fp16 on GPUs
+    that would only emulate bf16: T4, V100, P100), off elsewhere;
     True -> the same choice on any device; "bf16"/"fp16"/a dtype -> that; False/None -> off."""
     if amp is None or amp is False or (isinstance(amp, str) and amp.lower() in {"off", "none", "false", "fp32"}):
         return None
@@ -71,7 +72,7 @@ def resolve_amp(amp: Any, device: torch.device) -> torch.dtype | None:
             return None
         amp = True
     if amp is True:
-        if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and not bf16_native(device):
             return torch.float16
         return torch.bfloat16
     key = str(amp).lower()

@@ -62,7 +62,7 @@ import numpy as np
 import scipy.sparse as sp
 import torch
 
-from .utils import progress, resolve_device
+from .utils import exact_fp32_matmul, progress, resolve_device
 
 __all__ = [
     "KNNResult",
@@ -160,12 +160,8 @@ def _full_fp32_matmul():
 
     A kNN is a ranking: with TF32 (10-bit mantissa) the order of close neighbours would change.
     """
-    prev = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision("highest")
-    try:
+    with exact_fp32_matmul():  # legacy or per-backend precision API, whichever the caller used
         yield
-    finally:
-        torch.set_float32_matmul_precision(prev)
 
 
 def _default_block(device: torch.device, n: int) -> int:
@@ -235,15 +231,38 @@ def _torch_knn_rows(x: torch.Tensor, q: torch.Tensor, k: int, block: int) -> tup
     return torch.cat(out_i), torch.cat(out_d)
 
 
+#: faiss-gpu's largest k of a flat-index search (k-selection in registers); above it, torch is used
+FAISS_GPU_MAX_K = 2048
+
+_GPU_RESOURCES: dict[int, Any] = {}  # one StandardGpuResources (its ~1.5 GiB scratch) per device
+_FALLBACK_WARNED: set[str] = set()
+
+
+def _gpu_resources(faiss, device_index: int):
+    """The cached ``StandardGpuResources`` of a device: created once per process, not per call."""
+    res = _GPU_RESOURCES.get(device_index)
+    if res is None:
+        res = _GPU_RESOURCES[device_index] = faiss.StandardGpuResources()
+    return res
+
+
+def _warn_fallback_once(reason: str) -> None:
+    if reason not in _FALLBACK_WARNED:
+        _FALLBACK_WARNED.add(reason)
+        log.warning("kNN: %s; using the torch search instead", reason)
+
+
 def _faiss_knn(x: np.ndarray, q: np.ndarray, k: int, device: torch.device) -> tuple[np.ndarray, np.ndarray, str]:
     """Exact L2 kNN with faiss: a GPU flat index when possible, ``IndexFlatL2`` on the CPU otherwise."""
     faiss = _faiss()
     assert faiss is not None
     d = x.shape[1]
     if device.type == "cuda" and faiss_gpu_available():
-        res = faiss.StandardGpuResources()
+        dev_index = device.index if device.index is not None else torch.cuda.current_device()
+        torch.cuda.empty_cache()  # hand PyTorch's cached blocks back before faiss allocates
+        res = _gpu_resources(faiss, dev_index)
         cfg = faiss.GpuIndexFlatConfig()
-        cfg.device = device.index if device.index is not None else torch.cuda.current_device()
+        cfg.device = dev_index
         index = faiss.GpuIndexFlatL2(res, d, cfg)
         name = "faiss-gpu"
     else:
@@ -302,7 +321,9 @@ def knn(
     backend : ``"torch"``, ``"faiss"`` or ``"auto"``. Auto picks faiss-gpu on a CUDA device when
         faiss was built with GPU support, torch on any other CUDA device, the symmetric torch search
         for a CPU self-search (it does half the arithmetic of a flat index), and faiss-cpu (when
-        installed) for CPU query searches.
+        installed) for CPU query searches. faiss-gpu keeps one ``StandardGpuResources`` per device;
+        for ``k`` above its limit (:data:`FAISS_GPU_MAX_K`) or on any faiss error (out of GPU memory)
+        the exact torch search runs instead (warned once; ``backend`` of the result says which ran).
     device : ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``...
     block : tile size of the torch search (default: 1024 or 2048 on CPU, 8192 on CUDA).
 
@@ -326,10 +347,19 @@ def knn(
     if backend == "faiss":
         if not faiss_available():
             raise ImportError("backend='faiss' needs faiss-cpu or faiss-gpu")
-        x = _to_float_numpy(features)
-        q = x if self_search else _to_float_numpy(queries)
-        idx, dist, name = _faiss_knn(x, q, k, dev)
-    elif backend == "torch":
+        name = None
+        if dev.type == "cuda" and k > FAISS_GPU_MAX_K:
+            _warn_fallback_once(f"k={k} is above faiss-gpu's limit of {FAISS_GPU_MAX_K}")
+            backend = "torch"
+        else:
+            x = _to_float_numpy(features)
+            q = x if self_search else _to_float_numpy(queries)
+            try:
+                idx, dist, name = _faiss_knn(x, q, k, dev)
+            except Exception as exc:  # out of GPU memory, a broken wheel...: the exact torch search
+                _warn_fallback_once(f"faiss failed ({type(exc).__name__}: {exc})")
+                backend = "torch"
+    if backend == "torch":
         x = _to_float_tensor(features, dev)
         bs = block or _default_block(dev, n)
         with torch.no_grad(), _full_fp32_matmul():
@@ -340,7 +370,7 @@ def knn(
         idx = i_t.cpu().numpy().astype(np.int64, copy=False)
         dist = d_t.cpu().numpy().astype(np.float32, copy=False)
         name = f"torch-{dev.type}"
-    else:
+    elif backend != "faiss":
         raise ValueError(f"unknown backend {backend!r} (use 'auto', 'torch' or 'faiss')")
     np.maximum(dist, 0.0, out=dist)  # rounding can give tiny negatives
     if self_search:
@@ -780,6 +810,32 @@ def _absmax_rows(t: torch.Tensor, dim: int, chunk: int = 1024) -> torch.Tensor:
     return out
 
 
+def _rerank_bytes(nq: int, ng: int) -> int:
+    """Device bytes re-ranking holds: the three input blocks (the gallery x gallery block dominates:
+    27 GB for MSMT17's 82,161 images), the (q, g) output and the working set of the row chunks."""
+    return 4 * (nq * nq + 2 * nq * ng + ng * ng) + 3 * 4 * 16_000_000
+
+
+def _rerank_device(device, nq: int, ng: int, headroom: float = 1.25) -> torch.device:
+    """``device="auto"``: CUDA only when its free memory (``torch.cuda.mem_get_info``, after
+    returning PyTorch's cached blocks) holds what re-ranking needs with some headroom, else the CPU.
+    An explicit device is used as given."""
+    if device is not None and str(device) != "auto":
+        return resolve_device(device)
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    need = _rerank_bytes(nq, ng)
+    try:
+        torch.cuda.empty_cache()
+        free, _total = torch.cuda.mem_get_info()
+    except Exception:
+        return torch.device("cpu")
+    if free >= headroom * need:
+        return torch.device("cuda", torch.cuda.current_device())
+    log.info("re-ranking on the CPU: it needs %.1f GB, the GPU has %.1f GB free", need / 1e9, free / 1e9)
+    return torch.device("cpu")
+
+
 def re_ranking(
     q_g_dist: ArrayLike,
     q_q_dist: ArrayLike,
@@ -814,7 +870,8 @@ def re_ranking(
     q_g_dist, q_q_dist, g_g_dist : squared Euclidean distances (numpy or torch), shapes (q, g),
         (q, q), (g, g).
     k1, k2, lambda_value : re-ranking parameters (torchreid defaults 20, 6, 0.3).
-    device : ``"auto"``, ``"cpu"``, ``"cuda"``...
+    device : ``"auto"``, ``"cpu"``, ``"cuda"``... Auto takes CUDA only when its free memory holds
+        the blocks (:func:`_rerank_device`), else the CPU.
     return_info : also return a dict with device and timings.
     chunk : rows of ``O`` materialised at once (default: about 16M floats).
 
@@ -823,7 +880,7 @@ def re_ranking(
     (q, g) float32 numpy array (and the info dict when ``return_info``).
     """
     t_start = time.perf_counter()
-    dev = resolve_device(device)
+    dev = _rerank_device(device, int(q_g_dist.shape[0]), int(q_g_dist.shape[1]))
     qg = _to_float_tensor(q_g_dist, dev)
     qq = _to_float_tensor(q_q_dist, dev)
     gg = _to_float_tensor(g_g_dist, dev)

@@ -33,7 +33,8 @@ from torch import nn
 
 from reidkit.config import Profile, get_profile
 from reidkit.data.datasets import Record, ReIDDataset
-from reidkit.utils import atomic_torch_save, atomic_write_json, resolve_device, seed_everything, torch_load
+from reidkit.utils import (activate_device, atomic_torch_save, atomic_write_json, bf16_native,
+                           optimizer_steps_to_cpu, resolve_device, seed_everything, torch_load)
 
 SELECTIONS = ("val", "test", "last")
 
@@ -96,9 +97,23 @@ def dist_info() -> tuple[int, int]:
     return 0, 1
 
 
+#: default collective timeout: rank 0 evaluates (an MSMT17 test set takes well over NCCL's default
+#: 10 minutes on a slow GPU) while the other ranks wait at a barrier
+DIST_TIMEOUT_S = 6 * 3600
+
+
+def dist_timeout():
+    """Timeout of the process group: ``$REIDKIT_DIST_TIMEOUT`` seconds, default 6 hours."""
+    import os
+    from datetime import timedelta
+
+    return timedelta(seconds=float(os.environ.get("REIDKIT_DIST_TIMEOUT", DIST_TIMEOUT_S)))
+
+
 def init_distributed(device: Any = "auto"):
     """Join the process group that ``torchrun`` describes in the environment (nccl on CUDA, gloo on
-    CPU); returns the device this rank should use. Without torchrun it does nothing."""
+    CPU, with :func:`dist_timeout`); returns the device this rank should use. Without torchrun it
+    only makes an indexed CUDA device (``--device cuda:1``) the current one."""
     import os
 
     import torch.distributed as dist
@@ -107,10 +122,33 @@ def init_distributed(device: Any = "auto"):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
         local = int(os.environ.get("LOCAL_RANK", "0"))
         if dev.type == "cuda":
-            torch.cuda.set_device(local)
-            dev = torch.device("cuda", local)
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+            dev = activate_device(torch.device("cuda", local))
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=dist_timeout())
+    elif dev.type == "cuda":
+        dev = activate_device(dev)
     return dev
+
+
+def _sync_buffers(model: nn.Module) -> tuple[float, float]:
+    """Give every rank rank 0's buffers (BN running statistics) before the features are extracted:
+    DDP broadcasts buffers only at the start of the next training forward, so after an epoch each
+    rank holds the statistics of its own last batches, and a sharded extraction would cluster
+    features of different models. Returns the spread (max - min over ranks) of a buffer checksum
+    before and after the broadcast (0.0 after: identical buffers)."""
+    import torch.distributed as dist
+
+    def spread() -> float:
+        bufs = [b for b in model.buffers() if b.is_floating_point()]
+        total = torch.zeros((), dtype=torch.float64)
+        for b in bufs:
+            total = total + b.detach().double().sum().cpu()
+        sums = _all_gather_cat(total.reshape(1).to(next(model.parameters()).device))
+        return float(sums.max() - sums.min())
+
+    before = spread()
+    for b in model.buffers():
+        dist.broadcast(b.data, 0)
+    return before, spread()
 
 
 def _all_gather_cat(t: torch.Tensor) -> torch.Tensor:
@@ -194,13 +232,9 @@ def amp_dtype(profile: Profile, device: Any) -> torch.dtype | None:
     where it roughly halves the workshop's training time), else fp32."""
     if not profile.hhcl.amp:
         return None
-    dev = resolve_device(device)
-    if dev.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    try:
-        return torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else None
-    except (AttributeError, RuntimeError):
-        return None
+    # native only: GPUs of compute capability < 8 (T4, V100, P100) emulate bf16 without cuDNN
+    # bf16 convolutions, slower than fp32
+    return torch.bfloat16 if bf16_native(device) else None
 
 
 def extract_records(model: nn.Module, records: Sequence[Record], profile: Profile, device: Any = "auto",
@@ -226,7 +260,7 @@ def evaluate_model(model: nn.Module, query: Sequence[Record], gallery: Sequence[
     dist = pairwise_distance(qf, gf, device=device)
     res = evaluate_rank(np.asarray(dist), np.array([r.pid for r in query]), np.array([r.pid for r in gallery]),
                         np.array([r.camid for r in query]), np.array([r.camid for r in gallery]),
-                        max_rank=min(max_rank, len(gallery)))
+                        max_rank=min(max_rank, len(gallery)), device=device)
     cmc = np.asarray(res["cmc"], dtype=float)
     return {"mAP": float(res["mAP"]), "mINP": float(res["mINP"]),
             "rank1": float(cmc[0]), "rank5": float(cmc[min(4, len(cmc) - 1)]),
@@ -297,7 +331,11 @@ def train_hhcl(profile: str | Profile = "workshop", dataset: ReIDDataset | None 
         raise ValueError(f"selection must be one of {SELECTIONS}")
     cfg = prof.hhcl
     seed = prof.seed if seed is None else int(seed)
+    import torch.distributed as tdist
+
+    owns_group = tdist.is_available() and not tdist.is_initialized()
     dev = init_distributed(device)
+    owns_group = owns_group and tdist.is_available() and tdist.is_initialized()
     rank, world = dist_info()
     if cfg.batch_size % world:
         raise ValueError(f"batch size {cfg.batch_size} does not split over {world} processes")
@@ -332,6 +370,7 @@ def train_hhcl(profile: str | Profile = "workshop", dataset: ReIDDataset | None 
         state = torch_load(ckpt_path, map_location=dev)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        optimizer_steps_to_cpu(opt)  # map_location=dev put Adam's step counters on the GPU
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
         history = json.loads(state["history"])
@@ -347,19 +386,28 @@ def train_hhcl(profile: str | Profile = "workshop", dataset: ReIDDataset | None 
         eseed = _epoch_seed(seed, epoch)
         seed_everything(eseed)
         t_epoch = time.time()
+        sync = {}
+        if world > 1:  # every rank extracts with rank 0's BN statistics
+            before, after = _sync_buffers(model)
+            sync = {"buffer_spread_unsynced": before, "buffer_spread": after}
         feats = _extract_sharded(model, train_recs, prof, dev, f"epoch {epoch} features")
         t_extract = time.time() - t_epoch
-        labels, times = _cluster(feats, prof, dev)
-        if world > 1:  # every rank trains on rank 0's pseudo-labels
+        if world > 1:  # rank 0 clusters (Jaccard + DBSCAN); every rank trains on its pseudo-labels
             import torch.distributed as dist
 
+            if rank == 0:
+                labels, times = _cluster(feats, prof, dev)
+            else:
+                labels, times = np.empty(len(feats), dtype=np.int64), {}
             lab_t = torch.from_numpy(labels.astype(np.int64)).to(dev)
             dist.broadcast(lab_t, 0)
             labels = lab_t.cpu().numpy()
+        else:
+            labels, times = _cluster(feats, prof, dev)
         keep = np.flatnonzero(labels >= 0)
         n_clusters = int(labels.max()) + 1 if len(keep) else 0
         entry = {"epoch": epoch, "clusters": n_clusters, "outliers": int((labels < 0).sum()),
-                 "lr": opt.param_groups[0]["lr"], "t_extract": t_extract, **times}
+                 "lr": opt.param_groups[0]["lr"], "t_extract": t_extract, **times, **sync}
         if n_clusters < 2:
             log(f"epoch {epoch}: {n_clusters} clusters, nothing to train on; skipping the epoch's iterations")
             entry.update(loss=None, t_train=0.0)
@@ -414,6 +462,9 @@ def train_hhcl(profile: str | Profile = "workshop", dataset: ReIDDataset | None 
     test = None
     if finished and best_epoch is not None:
         test = next(h["test"] for h in history if h["epoch"] == best_epoch)
+    if owns_group:
+        tdist.barrier()
+        tdist.destroy_process_group()
     return TrainResult(out_dir, history, best_epoch, selection, test, model)
 
 

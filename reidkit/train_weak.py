@@ -75,9 +75,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset
 
-from reidkit.config import Profile, get_profile
+from reidkit.config import DGL_ERASING_FILL, Profile, dgl_input_size, get_profile
 from reidkit.data.datasets import Record, ReIDDataset
-from reidkit.utils import atomic_torch_save, atomic_write_json, progress, resolve_device, seed_everything, torch_load
+from reidkit.utils import (activate_device, atomic_torch_save, atomic_write_json, bf16_native,
+                           optimizer_steps_to_cpu, progress, resolve_device, seed_everything, torch_load)
 
 __all__ = [
     "VARIANTS", "FtNet", "WeakTrainResult", "SYSUBagStream", "build_weak_model", "network_for",
@@ -353,14 +354,15 @@ class SYSUBagStream(IterableDataset):
 def _input_size(prof: Profile, variant: str) -> tuple[int, int]:
     cfg = prof.dgl
     if variant == "unary_only":
-        h = getattr(cfg, "uo_height", None) or min(cfg.height, FT_NET_INPUT[0])
-        w = getattr(cfg, "uo_width", None) or min(cfg.width, FT_NET_INPUT[1])
+        full_h, full_w = dgl_input_size(prof)
+        h = getattr(cfg, "uo_height", None) or min(full_h, FT_NET_INPUT[0])
+        w = getattr(cfg, "uo_width", None) or min(full_w, FT_NET_INPUT[1])
         return int(h), int(w)
-    return cfg.height, cfg.width
+    return dgl_input_size(prof)
 
 
 def _train_transform(prof: Profile, variant: str):
-    """full / supervised: resize, flip, random erasing filled with ``dgl.erasing_fill`` (no crop,
+    """full / supervised: resize, flip, random erasing filled with 0 (``DGL_ERASING_FILL``; no crop,
     spec §3.2). unary-only (ft_net): resize by 224/192, random crop, flip, erasing (spec §3.3)."""
     import torchvision.transforms as T
 
@@ -369,7 +371,7 @@ def _train_transform(prof: Profile, variant: str):
     h, w = _input_size(prof, variant)
     if variant != "unary_only":
         return train_transform(h, w, flip=prof.data.flip, pad=0, erasing_p=prof.data.erasing_p,
-                               erasing_fill=prof.dgl.erasing_fill)
+                               erasing_fill=DGL_ERASING_FILL)
     steps = []
     jitter = float(getattr(prof.dgl, "uo_color_jitter", 0.0) or 0.0)
     if jitter:
@@ -380,12 +382,22 @@ def _train_transform(prof: Profile, variant: str):
         steps.append(T.RandomHorizontalFlip())
     steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
     if prof.data.erasing_p > 0:
-        steps.append(RandomErasing(p=prof.data.erasing_p, fill=prof.dgl.erasing_fill))
+        steps.append(RandomErasing(p=prof.data.erasing_p, fill=DGL_ERASING_FILL))
     return T.Compose(steps)
 
 
 def _network_of(model: nn.Module) -> str:
     return getattr(model, "network", "mgn" if getattr(model, "arch", "") == "mgn" else "reidnet")
+
+
+def dgl_amp_dtype(profile: str | Profile, device: Any) -> torch.dtype | None:
+    """Autocast dtype of DGL training and evaluation: None (fp32, as the DGL reference and the
+    SYSU-30k protocol) unless the profile asks for it (``dgl.amp``); then bf16 only where the
+    device computes it natively (:func:`reidkit.utils.bf16_native`), else fp32."""
+    prof = get_profile(profile)
+    if not prof.dgl.amp:
+        return None
+    return torch.bfloat16 if bf16_native(device) else None
 
 
 def extract_weak_features(model: nn.Module, records: Sequence[Record], profile: str | Profile,
@@ -403,7 +415,7 @@ def extract_weak_features(model: nn.Module, records: Sequence[Record], profile: 
     h, w = _input_size(prof, variant)
     ds = ImageDataset(records, test_transform(h, w))
     return extract_features(model, ds, device=device, flip=bool(flip), batch_size=prof.data.test_batch_size,
-                            num_workers=prof.data.workers, desc=desc)
+                            num_workers=prof.data.workers, amp=dgl_amp_dtype(prof, device) or False, desc=desc)
 
 
 def _rank_metrics(qf, gf, query, gallery, device, max_rank: int = 20) -> dict:
@@ -412,7 +424,7 @@ def _rank_metrics(qf, gf, query, gallery, device, max_rank: int = 20) -> dict:
     dist = pairwise_distance(qf, gf, device=device)
     res = evaluate_rank(np.asarray(dist), np.array([r.pid for r in query]), np.array([r.pid for r in gallery]),
                         np.array([r.camid for r in query]), np.array([r.camid for r in gallery]),
-                        max_rank=min(max_rank, len(gallery)))
+                        max_rank=min(max_rank, len(gallery)), device=device)
     cmc = np.asarray(res["cmc"], dtype=float)
     return {"mAP": float(res["mAP"]), "mINP": float(res["mINP"]), "rank1": float(cmc[0]),
             "rank5": float(cmc[min(4, len(cmc) - 1)]), "rank10": float(cmc[min(9, len(cmc) - 1)]),
@@ -464,7 +476,7 @@ def _logits_forward(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def evaluate_sysu30k(model: nn.Module, dataset: ReIDDataset, profile: str | Profile = "sysu30k",
                      device: Any = "auto", chunk: int = 8192, feature: str = "embedding", flip: bool = True,
                      size: tuple[int, int] | None = None, batch_size: int | None = None,
-                     num_workers: int | None = None, amp: Any = "auto", buffer_size: int = 1024,
+                     num_workers: int | None = None, amp: Any = False, buffer_size: int = 1024,
                      log: Callable[[str], None] | None = None) -> dict:
     """The SYSU-30k protocol (spec §4.2) with the gallery features never held in memory.
 
@@ -479,7 +491,9 @@ def evaluate_sysu30k(model: nn.Module, dataset: ReIDDataset, profile: str | Prof
     official script's feature for ``ft_net``: the classifier output). ``flip``: sum the features of
     the image and its horizontal flip before L2 normalisation (the official script does).
     ``size``: input (height, width); default the profile's data size (the official script resizes
-    to 256x128 for ``ft_net``). Returns the dict of ``sysu30k_evaluate`` plus ``seconds``."""
+    to 256x128 for ``ft_net``). ``amp``: autocast of the extraction, fp32 by default as the
+    official protocol (see ``reidkit.features.resolve_amp``; training passes
+    :func:`dgl_amp_dtype`). Returns the dict of ``sysu30k_evaluate`` plus ``seconds``."""
     from reidkit.data.transforms import ImageDataset, test_transform
     from reidkit.evaluation import sysu30k_evaluate
     from reidkit.features import extract_features, iter_features
@@ -629,7 +643,7 @@ def _train_step(model, batch, variant, prof, num_classes, assignment, opt, dev, 
     y = torch.as_tensor(batch["label"]).long().to(dev)
     if dev.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_amp):
+    with torch.autocast(dev.type, dtype=use_amp or torch.bfloat16, enabled=use_amp is not None):
         logits, embeddings, low = forward_heads(model, x)
     logits = [z.float() for z in logits]
     embeddings = [f.float() for f in embeddings]
@@ -669,7 +683,7 @@ def _mean(vals):
 
 def _evaluate(model, ds, prof, dev, variant, flip, stream_eval: bool, log) -> dict:
     if stream_eval:
-        res = evaluate_sysu30k(model, ds, prof, dev, log=log)
+        res = evaluate_sysu30k(model, ds, prof, dev, amp=dgl_amp_dtype(prof, dev) or False, log=log)
         return {k: res[k] for k in ("rank1", "rank5", "rank10", "mAP", "mAP_standard")} | {"protocol": "sysu30k"}
     res = evaluate_weak(model, ds.query, ds.gallery, prof, dev, variant=variant, flip=flip)
     return {k: v for k, v in res.items() if k != "cmc"} | {"cmc": res["cmc"][:20], "protocol": "market"}
@@ -703,7 +717,7 @@ def train_dgl(profile: str | Profile = "workshop", dataset: ReIDDataset | None =
     cfg = prof.dgl
     n_epochs = int(epochs) if epochs is not None else (cfg.uo_epochs if variant == "unary_only" else cfg.epochs)
     seed = prof.seed if seed is None else int(seed)
-    dev = resolve_device(device)
+    dev = activate_device(device)  # --device cuda:1: that GPU is the current one
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = dataset if dataset is not None else load_dataset(prof.data.dataset, data_root)
@@ -731,7 +745,7 @@ def train_dgl(profile: str | Profile = "workshop", dataset: ReIDDataset | None =
     if dev.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     opt, sched = _optimizer(model, prof, variant)
-    use_amp = dev.type == "cuda"
+    use_amp = dgl_amp_dtype(prof, dev)  # fp32 unless the profile asks (dgl.amp), bf16 only where native
 
     history: list[dict] = []
     start_epoch = 0
@@ -744,6 +758,7 @@ def train_dgl(profile: str | Profile = "workshop", dataset: ReIDDataset | None =
                              f"use another out_dir or resume=False")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
+        optimizer_steps_to_cpu(opt)  # map_location=dev put Adam's step counters on the GPU
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
         history = json.loads(state["history"])

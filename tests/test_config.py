@@ -2,7 +2,10 @@
 
 import pytest
 
-from reidkit.config import PROFILES, get_profile
+import dataclasses
+import typing
+
+from reidkit.config import DGL_ERASING_FILL, PROFILES, Profile, dgl_input_size, get_profile
 
 HHCL_CHECKLIST = {
     "k1": 30, "k2": 6, "min_samples": 4,
@@ -35,13 +38,63 @@ def test_paper_numbers():
 
 def test_sysu30k_profile_carries_dgl_values():
     d = get_profile("sysu30k").dgl
-    assert (d.height, d.width) == (384, 128)
+    assert dgl_input_size("sysu30k") == (384, 128) and d.input_size is None  # the data section's size
     assert (d.ids_per_bag, d.ids_per_batch, d.images_per_id, d.num_heads) == (2, 16, 4, 8)
     assert (d.margin, d.sigma, d.pairwise_weight, d.ce_weight, d.triplet_weight) == (1.2, 1.0, 2.0, 1.0, 2.0)
     assert (d.lr, d.weight_decay, d.amsgrad, d.epochs, d.milestones, d.gamma) == (2e-4, 5e-4, True, 300, (250, 290), 0.1)
-    assert d.erasing_fill == (0.0, 0.0, 0.0)
+    assert DGL_ERASING_FILL == (0.0, 0.0, 0.0)
     assert (d.uo_batch_size, d.uo_bags_per_batch, d.uo_lr_backbone, d.uo_lr_head, d.uo_epochs) == (180, 12, 1e-4, 1e-3, 8)
     assert (d.uo_height, d.uo_width, d.uo_color_jitter) == (192, 96, 0.1)
+
+
+# the image input each consumer reads, per profile: HHCL / evaluation (data.height, data.width,
+# data.erasing_fill) and DGL's full model (dgl_input_size, fill DGL_ERASING_FILL)
+REF_FILL, ZERO = (0.485, 0.456, 0.406), (0.0, 0.0, 0.0)
+INPUTS = {
+    "smoke": ((128, 64), REF_FILL, (128, 64)),
+    "workshop": ((256, 128), REF_FILL, (256, 128)),
+    "laptop": ((256, 128), REF_FILL, (256, 128)),
+    "market1501": ((256, 128), REF_FILL, (384, 128)),
+    "dukemtmcreid": ((256, 128), REF_FILL, (384, 128)),
+    "msmt17": ((256, 128), REF_FILL, (384, 128)),
+    "sysu30k": ((384, 128), ZERO, (384, 128)),
+}
+
+
+@pytest.mark.parametrize("name", list(INPUTS))
+def test_input_sizes_and_fills_per_consumer(name):
+    p = get_profile(name)
+    data_size, data_fill, dgl_size = INPUTS[name]
+    assert (p.data.height, p.data.width) == data_size and p.data.erasing_fill == data_fill
+    assert dgl_input_size(p) == dgl_size
+    # dgl.input_size is set only where DGL's input differs from the data section's
+    assert (p.dgl.input_size is not None) == (dgl_size != data_size)
+
+
+def test_dgl_input_follows_data_overrides():
+    p = get_profile("laptop").replace(data__height=128, data__width=64)
+    assert dgl_input_size(p) == (128, 64)
+    assert dgl_input_size(get_profile("market1501").replace(data__height=128)) == (384, 128)
+    from reidkit.config import OverrideError, apply_overrides, parse_set
+
+    assert dgl_input_size(apply_overrides("smoke", parse_set(["dgl.input_size=[192, 64]"]))) == (192, 64)
+    with pytest.raises(OverrideError, match="dgl has no field 'height'"):
+        parse_set(["dgl.height=128"])
+
+
+def test_no_field_is_repeated_across_sections():
+    hints = typing.get_type_hints(Profile)
+    sections = [f.name for f in dataclasses.fields(Profile) if dataclasses.is_dataclass(hints[f.name])]
+    assert set(sections) == {"data", "model", "cluster", "hhcl", "dgl", "eval"}
+    where: dict[str, list[str]] = {}
+    for section in sections:
+        for f in dataclasses.fields(hints[section]):
+            where.setdefault(f.name, []).append(section)
+    repeated = {name: secs for name, secs in where.items() if len(secs) > 1}
+    # only the two methods' own optimisation schedules share names (each method has its own values)
+    per_method = {"epochs", "lr", "weight_decay", "gamma", "amp"}
+    assert set(repeated) <= per_method, f"fields repeated across sections: {repeated}"
+    assert all(secs == ["hhcl", "dgl"] for secs in repeated.values())
 
 
 def test_cpu_profiles_use_the_embedded_sample_and_mobilenet():
