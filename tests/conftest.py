@@ -12,6 +12,17 @@ ROOT = Path(__file__).resolve().parent.parent
 SOLUTIONS = ROOT / "notebooks" / "solutions"
 
 
+@pytest.fixture
+def one_thread():
+    """torch at one thread for the test, restored after it (multi-process tests and exact timings)."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def smoke_ctx(tmp_path_factory):
     """A run folder on the smoke profile (embedded sample, CPU) whose notebook-02 arrays (the

@@ -18,12 +18,7 @@ import reidkit.utils as ut
 from reidkit.config import get_profile
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conftest)
 
 
 def _unit(n, d, seed=0):

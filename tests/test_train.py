@@ -13,12 +13,7 @@ from reidkit.train import GhostBatchNorm2d, apply_ghost_bn, make_val_split, trai
 from reidkit.utils import torch_load
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conftest)
 
 
 def test_ghost_bn_matches_per_chunk_batch_norm_and_first_chunk_running_stats():
