@@ -63,9 +63,13 @@ def _cmd_train(args) -> int:
         if args.dataset:
             overrides["data.dataset"] = args.dataset
         prof = apply_overrides(get_profile(args.profile), overrides)
+        _check_device(args.device)
         ds = load_profile_dataset(prof, args.data_root)
-    except (OverrideError, LayoutError, KeyError, ValueError) as exc:
-        print(f"error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
+    except _UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (OverrideError, LayoutError, KeyError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     if prof.data.subset_ids is not None:
         print(ds.notes[-1])
@@ -82,7 +86,11 @@ def _cmd_train(args) -> int:
 def _cmd_report(args) -> int:
     from reidkit.reproduce import write_report
 
-    print(write_report(args.run_dir))
+    try:
+        print(write_report(args.run_dir))
+    except FileNotFoundError as exc:
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -99,20 +107,28 @@ def _one_line(exc: BaseException) -> str:
     return " ".join(str(msg).split()) or type(exc).__name__
 
 
+def _check_device(spec):
+    """``--device`` as a ``torch.device``; a name torch does not know, or CUDA where there is none,
+    is a ``_UserError``."""
+    import torch
+
+    from reidkit.utils import resolve_device
+
+    try:
+        dev = resolve_device(spec)
+    except (RuntimeError, ValueError) as exc:
+        raise _UserError(f"bad --device {spec!r}: {_one_line(exc)}") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise _UserError(f"--device {spec}: CUDA is not available on this machine")
+    return dev
+
+
 def _open_weights_and_data(args):
     """(model, test_feature, dataset, device) for evaluate / extract; user errors -> _UserError."""
     from reidkit.data.datasets import LayoutError, load_dataset
-    from reidkit.utils import resolve_device
     from reidkit.weights import CheckpointError, load_released
 
-    try:
-        dev = resolve_device(args.device)
-    except (RuntimeError, ValueError) as exc:
-        raise _UserError(f"bad --device {args.device!r}: {_one_line(exc)}") from exc
-    import torch
-
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise _UserError(f"--device {args.device}: CUDA is not available on this machine")
+    dev = _check_device(args.device)
     try:
         kwargs = {"load_train": False} if args.dataset.lower() in ("sysu30k", "sysu") and args.split != "train" else {}
         ds = load_dataset(args.dataset, args.data_root, **kwargs)
@@ -250,26 +266,15 @@ def _cmd_evaluate(args) -> int:
 
 
 def _save_npz(out, feats, records) -> None:
-    import os
-    import tempfile
-    from pathlib import Path
-
     import numpy as np
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".npz", dir=out.parent)
-    os.close(fd)
-    try:
-        np.savez(tmp, features=np.asarray(feats, dtype=np.float32),
-                 pids=np.array([r.pid for r in records], dtype=np.int64),
-                 camids=np.array([r.camid for r in records], dtype=np.int64),
-                 paths=np.array([str(r.path) for r in records]))
-        os.replace(tmp, out)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from reidkit.utils import atomic_write_file
+
+    atomic_write_file(out, lambda fh: np.savez(
+        fh, features=np.asarray(feats, dtype=np.float32),
+        pids=np.array([r.pid for r in records], dtype=np.int64),
+        camids=np.array([r.camid for r in records], dtype=np.int64),
+        paths=np.array([str(r.path) for r in records])))
 
 
 def _cmd_extract(args) -> int:
@@ -399,7 +404,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _line_buffered_stdout() -> None:
+    """Flush stdout at every newline when it is a file or a pipe (SLURM logs, ``| tee``), so that a
+    killed run keeps every line it printed; a terminal is line-buffered already."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None and not sys.stdout.isatty():
+        try:
+            reconfigure(line_buffering=True)
+        except (ValueError, OSError):   # a closed or unusual stream: leave it as it is
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
+    _line_buffered_stdout()
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -360,6 +360,24 @@ def _coerce(key: str, value: Any, hint) -> Any:
     raise OverrideError(f"--set {key}: cannot set a field of type {hint}")
 
 
+#: string fields that take one of a fixed set of values: ``key -> (module, attribute)`` naming the
+#: tuple where that set is defined (imported only when the field is overridden)
+_CHOICES = {"hhcl.memory": ("reidkit.memory", "MODES"), "model.arch": ("reidkit.models", "ARCHS")}
+
+
+def _check_choice(key: str, value: Any) -> Any:
+    """``value`` if ``key`` takes any value or ``value`` is one of its allowed values; else ``OverrideError``."""
+    if key not in _CHOICES:
+        return value
+    import importlib
+
+    module, attr = _CHOICES[key]
+    allowed = tuple(getattr(importlib.import_module(module), attr))
+    if value not in allowed:
+        raise OverrideError(f"--set {key}: {value!r} is not one of {', '.join(allowed)}")
+    return value
+
+
 def parse_set(pairs) -> dict[str, Any]:
     """``["hhcl.iters=400", "data.dataset=dukemtmcreid"]`` -> ``{"hhcl.iters": 400, ...}``: values
     are read as JSON where they parse (numbers, true/false, null, lists), else as plain strings.
@@ -375,14 +393,14 @@ def parse_set(pairs) -> dict[str, Any]:
             value = json.loads(raw)
         except json.JSONDecodeError:
             value = raw
-        out[key] = _coerce(key, value, _field_type(key))
+        out[key] = _check_choice(key, _coerce(key, value, _field_type(key)))
     return out
 
 
 def validate_overrides(overrides: dict[str, Any]) -> dict[str, Any]:
     """Check and convert ``{"section.field": value}`` (as read back from run.json, where tuples
     became lists) against the field types; returns the converted dict."""
-    return {key: _coerce(key, value, _field_type(key)) for key, value in (overrides or {}).items()}
+    return {key: _check_choice(key, _coerce(key, value, _field_type(key))) for key, value in (overrides or {}).items()}
 
 
 def apply_overrides(profile: "Profile | str", overrides: dict[str, Any] | None) -> Profile:

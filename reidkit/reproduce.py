@@ -49,8 +49,9 @@ def list_notebooks(folder: Path | None = None) -> list[Path]:
 
 
 def params_digest(params: dict, notebook: Path, overrides: dict | None = None) -> str:
-    """Digest of a notebook's inputs: the injected parameters, the profile overrides, the notebook."""
-    payload = dict(params)
+    """Digest of a notebook's inputs: the injected parameters, the profile overrides and the
+    notebook's content. Not the run folder's path (``RUN_DIR``): a moved run folder is not redone."""
+    payload = {k: v for k, v in params.items() if k != "RUN_DIR"}
     if overrides:
         payload["__overrides__"] = overrides
     h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode())
@@ -268,7 +269,8 @@ def cell_timings(executed: str | Path) -> list[tuple[int, float, str]]:
 
 
 def write_report(run_dir: str | Path) -> Path:
-    """Gather ``RUN_DIR/*/metrics.json`` into ``RUN_DIR/report.md``.
+    """Gather ``RUN_DIR/*/metrics.json`` into ``RUN_DIR/report.md``. A folder with neither
+    ``run.json`` nor any ``metrics.json`` is no run folder: ``FileNotFoundError``, nothing created.
 
     A metrics file may hold ``tables`` ({title: {"columns": [...], "rows": [[...]]}}) which are
     rendered as they are, and ``figures`` (paths relative to RUN_DIR, the key figures that
@@ -276,6 +278,8 @@ def write_report(run_dir: str | Path) -> Path:
     scalar is listed under its notebook. The header names the dataset, the identity subset, the
     profile overrides and the device the run used."""
     run_dir = Path(run_dir)
+    if not (run_dir / "run.json").is_file() and not any(run_dir.glob("*/metrics.json")):
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no run.json and no */metrics.json)")
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     lines = [f"# reidkit report: {run_dir.name}", ""] + _run_header(run)
     paper = run.get("profile", {}).get("paper") or {}

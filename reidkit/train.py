@@ -197,6 +197,110 @@ def _extract_sharded(model, records, profile, device, desc):
 
 
 # --------------------------------------------------------------------------------------------
+# checkpoints: read safely, record and check the settings they were written under
+
+#: profile fields that may change between a run and its resume (they do not change the result)
+RESUMABLE_FIELDS = ("hhcl.epochs", "hhcl.eval_step", "dgl.epochs", "dgl.eval_step", "data.workers",
+                    "data.test_batch_size")
+
+
+def read_train_checkpoint(path: str | Path, map_location: Any = "cpu") -> dict:
+    """Load a training checkpoint (``weights_only=True``); an empty, truncated or damaged file is a
+    one-line :class:`~reidkit.weights.CheckpointError` naming the file."""
+    import pickle
+    import zipfile
+
+    from reidkit.weights import CheckpointError
+
+    path = Path(path)
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: damaged checkpoint: the file is empty (0 bytes); "
+                              f"delete it or train with resume=False (--no-resume)")
+    try:
+        state = torch_load(path, map_location=map_location)
+    except (EOFError, RuntimeError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0][:100] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: damaged checkpoint (truncated or not a torch file): "
+                              f"{type(exc).__name__}: {first}; delete it or train with resume=False "
+                              f"(--no-resume)") from None
+    if not isinstance(state, dict) or "model" not in state:
+        raise CheckpointError(f"{path}: not a training checkpoint (no 'model' entry)")
+    return state
+
+
+def _flat(obj: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in obj.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def profile_overrides(prof: Profile) -> dict[str, Any]:
+    """The fields of ``prof`` that differ from its named profile (``{}`` for an unknown name),
+    less :data:`RESUMABLE_FIELDS`, as plain JSON values."""
+    try:
+        base = _flat(dataclasses.asdict(get_profile(prof.name)))
+    except Exception:  # noqa: BLE001  (a profile built in code, without a registered name)
+        base = {}
+    mine = _flat(dataclasses.asdict(prof))
+    diff = {k: v for k, v in mine.items() if k not in RESUMABLE_FIELDS and base.get(k, object()) != v}
+    return json.loads(json.dumps(diff, default=str))
+
+
+def run_settings(prof: Profile, method: str, **extra: Any) -> dict[str, Any]:
+    """What a checkpoint records about the run that wrote it (compared on resume)."""
+    return {"profile": prof.name, "method": method, **extra, "arch": prof.model.arch,
+            "pooling": prof.model.pooling, "last_stride": prof.model.last_stride,
+            "init": str(prof.model.pretrained), "overrides": profile_overrides(prof)}
+
+
+def check_resume_settings(path: Path, state: dict, settings: dict[str, Any]) -> None:
+    """Refuse to resume ``state`` (read from ``path``) under ``settings`` that differ from the ones
+    it was written under, naming both sides. Keys an older checkpoint lacks are not compared."""
+    from reidkit.weights import CheckpointError
+
+    saved = state.get("settings")
+    if not isinstance(saved, dict):
+        saved = {k: state[k] for k in ("profile", "memory", "variant", "arch") if k in state}
+    diffs = []
+    for key, now in settings.items():
+        if key not in saved or saved[key] == now:
+            continue
+        if key == "overrides":
+            was = saved[key] or {}
+            keys = sorted(set(was) | set(now))
+            diffs += [f"{k}: checkpoint {was.get(k, '(profile default)')!r} vs now {now.get(k, '(profile default)')!r}"
+                      for k in keys if was.get(k, None) != now.get(k, None)]
+        else:
+            diffs.append(f"{key}: checkpoint {saved[key]!r} vs now {now!r}")
+    if diffs:
+        raise CheckpointError(f"{path}: refusing to resume under different settings ({'; '.join(diffs)}); "
+                              f"use the same settings, another out_dir, or resume=False (--no-resume)")
+
+
+def move_aside(out_dir: Path, names: Sequence[str], log: Callable[[str], None]) -> list[Path]:
+    """Rename the existing ``out_dir/<name>`` files to ``<name>.<UTC timestamp>.bak`` (never
+    overwriting); returns the new paths."""
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    moved = []
+    for name in names:
+        src = out_dir / name
+        if not src.exists():
+            continue
+        dst, i = out_dir / f"{name}.{stamp}.bak", 1
+        while dst.exists():
+            dst, i = out_dir / f"{name}.{stamp}.{i}.bak", i + 1
+        src.rename(dst)
+        moved.append(dst)
+        log(f"resume=False: moved the existing {src} aside to {dst}")
+    return moved
+
+
+# --------------------------------------------------------------------------------------------
 # validation split and evaluation
 
 def make_val_split(records: Sequence[Record], fraction: float = 0.1, min_ids: int = 2, seed: int = 0
@@ -204,8 +308,11 @@ def make_val_split(records: Sequence[Record], fraction: float = 0.1, min_ids: in
     """Hold out ``fraction`` of the training identities (at least ``min_ids``, only identities seen
     by two or more cameras) as a labelled validation set for model selection.
 
-    Returns (remaining train records, val query, val gallery): for each held-out identity, the
-    images of one camera are queries and those of its other cameras the gallery."""
+    Returns (remaining train records, val query, val gallery), following the test protocol: for each
+    held-out identity one image of every camera it is seen by is a query (deterministic for
+    ``seed``), and its remaining images, same camera included, are the gallery, so that evaluation
+    meets same-camera images and removes the same-identity ones as junk, as at test time. A query
+    left without an image of another camera in the gallery is moved to the gallery."""
     by_pid: dict[int, list[Record]] = {}
     for r in records:
         by_pid.setdefault(r.pid, []).append(r)
@@ -219,9 +326,22 @@ def make_val_split(records: Sequence[Record], fraction: float = 0.1, min_ids: in
     query, gallery = [], []
     for pid in sorted(held):
         rs = by_pid[pid]
-        qcam = min(r.camid for r in rs)
-        query += [r for r in rs if r.camid == qcam]
-        gallery += [r for r in rs if r.camid != qcam]
+        # one query drawn from every camera of the identity; the rest of its images (other cameras
+        # and the same camera alike) are the gallery, where evaluation treats same-camera matches as
+        # junk exactly as at test time
+        q_pid: list[Record] = []
+        for cam in sorted({r.camid for r in rs}):
+            in_cam = [r for r in rs if r.camid == cam]
+            q_pid.append(in_cam[int(rng.integers(len(in_cam)))])
+        g_pid = [r for r in rs if not any(r is q for q in q_pid)]
+        # a query with no image of another camera left in the gallery would have no valid match:
+        # it goes back to the gallery (identities are seen by >= 2 cameras, so one query stays)
+        for q in list(q_pid):
+            if not any(g.camid != q.camid for g in g_pid):
+                q_pid.remove(q)
+                g_pid.append(q)
+        query += q_pid
+        gallery += g_pid
     train = [r for r in records if r.pid not in held]
     return train, query, gallery
 
@@ -366,13 +486,23 @@ def train_hhcl(profile: str | Profile = "workshop", dataset: ReIDDataset | None 
     history: list[dict] = []
     start_epoch, best_score, best_epoch = 0, -math.inf, None
     ckpt_path = out_dir / "checkpoint.pt"
+    settings = run_settings(prof, "hhcl", memory=cfg.memory)
+    init_source = str(getattr(model, "init_source", prof.model.pretrained))  # what the init resolved to
+    if not resume and rank == 0:
+        move_aside(out_dir, ("checkpoint.pt", "model_best.pt"), log)
     if resume and ckpt_path.is_file():
-        state = torch_load(ckpt_path, map_location=dev)
+        state = read_train_checkpoint(ckpt_path, map_location=dev)
+        check_resume_settings(ckpt_path, state, settings)
+        if int(state["epoch"]) > cfg.epochs:
+            raise ValueError(f"{ckpt_path} has {int(state['epoch'])} epochs done, more than the {cfg.epochs} "
+                             f"asked (epochs={cfg.epochs}); ask for at least {int(state['epoch'])} epochs, "
+                             f"or use another out_dir or resume=False (--no-resume)")
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         optimizer_steps_to_cpu(opt)  # map_location=dev put Adam's step counters on the GPU
         sched.load_state_dict(state["scheduler"])
         start_epoch = int(state["epoch"])
+        init_source = state.get("init_source", init_source)
         history = json.loads(state["history"])
         best_score, best_epoch = float(state["best_score"]), state["best_epoch"]
         log(f"resumed from {ckpt_path} at epoch {start_epoch}")
@@ -419,6 +549,11 @@ def train_hhcl(profile: str | Profile = "workshop", dataset: ReIDDataset | None 
                                               generator=gen)
             if world > 1:
                 mem.gather = _gather_batch
+            if n_clusters * cfg.num_instances < cfg.batch_size:
+                raise ValueError(f"epoch {epoch}: {n_clusters} clusters x {cfg.num_instances} instances = "
+                                 f"{n_clusters * cfg.num_instances} images per pass, fewer than the batch size "
+                                 f"{cfg.batch_size}: no batch can be filled (lower hhcl.batch_size or "
+                                 f"hhcl.num_instances, or loosen the clustering)")
             sub = [train_recs[i] for i in keep]
             sampler = CameraAwarePKSampler(labels[keep], camids[keep], num_instances=cfg.num_instances,
                                            seed=eseed, camera_aware=cfg.camera_aware)
@@ -441,6 +576,8 @@ def train_hhcl(profile: str | Profile = "workshop", dataset: ReIDDataset | None 
                 best_score, best_epoch = score, epoch
                 atomic_torch_save({"model": model.state_dict(), "epoch": epoch + 1, "profile": prof.name,
                                    "arch": prof.model.arch, "pooling": prof.model.pooling,
+                                   "last_stride": prof.model.last_stride, "method": "hhcl",
+                                   "memory": cfg.memory, "settings": settings, "init_source": init_source,
                                    "selection": selection}, out_dir / "model_best.pt")
         entry["t_epoch"] = time.time() - t_epoch
         history.append(entry)
@@ -453,7 +590,10 @@ def train_hhcl(profile: str | Profile = "workshop", dataset: ReIDDataset | None 
             atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                                "scheduler": sched.state_dict(), "epoch": epoch + 1,
                                "history": json.dumps(history), "best_score": best_score, "best_epoch": best_epoch,
-                               "profile": prof.name, "memory": cfg.memory, "seed": seed, "ghost_bn_layers": ghost},
+                               "profile": prof.name, "memory": cfg.memory, "seed": seed, "ghost_bn_layers": ghost,
+                               "method": "hhcl", "arch": prof.model.arch, "pooling": prof.model.pooling,
+                               "last_stride": prof.model.last_stride, "settings": settings,
+                               "init_source": init_source},
                               ckpt_path)
         run_epochs += 1
     if rank == 0:
@@ -482,7 +622,10 @@ def _train_iterations(model, mem, loader, opt, iters: int, dev, use_amp: torch.d
             batch = next(it)
         except StopIteration:  # the sampler is exhausted: start a new pass, as the reference does
             it = iter(loader)
-            batch = next(it)
+            batch = next(it, None)
+            if batch is None:
+                raise ValueError("the sampler yields no full batch: too few pseudo-identities x instances "
+                                 "for the batch size") from None
         x = batch["img"].to(dev, non_blocking=True)
         y = torch.as_tensor(batch["label"]).to(dev)
         if dev.type == "cuda":

@@ -78,7 +78,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from reidkit.config import DGL_ERASING_FILL, Profile, dgl_input_size, get_profile
 from reidkit.data.datasets import Record, ReIDDataset
 from reidkit.utils import (activate_device, atomic_torch_save, atomic_write_json, bf16_native,
-                           optimizer_steps_to_cpu, progress, resolve_device, seed_everything, torch_load)
+                           optimizer_steps_to_cpu, progress, resolve_device, seed_everything)
 
 __all__ = [
     "VARIANTS", "FtNet", "WeakTrainResult", "SYSUBagStream", "build_weak_model", "network_for",
@@ -750,12 +750,20 @@ def train_dgl(profile: str | Profile = "workshop", dataset: ReIDDataset | None =
     history: list[dict] = []
     start_epoch = 0
     ckpt_path = out_dir / "checkpoint.pt"
+    from reidkit.train import check_resume_settings, read_train_checkpoint, run_settings
+
+    settings = run_settings(prof, "dgl", variant=variant, network=network)
     if resume and ckpt_path.is_file():
-        state = torch_load(ckpt_path, map_location=dev)
+        state = read_train_checkpoint(ckpt_path, map_location=dev)
         if state.get("variant") != variant or state.get("num_classes") != num_classes:
             raise ValueError(f"{ckpt_path} is a checkpoint of variant {state.get('variant')!r} with "
                              f"{state.get('num_classes')} classes, not {variant!r} with {num_classes}; "
                              f"use another out_dir or resume=False")
+        if int(state["epoch"]) > n_epochs:
+            raise ValueError(f"{ckpt_path} has {int(state['epoch'])} epochs done, more than the {n_epochs} "
+                             f"asked (epochs={n_epochs}); ask for at least {int(state['epoch'])} epochs, "
+                             f"or use another out_dir or resume=False")
+        check_resume_settings(ckpt_path, state, settings)
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         optimizer_steps_to_cpu(opt)  # map_location=dev put Adam's step counters on the GPU
@@ -801,7 +809,8 @@ def train_dgl(profile: str | Profile = "workshop", dataset: ReIDDataset | None =
         atomic_torch_save({"model": model.state_dict(), "optimizer": opt.state_dict(),
                            "scheduler": sched.state_dict(), "epoch": epoch + 1, "history": json.dumps(history),
                            "variant": variant, "network": network, "num_classes": num_classes,
-                           "profile": prof.name, "seed": seed}, ckpt_path)
+                           "profile": prof.name, "seed": seed, "method": "dgl", "arch": prof.model.arch,
+                           "settings": settings}, ckpt_path)
         run_epochs += 1
     finished = len(history) >= n_epochs
     atomic_write_json(out_dir / "history.json", history)
@@ -810,7 +819,7 @@ def train_dgl(profile: str | Profile = "workshop", dataset: ReIDDataset | None =
         if not final.is_file() or run_epochs:
             atomic_torch_save({"model": model.state_dict(), "variant": variant, "network": network,
                                "num_classes": num_classes, "profile": prof.name, "epoch": len(history),
-                               "arch": prof.model.arch}, final)
+                               "arch": prof.model.arch, "method": "dgl", "settings": settings}, final)
     test = next((h["test"] for h in reversed(history) if "test" in h), None) if finished else None
     return WeakTrainResult(out_dir, variant, network, history, test, num_classes, finished, class_of_pid, model)
 
@@ -818,7 +827,9 @@ def train_dgl(profile: str | Profile = "workshop", dataset: ReIDDataset | None =
 def load_weak_model(path: str | Path, profile: str | Profile, device: Any = "auto") -> nn.Module:
     """Rebuild a trained network from ``model_final.pt`` / ``checkpoint.pt`` (random init, then the
     saved weights)."""
-    state = torch_load(path, map_location="cpu")
+    from reidkit.train import read_train_checkpoint
+
+    state = read_train_checkpoint(path, map_location="cpu")
     model = build_weak_model(profile, state["variant"], int(state["num_classes"]), device="cpu",
                              network=state.get("network", "auto"), pretrained=False)
     model.load_state_dict(state["model"])

@@ -118,7 +118,25 @@ def seed_everything(seed: int) -> None:
         torch.cuda.manual_seed_all(seed)
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS tells (``/proc/self/status``,
+    Linux >= 4.7); elsewhere set and restored at once (``os.umask`` has no read-only form)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def _atomic_replace(path: Path, write) -> Path:
+    """Write ``path`` through ``write(fh)`` on a temporary file in the same folder, then rename it
+    into place. The temporary file is created 0600 (``mkstemp``); the result gets the mode a plain
+    ``open(path, "w")`` would give, ``0666 & ~umask``, so group members can read shared results."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -127,6 +145,7 @@ def _atomic_replace(path: Path, write) -> Path:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -135,6 +154,11 @@ def _atomic_replace(path: Path, write) -> Path:
             pass
         raise
     return path
+
+
+def atomic_write_file(path: str | Path, write) -> Path:
+    """Atomically write ``path`` with ``write(fh)`` (a binary file object); mode ``0666 & ~umask``."""
+    return _atomic_replace(Path(path), write)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:

@@ -1,0 +1,182 @@
+"""Issue 10: a training run that tells the truth and loses nothing (HHCL loop).
+
+The validation split follows the test protocol; a damaged or mismatched checkpoint is refused in
+one line naming the file; too few pseudo-identities for a batch, ``resume=False`` and an ``epochs``
+below the epochs already done are each handled in the open."""
+
+import numpy as np
+import pytest
+import torch
+
+from reidkit.config import get_profile
+from reidkit.data.datasets import ReIDDataset, load_dataset
+from reidkit.train import make_val_split, read_train_checkpoint, train_hhcl
+from reidkit.utils import torch_load
+from reidkit.weights import CheckpointError
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conftest)
+
+QUIET = dict(log=lambda *_: None, selection="last", device="cpu")
+
+
+def _tiny_dataset():
+    ds = load_dataset("mini-mars")
+    pids = sorted({r.pid for r in ds.train})[:8]
+    tr = [r for r in ds.train if r.pid in pids]
+    qp = sorted({r.pid for r in ds.query})[:4]
+    return ReIDDataset("tiny", ds.root, tr, [r for r in ds.query if r.pid in qp][::2],
+                       [r for r in ds.gallery if r.pid in qp][::2])
+
+
+def _tiny_profile(**kw):
+    return get_profile("smoke").replace(**{"hhcl__iters": 1, "hhcl__batch_size": 16, "hhcl__num_instances": 4,
+                                           "hhcl__epochs": 1, "hhcl__eval_step": 1, "data__test_batch_size": 64,
+                                           "data__workers": 0, "cluster__k1": 10, "cluster__k2": 3,
+                                           "cluster__eps": 0.6, **kw})
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    """A finished 1-epoch run (its checkpoint is copied by the tests that damage or resume it)."""
+    out = tmp_path_factory.mktemp("run")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train_hhcl(_tiny_profile(), _tiny_dataset(), out_dir=out, **QUIET)
+    finally:
+        torch.set_num_threads(n)
+    return out
+
+
+def _copy_run(src, dst):
+    dst.mkdir(parents=True, exist_ok=True)
+    (dst / "checkpoint.pt").write_bytes((src / "checkpoint.pt").read_bytes())
+    return dst
+
+
+# 1. the validation split ---------------------------------------------------------------------
+
+def test_val_split_queries_every_camera_and_meets_same_camera_images():
+    ds = load_dataset("mini-mars")
+    train, q, g = make_val_split(ds.train, fraction=0.1, seed=3)
+    held = {r.pid for r in q}
+    assert not held & {r.pid for r in train} and len(train) + len(q) + len(g) == len(ds.train)
+    for pid in held:  # queries from every camera of the identity (unless one would lack a valid match)
+        cams = {r.camid for r in ds.train if r.pid == pid}
+        assert {r.camid for r in q if r.pid == pid} == cams or len(cams) == 2
+        assert len({r.camid for r in q if r.pid == pid}) >= 1
+    # every query has a valid (other-camera) match, and the gallery holds same-camera images of it,
+    # which evaluation removes as junk exactly as at test time
+    assert all(any(gg.pid == qq.pid and gg.camid != qq.camid for gg in g) for qq in q)
+    assert any(gg.pid == qq.pid and gg.camid == qq.camid for qq in q for gg in g)
+    assert len({r.camid for r in q}) > 1
+    again = make_val_split(ds.train, fraction=0.1, seed=3)
+    assert [r.path for r in again[1]] == [r.path for r in q] and [r.path for r in again[2]] == [r.path for r in g]
+
+
+# 2. a damaged checkpoint ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("damage", ["empty", "truncated"])
+def test_damaged_checkpoint_is_refused_naming_the_file(one_epoch, tmp_path, damage):
+    out = _copy_run(one_epoch, tmp_path / damage)
+    ck = out / "checkpoint.pt"
+    data = ck.read_bytes()
+    ck.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
+    with pytest.raises(CheckpointError) as exc:
+        read_train_checkpoint(ck)
+    msg = str(exc.value)
+    assert str(ck) in msg and "\n" not in msg and "damaged" in msg
+    with pytest.raises(CheckpointError, match="damaged"):
+        train_hhcl(_tiny_profile(hhcl__epochs=2), _tiny_dataset(), out_dir=out, **QUIET)
+
+
+# 3. a checkpoint records its settings; resuming under others is refused -----------------------
+
+def test_checkpoint_records_the_settings(one_epoch):
+    ck = torch_load(one_epoch / "checkpoint.pt")
+    for key in ("model", "profile", "arch", "pooling", "memory", "method", "settings"):
+        assert key in ck
+    s = ck["settings"]
+    assert s["profile"] == "smoke" and s["method"] == "hhcl" and s["memory"] == "CMhybrid"
+    assert {"arch", "init", "overrides"} <= set(s) and s["overrides"]["hhcl.iters"] == 1
+    assert ck["init_source"]  # what the init resolved to (path, hub cache or random)
+    assert "hhcl.epochs" not in s["overrides"]
+    best = torch_load(one_epoch / "model_best.pt")
+    assert {"model", "profile", "arch", "pooling", "settings"} <= set(best)
+
+
+@pytest.mark.parametrize("change, words", [
+    (dict(memory="CM"), ["memory", "'CMhybrid'", "'CM'"]),
+    (dict(prof_kw={"model__arch": "resnet50"}), ["arch: checkpoint 'mobilenetv2' vs now 'resnet50'"]),
+    (dict(prof_kw={"hhcl__temp": 0.1}), ["hhcl.temp"]),
+])
+def test_resume_under_other_settings_is_refused_naming_both_sides(one_epoch, tmp_path, change, words):
+    out = _copy_run(one_epoch, tmp_path / "r")
+    prof = _tiny_profile(hhcl__epochs=2, **change.get("prof_kw", {}))
+    with pytest.raises(CheckpointError) as exc:
+        train_hhcl(prof, _tiny_dataset(), out_dir=out, memory=change.get("memory"), **QUIET)
+    msg = str(exc.value)
+    assert str(out / "checkpoint.pt") in msg and "checkpoint" in msg and "now" in msg and "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_resume_under_another_profile_is_refused(one_epoch, tmp_path):
+    out = _copy_run(one_epoch, tmp_path / "p")
+    other = _tiny_profile(hhcl__epochs=2)
+    other = other.replace(name="workshop")
+    with pytest.raises(CheckpointError, match="profile: checkpoint 'smoke' vs now 'workshop'"):
+        train_hhcl(other, _tiny_dataset(), out_dir=out, **QUIET)
+
+
+# 4. too few pseudo-identities for a batch ----------------------------------------------------
+
+def test_too_few_clusters_for_a_batch_is_a_clear_error(tmp_path):
+    prof = _tiny_profile(hhcl__batch_size=256, hhcl__num_instances=4)
+    with pytest.raises(ValueError, match=r"clusters x 4 instances = \d+ .*batch size 256"):
+        train_hhcl(prof, _tiny_dataset(), out_dir=tmp_path, **QUIET)
+
+
+# 5. resume=False moves old files aside --------------------------------------------------------
+
+def test_no_resume_moves_old_checkpoints_aside(one_epoch, tmp_path):
+    out = _copy_run(one_epoch, tmp_path / "n")
+    (out / "model_best.pt").write_bytes((one_epoch / "model_best.pt").read_bytes())
+    old = (out / "checkpoint.pt").read_bytes()
+    logs = []
+    train_hhcl(_tiny_profile(hhcl__iters=0), _tiny_dataset(), out_dir=out, resume=False,
+               **{**QUIET, "log": logs.append})
+    baks = sorted(p.name for p in out.glob("*.bak"))
+    assert len(baks) == 2 and baks[0].startswith("checkpoint.pt.") and baks[1].startswith("model_best.pt.")
+    assert (out / baks[0]).read_bytes() == old
+    assert sum("moved" in line for line in logs) == 2
+
+
+# 6. epochs below the epochs already done -----------------------------------------------------
+
+def test_epochs_below_the_epochs_done_is_an_error(one_epoch, tmp_path):
+    out = _copy_run(one_epoch, tmp_path / "e")
+    with pytest.raises(ValueError, match=r"1 epochs done.*0 asked"):
+        train_hhcl(_tiny_profile(), _tiny_dataset(), out_dir=out, epochs=0, **QUIET)
+
+
+# the DGL loop reads its checkpoint the same way --------------------------------------------------
+
+def test_dgl_refuses_a_damaged_checkpoint_and_records_its_settings(tmp_path):
+    """A 0-byte DGL checkpoint is refused naming the file; a finished one records its variant and
+    settings, and resuming it under other settings is refused."""
+    from reidkit.train_weak import train_dgl
+
+    sample = load_dataset("mini-mars")
+    (tmp_path / "checkpoint.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="damaged"):
+        train_dgl("smoke", sample, tmp_path, variant="unary_only", device="cpu", epochs=1, iters=1,
+                  evaluate=False, log=lambda s: None)
+    (tmp_path / "checkpoint.pt").unlink()
+    train_dgl("smoke", sample, tmp_path, variant="unary_only", device="cpu", epochs=1, iters=1,
+              evaluate=False, log=lambda s: None)
+    ck = torch_load(tmp_path / "checkpoint.pt")
+    assert ck["settings"]["variant"] == "unary_only" and ck["settings"]["method"] == "dgl"
+    with pytest.raises(CheckpointError, match="dgl.lr: checkpoint"):
+        train_dgl(get_profile("smoke").replace(dgl__lr=0.5), sample, tmp_path, variant="unary_only", device="cpu",
+                  epochs=2, iters=1, evaluate=False, log=lambda s: None)
