@@ -24,6 +24,21 @@ def _truth(ctx):
     return ds, feats, pids, cams
 
 
+def _jaccard_sweep(ctx, feats, pids, cams):
+    """DBSCAN on the profile's Jaccard distance at every eps of ``prof.cluster.eps_grid``: one row
+    per eps with the cluster counts, purity, ARI and the within- and across-camera pair recall."""
+    c = ctx.profile.cluster
+    jac = jaccard_distance(feats, k1=c.k1, k2=c.k2, device=ctx.device)
+    rows = []
+    for s in eps_sweep(jac, c.eps_grid, gt=pids, min_samples=c.min_samples, return_labels=True):
+        split = camera_split_purity(s["labels"], pids, cams)
+        rows.append({"eps": s["eps"], "clusters": s["num_clusters"], "outliers": s["num_outliers"],
+                     "purity": s["purity"], "ari": s["ari"], "ari_all": s["ari_all"],
+                     "within_camera_recall": split["within_camera"]["recall"],
+                     "across_cameras_recall": split["across_cameras"]["recall"]})
+    return rows
+
+
 def exercise_1(ctx):
     """Predict, then measure: what eps does to the clusters.
 
@@ -34,16 +49,8 @@ def exercise_1(ctx):
     Returns ``rows`` (one dict per eps of the grid), ``smallest`` and ``largest`` (the two end rows)
     and ``first_eps_purity_below_0.9`` (``None`` if it never does), with an explanation.
     """
-    c = ctx.profile.cluster
     _, feats, pids, cams = _truth(ctx)
-    jac = jaccard_distance(feats, k1=c.k1, k2=c.k2, device=ctx.device)
-    rows = []
-    for s in eps_sweep(jac, c.eps_grid, gt=pids, min_samples=c.min_samples, return_labels=True):
-        split = camera_split_purity(s["labels"], pids, cams)
-        rows.append({"eps": s["eps"], "clusters": s["num_clusters"], "outliers": s["num_outliers"],
-                     "purity": s["purity"], "ari": s["ari"],
-                     "within_camera_recall": split["within_camera"]["recall"],
-                     "across_cameras_recall": split["across_cameras"]["recall"]})
+    rows = _jaccard_sweep(ctx, feats, pids, cams)
     below = [r["eps"] for r in rows if r["purity"] < 0.9]
     return {
         "rows": rows,
@@ -182,13 +189,7 @@ def exercise_5(ctx, quantiles=(0.005, 0.01, 0.02, 0.03, 0.05, 0.1)):
         euclid_rows.append({"quantile": q, "eps": eps, "clusters": st["num_clusters"],
                             "outliers": st["num_outliers"], "ari": st["ari"], "ari_all": st["ari_all"],
                             "across_cameras_recall": split["across_cameras"]["recall"]})
-    jac = jaccard_distance(feats, k1=c.k1, k2=c.k2, device=ctx.device)
-    jaccard_rows = []
-    for s in eps_sweep(jac, c.eps_grid, gt=pids, min_samples=c.min_samples, return_labels=True):
-        split = camera_split_purity(s["labels"], pids, cams)
-        jaccard_rows.append({"eps": s["eps"], "clusters": s["num_clusters"], "outliers": s["num_outliers"],
-                             "ari": s["ari"], "ari_all": s["ari_all"],
-                             "across_cameras_recall": split["across_cameras"]["recall"]})
+    jaccard_rows = _jaccard_sweep(ctx, feats, pids, cams)
     # score with every image counted (outliers as singletons), so dropping data is not rewarded
     best_e = max(euclid_rows, key=lambda r: r["ari_all"])
     best_j = max(jaccard_rows, key=lambda r: r["ari_all"])

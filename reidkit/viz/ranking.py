@@ -6,7 +6,7 @@ from typing import Sequence
 
 import numpy as np
 
-from reidkit.evaluation import evaluate_rank, queries_by_outcome, ranked_gallery
+from reidkit.evaluation import evaluate_rank, precision_recall, queries_by_outcome, ranked_gallery
 from reidkit.viz.base import GREEN, RED, image_grid
 
 
@@ -61,8 +61,7 @@ def match_summary(dist_row, q_pid: int, q_cam: int, g_pids, g_cams) -> str:
     images were removed, and the 1-based positions of the true matches in the ranked list."""
     g_pids, g_cams = np.asarray(g_pids), np.asarray(g_cams)
     junk = int(((g_pids == q_pid) & (g_cams == q_cam)).sum())
-    order = ranked_gallery(dist_row, q_pid, q_cam, g_pids, g_cams)
-    ranks = np.flatnonzero(g_pids[order] == q_pid) + 1
+    ranks = precision_recall(dist_row, q_pid, q_cam, g_pids, g_cams)["match_ranks"]
     if len(ranks) == 0:
         return (f"no true match left: all {junk} images of this person in the gallery come from the query's "
                 f"camera (junk), so the Market protocol skips this query")
