@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from reidkit.config import get_profile  # noqa: E402
 from reidkit.data.datasets import load_dataset  # noqa: E402
 from reidkit.models import build_model  # noqa: E402
-from reidkit.train import evaluate_model, train_hhcl  # noqa: E402
+from reidkit.hhcl import evaluate_model, train_hhcl  # noqa: E402
 from reidkit.utils import atomic_write_json, seed_everything  # noqa: E402
 
 METHODS = {"Cluster-Contrast CM": "CM", "HHCL CMhybrid": "CMhybrid", "HHCL CMhybrid_v2": "CMhybrid_v2"}

@@ -52,35 +52,94 @@ def _cmd_reproduce(args) -> int:
     return main_reproduce(args)
 
 
-def _cmd_train(args) -> int:
-    from reidkit.config import OverrideError, apply_overrides, get_profile
-    from reidkit.data.datasets import LayoutError
+def _train_dataset(prof, method: str, data_root):
+    """The dataset a training run reads. SYSU-30k is checked (never listed: 29.6M images) and its
+    training folders are streamed by DGL; HHCL cannot use it (no cameras, no identities)."""
+    from reidkit.data.datasets import check_sysu_tree, load_dataset
     from reidkit.data.subset import load_profile_dataset
+
+    if prof.data.dataset in ("sysu30k", "sysu"):
+        if method != "dgl":
+            raise _UserError("SYSU-30k's training images carry bag labels only (no cameras): train it with "
+                             "--method dgl (the sysu30k profile's method)")
+        check_sysu_tree(data_root)
+        return load_dataset("sysu30k", data_root, load_train=False)
+    return load_profile_dataset(prof, data_root)
+
+
+def _prepare_train(args):
+    """(profile, method, dataset) of ``reidkit train``: every argument checked before any work."""
+    from reidkit.config import apply_overrides, get_profile
     from reidkit.reproduce import overrides_from_args
 
+    overrides = overrides_from_args(args)
+    if args.dataset:
+        overrides["data.dataset"] = args.dataset
+    if args.variant:
+        overrides["dgl.variant"] = args.variant
+    if args.memory:
+        overrides["hhcl.memory"] = args.memory
+    prof = apply_overrides(get_profile(args.profile), overrides)
+    method = args.method or prof.method
+    if args.variant and method != "dgl":
+        raise _UserError(f"--variant is DGL's (full | unary_only | supervised); this run's method is {method}")
+    if args.memory and method != "hhcl":
+        raise _UserError(f"--memory is HHCL's (CM | CMhybrid | CMhybrid_v2); this run's method is {method}")
+    _check_device(args.device)
+    return prof, method, _train_dataset(prof, method, args.data_root)
+
+
+def _cmd_train(args) -> int:
+    from reidkit.config import OverrideError
+    from reidkit.data.datasets import CorruptImageError, LayoutError
+    from reidkit.weights import CheckpointError
+
+    user_errors = (OverrideError, LayoutError, CorruptImageError, CheckpointError, KeyError, ValueError,
+                   FileNotFoundError, NotADirectoryError)
     try:
-        overrides = overrides_from_args(args)
-        if args.dataset:
-            overrides["data.dataset"] = args.dataset
-        prof = apply_overrides(get_profile(args.profile), overrides)
-        _check_device(args.device)
-        ds = load_profile_dataset(prof, args.data_root)
+        prof, method, ds = _prepare_train(args)
     except _UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except (OverrideError, LayoutError, KeyError, ValueError, FileNotFoundError, NotADirectoryError) as exc:
+    except user_errors as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
     if prof.data.subset_ids is not None:
         print(ds.notes[-1])
-    from reidkit.train import train_hhcl
+    _print_cost(prof)
+    common = dict(out_dir=args.out, device=args.device, seed=args.seed, resume=not args.no_resume,
+                  epochs=args.epochs)
+    try:
+        if method == "dgl":
+            from reidkit.dgl import train_dgl
 
-    res = train_hhcl(prof, ds, out_dir=args.out, device=args.device, memory=args.memory, seed=args.seed,
-                     selection=args.selection, resume=not args.no_resume, epochs=args.epochs)
+            res = train_dgl(prof, ds, variant=prof.dgl.variant, iters=args.iters, selection=args.selection or "last",
+                            **common)
+        else:
+            from reidkit.hhcl import train_hhcl
+
+            res = train_hhcl(prof, ds, selection=args.selection or "val", **common)
+    except user_errors as exc:  # bad input found at start: the run stops before it trains
+        print(f"error: {_one_line(exc)}", file=sys.stderr)
+        return 2
     if res.test is not None:
-        print(json.dumps({"selected_epoch": res.best_epoch, "selection": res.selection,
+        print(json.dumps({"method": res.method, "selected_epoch": res.best_epoch, "selection": res.selection,
                           **{k: v for k, v in res.test.items() if k != "cmc"}}))
     return 0
+
+
+def _print_cost(prof) -> None:
+    """The expected GPU memory and time per epoch of a paper profile, before the run starts."""
+    try:
+        from reidkit.gpu_cost import format_cost
+    except ImportError:
+        return
+    try:
+        line = format_cost(prof)
+    except (KeyError, ValueError):  # no cost known for this network: say nothing rather than stop
+        return
+    if line:
+        print(line, flush=True)
 
 
 def _cmd_report(args) -> int:
@@ -336,14 +395,28 @@ def _add_eval_parsers(sub) -> None:
     p.set_defaults(func=_cmd_extract)
 
 
+EXAMPLES = """examples, one per command:
+  reidkit datasets --dataset market1501 /data                  identities / images / cameras per split
+  reidkit profiles                                             the run profiles and what each reproduces
+  reidkit reproduce --profile workshop                         the six notebooks headless, then report.md
+  reidkit train --profile market1501 --data-root /data --out runs/hhcl        HHCL (the profile's method)
+  reidkit train --method dgl --variant full --profile smoke --out runs/dgl    DGL on weak bag labels
+  reidkit evaluate --weights runs/hhcl/model_best.pt --dataset market1501 --data-root /data --json
+  reidkit extract --weights net_6.pth --dataset sysu30k --data-root /data --split query --out q.npz
+  reidkit report runs/workshop-20261130-120000                 rewrite report.md of a run folder
+Errors in the arguments or the data exit with status 2 and one line naming what is wrong."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     from reidkit import __version__
 
-    parser = argparse.ArgumentParser(prog="reidkit", description=__doc__)
+    parser = argparse.ArgumentParser(prog="reidkit", description=__doc__, epilog=EXAMPLES,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"reidkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("datasets", help="parse a dataset folder and print identities / images / cameras per split")
+    p = sub.add_parser("datasets", help="parse a dataset folder and print identities / images / cameras per split",
+                       epilog="example: reidkit datasets --dataset msmt17 /data --json")
     p.add_argument("root", nargs="?", default=None, help="dataset folder or a parent of it (omit for mini-mars)")
     p.add_argument("--dataset", "-d", required=True,
                    help="market1501 | dukemtmcreid | msmt17 | mars | mini-mars | sysu30k | folder")
@@ -358,11 +431,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset-seed", type=int, default=0, help="seed of the subset's id choice (default 0)")
     p.set_defaults(func=_cmd_datasets)
 
-    p = sub.add_parser("profiles", help="list the run profiles")
+    p = sub.add_parser("profiles", help="list the run profiles", epilog="example: reidkit profiles --json")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=_cmd_profiles)
 
-    p = sub.add_parser("reproduce", help="run the notebooks in order with papermill and write report.md")
+    p = sub.add_parser("reproduce", help="run the notebooks in order with papermill and write report.md",
+                       epilog="example: reidkit reproduce --profile market1501 --data-root /data --set hhcl.epochs=1")
     p.add_argument("--profile", default="workshop")
     p.add_argument("--data-root", default=None, help="folder holding the dataset (default: embedded sample)")
     p.add_argument("--run-dir", default=None, help="run folder (default runs/<profile>-<timestamp>)")
@@ -377,15 +451,24 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a profile value, e.g. --set hhcl.epochs=2 (JSON values); recorded in run.json")
     p.set_defaults(func=_cmd_reproduce)
 
-    p = sub.add_parser("train", help="train HHCL / Cluster-Contrast; under torchrun, one process per device")
+    p = sub.add_parser("train", help="train HHCL (unsupervised) or DGL (weak bag labels); under torchrun, one "
+                       "process per device", epilog="examples: reidkit train --profile workshop --out runs/hhcl | "
+                       "reidkit train --method dgl --variant full --profile smoke --out runs/dgl | "
+                       "reidkit train --profile sysu30k --data-root /data/SYSU-30k --out runs/sysu")
     p.add_argument("--profile", default="workshop")
+    p.add_argument("--method", choices=["hhcl", "dgl"], default=None,
+                   help="the method to train (default: the profile's; sysu30k is dgl, the others hhcl)")
+    p.add_argument("--variant", choices=["full", "unary_only", "supervised"], default=None,
+                   help="DGL's variant (default: the profile's dgl.variant, full)")
+    p.add_argument("--iters", type=int, default=None, help="DGL: at most N iterations per epoch")
     p.add_argument("--data-root", default=None)
     p.add_argument("--dataset", default=None, help="override the profile's dataset")
-    p.add_argument("--out", required=True, help="output folder (checkpoint.pt, model_best.pt, history.json)")
+    p.add_argument("--out", required=True,
+                   help="output folder (checkpoint.pt, model_best.pt, history.json, train.log)")
     p.add_argument("--memory", choices=["CM", "CMhybrid", "CMhybrid_v2"], default=None)
-    p.add_argument("--selection", choices=["val", "test", "last"], default="val",
-                   help="model selection: a validation split of the training ids (default), the test set "
-                        "(the papers' practice) or the last epoch")
+    p.add_argument("--selection", choices=["val", "test", "last"], default=None,
+                   help="model selection: a validation split of the training ids (HHCL's default), the test "
+                        "set (the papers' practice) or the last epoch (DGL's default, as its reference)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default="auto")
@@ -396,7 +479,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep N training and N test identities (same as --set data.subset_ids=N)")
     p.set_defaults(func=_cmd_train)
 
-    p = sub.add_parser("report", help="(re)write report.md of a run folder")
+    p = sub.add_parser("report", help="(re)write report.md of a run folder",
+                       epilog="example: reidkit report runs/workshop-20261130-120000")
     p.add_argument("run_dir")
     p.set_defaults(func=_cmd_report)
 

@@ -107,6 +107,8 @@ class DGLConfig:
     amsgrad: bool = True
     amp: bool = False                 # the reference trains in fp32; True: bf16 autocast where native
     epochs: int = 300
+    eval_step: int = 0                # evaluate every eval_step epochs; 0: after the last one only
+    ghost_bn: int | None = None       # BN statistics per chunk of this many images (None: whole batch)
     milestones: tuple[int, ...] = (250, 290)
     gamma: float = 0.1
     # unary-only variant (UO/train_weak.py)
@@ -125,11 +127,15 @@ class DGLConfig:
 #: profile; ``data.erasing_fill`` is HHCL's constant fill (spec hhcl §1.4)
 DGL_ERASING_FILL: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
+#: the two methods a profile can name: unsupervised HHCL, weakly supervised DGL
+METHODS = ("hhcl", "dgl")
+
 
 @dataclass(frozen=True)
 class Profile:
     name: str
     description: str
+    method: str = "hhcl"                           # what train / reproduce run: hhcl | dgl
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -247,6 +253,7 @@ PROFILES: dict[str, Profile] = {
     "sysu30k": Profile(
         name="sysu30k",
         description="DGL on SYSU-30k (weak bag labels; evaluation: 1,000 queries vs ~479k gallery)",
+        method="dgl",
         data=DataConfig(dataset="sysu30k", height=384, width=128, pad=0, erasing_fill=(0.0, 0.0, 0.0)),
         model=ModelConfig(arch="resnet50", pooling="avg"),
         dgl=DGLConfig(),
@@ -287,7 +294,7 @@ class OverrideError(ValueError):
 
 
 _SECTIONS = ("data", "model", "cluster", "hhcl", "dgl", "eval")
-_TOP_LEVEL = ("seed",)
+_TOP_LEVEL = ("seed", "method")
 
 
 def _field_type(key: str):
@@ -362,7 +369,8 @@ def _coerce(key: str, value: Any, hint) -> Any:
 
 #: string fields that take one of a fixed set of values: ``key -> (module, attribute)`` naming the
 #: tuple where that set is defined (imported only when the field is overridden)
-_CHOICES = {"hhcl.memory": ("reidkit.memory", "MODES"), "model.arch": ("reidkit.models", "ARCHS")}
+_CHOICES = {"hhcl.memory": ("reidkit.memory", "MODES"), "model.arch": ("reidkit.models", "ARCHS"),
+            "dgl.variant": ("reidkit.weak_models", "VARIANTS"), "method": ("reidkit.config", "METHODS")}
 
 
 def _check_choice(key: str, value: Any) -> Any:

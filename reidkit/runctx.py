@@ -157,7 +157,7 @@ class RunContext:
         feats = self.load_array("02_backbone", f"features_{split}")
         if feats is not None:
             return feats
-        from reidkit.train import extract_records
+        from reidkit.hhcl import extract_records
 
         print(f"notebook 02 has not run in {self.run_dir}: extracting direct-transfer {split} features here")
         if records is None:

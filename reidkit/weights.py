@@ -3,9 +3,9 @@
 :func:`load_released` recognises three layouts from the file's content (not its name):
 
 ``kit``
-    The kit's own files: ``model_best.pt`` / ``checkpoint.pt`` of ``reidkit.train`` (``{"model":
+    The kit's own files: ``model_best.pt`` / ``checkpoint.pt`` of ``reidkit.hhcl`` (``{"model":
     state dict of a ReIDNet, "profile", "arch", "pooling", ...}``) and ``checkpoint.pt`` /
-    ``model_final.pt`` of ``reidkit.train_weak`` (``{"model", "variant", "network", "num_classes",
+    ``model_best.pt`` of ``reidkit.dgl`` (``{"model", "variant", "network", "num_classes",
     "profile", ...}``). The network is rebuilt from that metadata (arch and pooling are read from
     the keys when the file does not name them). Test feature: the kit's, i.e. ``model(x)``
     (flip-summed for MGN, as the DGL reference does), L2-normalised.
@@ -46,7 +46,7 @@ __all__ = ["CheckpointError", "TestFeature", "SysuFtNet", "LAYOUTS", "load_relea
 
 LAYOUTS = ("kit", "hhcl", "sysu30k")
 _EXPECTED = {
-    "kit": "a dict with 'model' (a ReIDNet / weak-model state dict) and 'profile' (reidkit.train / train_weak)",
+    "kit": "a dict with 'model' (a ReIDNet / weak-model state dict) and 'profile' (reidkit.hhcl / reidkit.dgl)",
     "hhcl": "{'state_dict', 'epoch', 'best_mAP'} with keys module.base.0.weight ... module.feat_bn.running_var "
             "(HHCL / Cluster-Contrast model_best.pth.tar)",
     "sysu30k": "a bare state dict with keys module.model.conv1.weight ... module.model.fc.bias, "
@@ -278,19 +278,19 @@ def _kit_profile(obj: Mapping):
 
 
 def _load_kit_weak(obj: Mapping, path: Path) -> TestFeature:
-    from reidkit import train_weak
+    from reidkit.weak_models import build_weak_model, weak_input_size
 
     prof = _kit_profile(obj)
     if "num_classes" not in obj:
         raise CheckpointError(f"{path}: a weakly supervised (DGL) kit checkpoint without 'num_classes'; expected "
-                              f"the keys model, variant, network, num_classes, profile (reidkit.train_weak)")
+                              f"the keys model, variant, network, num_classes, profile (reidkit.dgl)")
     variant = obj.get("variant") or "full"
     network = obj.get("network") or "auto"
-    model = train_weak.build_weak_model(prof, variant, int(obj["num_classes"]), device="cpu", network=network,
-                                        pretrained=False)
+    model = build_weak_model(prof, variant, int(obj["num_classes"]), device="cpu", network=network,
+                             pretrained=False)
     _load_strict(model, obj["model"], path, "kit")
     try:
-        size = train_weak._input_size(prof, variant)
+        size = weak_input_size(prof, variant)
     except Exception:  # noqa: BLE001 - older / newer layouts: the profile's size
         size = (prof.data.height, prof.data.width)
     net = getattr(model, "network", network)

@@ -22,14 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def no_training(monkeypatch):
-    """A stand-in ``reidkit.train`` whose trainer fails the test: an error must come before any work."""
-    fake = types.ModuleType("reidkit.train")
+    """A stand-in ``reidkit.engine`` whose loop fails the test: an error must come before any work."""
+    import reidkit.engine as real
 
-    def train_hhcl(*a, **k):
-        raise AssertionError("train_hhcl reached: the user error was not caught before the work")
+    fake = types.ModuleType("reidkit.engine")
+    fake.__dict__.update(real.__dict__)
 
-    fake.train_hhcl = train_hhcl
-    monkeypatch.setitem(sys.modules, "reidkit.train", fake)
+    def fit(*a, **k):
+        raise AssertionError("the training loop was reached: the user error was not caught before the work")
+
+    fake.fit = fit
+    monkeypatch.setattr("reidkit.hhcl.fit", fit)
+    monkeypatch.setattr("reidkit.dgl.fit", fit)
 
 
 def _one_line_error(capsys, rc) -> str:

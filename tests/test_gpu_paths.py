@@ -44,7 +44,7 @@ def _mock_gpu(monkeypatch, capability, native: bool, old_signature: bool = False
                                                       ((9, 0), True, True), ((8, 6), False, False)])
 def test_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, capability, native, expect):
     from reidkit.features import resolve_amp
-    from reidkit.train import amp_dtype
+    from reidkit.hhcl import amp_dtype
 
     _mock_gpu(monkeypatch, capability, native)
     cuda = torch.device("cuda")
@@ -64,13 +64,13 @@ def test_bf16_check_works_with_the_old_signature(monkeypatch):
 
 
 def test_dgl_is_fp32_on_any_gpu_unless_the_profile_asks(monkeypatch):
-    from reidkit.train_weak import dgl_amp_dtype, evaluate_sysu30k
+    from reidkit.weak_eval import dgl_amp_dtype, evaluate_sysu30k
 
     _mock_gpu(monkeypatch, (9, 0), True)
     for name in ("sysu30k", "smoke", "workshop"):
         assert dgl_amp_dtype(name, torch.device("cuda")) is None
     asks = SimpleNamespace(dgl=SimpleNamespace(amp=True))
-    monkeypatch.setattr("reidkit.train_weak.get_profile", lambda p: p)
+    monkeypatch.setattr("reidkit.weak_eval.get_profile", lambda p: p)
     assert dgl_amp_dtype(asks, torch.device("cuda")) is torch.bfloat16
     _mock_gpu(monkeypatch, (7, 5), False)
     assert dgl_amp_dtype(asks, torch.device("cuda")) is None
@@ -279,7 +279,7 @@ def mock_cuda_devices(monkeypatch):
 
 
 def test_indexed_cuda_device_becomes_current_in_one_process(mock_cuda_devices):
-    from reidkit.train import init_distributed
+    from reidkit.distributed import init_distributed
 
     assert ut.activate_device("cpu").type == "cpu" and mock_cuda_devices == []
     assert init_distributed("cuda:1") == torch.device("cuda", 1)
@@ -292,7 +292,7 @@ def test_process_group_gets_a_long_timeout(monkeypatch, mock_cuda_devices):
 
     import torch.distributed as dist
 
-    from reidkit import train
+    from reidkit import distributed as train
 
     calls = []
     monkeypatch.setattr(dist, "is_initialized", lambda: False)

@@ -134,11 +134,11 @@ def test_kit_checkpoints_load_with_their_test_feature(kit_file, tmp_path):
 
 
 def test_kit_weak_checkpoint_loads(tmp_path):
-    from reidkit.train_weak import build_weak_model
+    from reidkit.weak_models import build_weak_model
 
     torch.manual_seed(0)
     net = build_weak_model("smoke", "full", 5, device="cpu", pretrained=False).eval()
-    path = tmp_path / "model_final.pt"
+    path = tmp_path / "model_best.pt"
     torch.save({"model": net.state_dict(), "variant": "full", "network": net.network, "num_classes": 5,
                 "profile": "smoke", "epoch": 1, "arch": "mobilenetv2"}, path)
     _, feature = load_released(path)
@@ -217,7 +217,7 @@ def _run(capsys, *argv):
 def test_cli_evaluate_on_sample_matches_kit_evaluation(kit_file, capsys):
     from reidkit.config import get_profile
     from reidkit.data.datasets import load_dataset
-    from reidkit.train import evaluate_model
+    from reidkit.hhcl import evaluate_model
 
     rc, out, _ = _run(capsys, "evaluate", "--weights", str(kit_file), "--dataset", "mini-mars", "--json",
                       "--device", "cpu")

@@ -21,11 +21,11 @@ NB = "05_weak_graphical"
 def ctx05(smoke_ctx):
     """The smoke run folder with notebook 05's full and unary-only networks trained for two iterations
     (what the solutions load instead of training the profile's epochs)."""
-    from reidkit.train_weak import train_dgl
+    from reidkit.dgl import train_dgl
 
     ds = smoke_ctx.dataset()
     for variant in ("full", "unary_only"):
-        if not smoke_ctx.path(NB, variant, "model_final.pt").is_file():
+        if not smoke_ctx.path(NB, variant, "model_best.pt").is_file():
             train_dgl("smoke", ds, smoke_ctx.path(NB, variant), variant=variant, device="cpu", seed=1,
                       epochs=1, iters=2, evaluate=False, log=lambda s: None)
     return smoke_ctx
@@ -83,7 +83,8 @@ def test_compare_assignments_exact_never_costs_more_and_brute_force_agrees():
 
 
 def test_example_bag_and_forward_records(smoke_ctx):
-    from reidkit.train_weak import build_weak_model, example_bag, forward_records
+    from reidkit.weak_course import example_bag, forward_records
+    from reidkit.weak_models import build_weak_model
 
     prof = smoke_ctx.profile
     bag = example_bag(prof, smoke_ctx.dataset(), seed=1)
@@ -98,13 +99,13 @@ def test_example_bag_and_forward_records(smoke_ctx):
 
 
 def test_results_and_training_tables(ctx05, tmp_path):
-    from reidkit.train_weak import (RESULT_COLUMNS, VARIANT_NAMES, evaluate_variants, load_weak_model,
-                                    results_table, training_table, variants_summary)
+    from reidkit.weak_course import RESULT_COLUMNS, VARIANT_NAMES, evaluate_variants, results_table, training_table, variants_summary
+    from reidkit.weak_models import load_weak_model
     from reidkit.runctx import RunContext
     from types import SimpleNamespace
 
     ds = ctx05.dataset()
-    model = load_weak_model(ctx05.path(NB, "full", "model_final.pt"), "smoke", "cpu")
+    model = load_weak_model(ctx05.path(NB, "full", "model_best.pt"), "smoke", "cpu")
     hist = [{"epoch": 0, "loss": 1.0, "ce": 0.5, "pairwise": -0.01, "triplet": 0.2, "pseudo_acc": 0.5, "t_epoch": 1.0}]
     runs = {"full": SimpleNamespace(model=model, history=hist, network="reidnet", num_classes=16)}
     ctx = RunContext.open("smoke", None, str(tmp_path), "cpu", 1, name=NB)

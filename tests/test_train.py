@@ -9,7 +9,9 @@ from torch import nn
 
 from reidkit.config import get_profile
 from reidkit.data.datasets import ReIDDataset, load_dataset
-from reidkit.train import GhostBatchNorm2d, apply_ghost_bn, make_val_split, train_hhcl
+from reidkit.engine import make_val_split
+from reidkit.ghost_bn import GhostBatchNorm2d, apply_ghost_bn
+from reidkit.hhcl import train_hhcl
 from reidkit.utils import torch_load
 
 
@@ -129,3 +131,39 @@ def test_ddp_two_cpu_processes_match_one_process_with_ghost_bn(tmp_path):
     assert moved < 1e-2 * sum(float(b[k].float().norm()) for k in b if b[k].is_floating_point())
     for k in ("neck.running_mean", "neck.running_var"):
         assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_dgl_ddp_two_cpu_processes_match_one_process(tmp_path):
+    """DGL under torchrun with 2 gloo processes: each rank forwards half of every global batch, the
+    outputs are gathered with their gradients, and every rank computes the bag loss over the whole
+    batch, so training follows one process whose BN normalises the same halves (ghost BN)."""
+    import os
+    import subprocess
+    import sys
+
+    root = _folder_tree(tmp_path / "data", _tiny_dataset())
+    sets = ["data.flip=false", "data.erasing_p=0", "data.workers=0", "dgl.amp=false", "dgl.epochs=1",
+            "dgl.ids_per_batch=4", "dgl.images_per_id=4", "dgl.ids_per_bag=2"]
+    common = ["--method", "dgl", "--variant", "full", "--profile", "smoke", "--dataset", "folder", "--data-root",
+              str(root), "--selection", "last", "--device", "cpu", "--iters", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29527", "-m", "reidkit", "train", *common, "--out", str(tmp_path / "ddp"),
+                          *sum((["--set", s] for s in sets), [])],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = subprocess.run([sys.executable, "-m", "reidkit", "train", *common, "--out", str(tmp_path / "one"),
+                             *sum((["--set", s] for s in sets + ["dgl.ghost_bn=8"]), [])],
+                            capture_output=True, text=True, env=env, timeout=300)
+    assert single.returncode == 0, single.stderr[-3000:]
+    h_ddp = json.loads((tmp_path / "ddp" / "history.json").read_text())
+    h_one = json.loads((tmp_path / "one" / "history.json").read_text())
+    assert h_ddp[0]["images"] == h_one[0]["images"] == 32  # the global batch, counted once
+    assert np.isclose(h_ddp[0]["losses"][0], h_one[0]["losses"][0], rtol=1e-5)
+    assert np.isclose(h_ddp[0]["losses"][1], h_one[0]["losses"][1], rtol=1e-3)
+    a = torch_load(tmp_path / "ddp" / "checkpoint.pt")["model"]
+    b = torch_load(tmp_path / "one" / "checkpoint.pt")["model"]
+    moved = sum(float((b[k].float() - a[k].float()).norm()) for k in b if b[k].is_floating_point())
+    assert moved < 1e-2 * sum(float(b[k].float().norm()) for k in b if b[k].is_floating_point())
+    for name in ("checkpoint.pt", "model_best.pt", "history.json", "train.log"):
+        assert (tmp_path / "ddp" / name).is_file(), name

@@ -10,7 +10,9 @@ import torch
 
 from reidkit.config import get_profile
 from reidkit.data.datasets import ReIDDataset, load_dataset
-from reidkit.train import make_val_split, read_train_checkpoint, train_hhcl
+from reidkit.checkpoints import read_train_checkpoint
+from reidkit.engine import make_val_split
+from reidkit.hhcl import train_hhcl
 from reidkit.utils import torch_load
 from reidkit.weights import CheckpointError
 
@@ -165,7 +167,7 @@ def test_epochs_below_the_epochs_done_is_an_error(one_epoch, tmp_path):
 def test_dgl_refuses_a_damaged_checkpoint_and_records_its_settings(tmp_path):
     """A 0-byte DGL checkpoint is refused naming the file; a finished one records its variant and
     settings, and resuming it under other settings is refused."""
-    from reidkit.train_weak import train_dgl
+    from reidkit.dgl import train_dgl
 
     sample = load_dataset("mini-mars")
     (tmp_path / "checkpoint.pt").write_bytes(b"")

@@ -13,8 +13,11 @@ from torch.utils.data import DataLoader
 
 from reidkit.data.datasets import (LayoutError, ReIDDataset, iter_sysu_bags, load_dataset, sysu_consecutive_bags,
                                    sysu_num_classes, sysu_train_folders)
-from reidkit.train_weak import (SYSUBagStream, bag_matrix, batch_hard_triplet_loss, build_weak_model,
-                                evaluate_sysu30k, load_weak_model, train_dgl)
+from reidkit.data.sysu import SYSUBagStream
+from reidkit.dgl import train_dgl
+from reidkit.weak_eval import evaluate_sysu30k
+from reidkit.weak_losses import bag_matrix, batch_hard_triplet_loss
+from reidkit.weak_models import build_weak_model, load_weak_model
 
 torch.set_num_threads(1)
 
@@ -46,18 +49,18 @@ def test_each_variant_trains_and_writes_checkpoints(tmp_path, sample, variant):
         assert 0.0 <= h["pseudo_acc"] <= 1.0
     assert res.network == {"full": "reidnet", "unary_only": "ft_net", "supervised": "reidnet"}[variant]
     assert res.num_classes == 16
-    for name in ("checkpoint.pt", "model_final.pt", "history.json"):
+    for name in ("checkpoint.pt", "model_best.pt", "history.json"):
         assert (tmp_path / variant / name).is_file()
     state = torch.load(tmp_path / variant / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 1 and state["variant"] == variant
     if variant == "unary_only":  # the saved network rebuilds exactly
-        again = load_weak_model(tmp_path / variant / "model_final.pt", "smoke", device="cpu")
+        again = load_weak_model(tmp_path / variant / "model_best.pt", "smoke", device="cpu")
         assert type(again) is type(res.model)
         for k, v in res.model.state_dict().items():
             assert torch.equal(v, again.state_dict()[k]), k
     # a checkpoint of another variant is refused
     other = "supervised" if variant != "supervised" else "unary_only"
-    with pytest.raises(ValueError, match="checkpoint of variant"):
+    with pytest.raises(ValueError, match="variant: checkpoint"):
         train_dgl("smoke", sample, tmp_path / variant, variant=other, device="cpu", epochs=1, iters=1,
                   evaluate=False, log=lambda s: None)
 
@@ -129,7 +132,8 @@ def test_full_loss_on_mgn_matches_the_spec_formula():
     """L = ce_w * mean_h [CE_h + pw * pair_h] + tri_w * mean_k wtri_k over MGN's 8 heads / 3 embeddings;
     the gradient reaches every classifier and, through the kernel, layer1."""
     from reidkit.config import get_profile
-    from reidkit.train_weak import forward_heads, full_dgl_loss
+    from reidkit.weak_losses import full_dgl_loss
+    from reidkit.weak_models import forward_heads
     from reidkit.weak import bag_label_vectors, graph_loss, weak_triplet_loss
 
     cfg = get_profile("sysu30k").dgl

@@ -17,7 +17,7 @@ from reidkit.data.transforms import ImageDataset, test_transform
 from reidkit.evaluation import evaluate_rank, pairwise_distance, ranked_gallery
 from reidkit.features import extract_features
 from reidkit.models import GeneralizedMeanPooling, build_model
-from reidkit.train import amp_dtype, extract_records
+from reidkit.hhcl import amp_dtype, extract_records
 
 
 # -- small helpers shared by the solutions -------------------------------------------------------

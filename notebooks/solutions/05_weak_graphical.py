@@ -2,7 +2,7 @@
 
 Each ``exercise_K(ctx, ...)`` takes the notebook's ``RunContext`` and returns the numbers that
 answer the question, with the written answer under ``"explanation"``. The trained networks are the
-notebook's own (``RUN_DIR/05_weak_graphical/<variant>/model_final.pt``); when the notebook has not
+notebook's own (``RUN_DIR/05_weak_graphical/<variant>/model_best.pt``); when the notebook has not
 run in this run folder they are trained here with the profile's settings (the same call as the
 notebook, so the notebook then resumes from them).
 """
@@ -10,8 +10,10 @@ notebook, so the notebook then resumes from them).
 import numpy as np
 
 from reidkit.data.datasets import relabel
-from reidkit.train_weak import (bag_inference, build_weak_model, example_bag, forward_records, load_weak_model,
-                                train_dgl)
+from reidkit.dgl import train_dgl
+from reidkit.weak_course import example_bag, forward_records
+from reidkit.weak_eval import bag_inference
+from reidkit.weak_models import build_weak_model, load_weak_model
 from reidkit.weak import (assignment_cost, compare_assignments, exact_balanced_assignment,
                           greedy_balanced_assignment, simulated_bags)
 from reidkit.viz import kernel_contrast
@@ -21,7 +23,7 @@ NOTEBOOK = "05_weak_graphical"
 
 def trained_model(ctx, variant):
     """The notebook's trained network of ``variant``, loaded from the run folder or trained here."""
-    final = ctx.path(NOTEBOOK, variant, "model_final.pt")
+    final = ctx.path(NOTEBOOK, variant, "model_best.pt")
     if final.is_file():
         return load_weak_model(final, ctx.profile, ctx.device)
     print(f"no trained {variant} network in {ctx.run_dir}: training it here")
