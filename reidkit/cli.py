@@ -86,7 +86,17 @@ def _prepare_train(args):
     if args.memory and method != "hhcl":
         raise _UserError(f"--memory is HHCL's (CM | CMhybrid | CMhybrid_v2); this run's method is {method}")
     _check_device(args.device)
+    _check_weights(prof)
     return prof, method, _train_dataset(prof, method, args.data_root)
+
+
+def _check_weights(prof) -> None:
+    """A profile that requires ImageNet weights stops here, before any data is read, when none is found
+    (``MissingWeightsError`` lists where it looked and how to supply the file)."""
+    from reidkit.models import REQUIRED, resolve_weights
+
+    if isinstance(prof.model.pretrained, str) and prof.model.pretrained.strip().lower() == REQUIRED:
+        resolve_weights(prof.model.arch, REQUIRED)
 
 
 def _cmd_train(args) -> int:
@@ -130,12 +140,11 @@ def _cmd_train(args) -> int:
 
 def _print_cost(prof) -> None:
     """The expected GPU memory and time per epoch of a paper profile, before the run starts."""
-    try:
-        from reidkit.gpu_cost import format_cost
-    except ImportError:
-        return
-    try:
-        line = format_cost(prof)
+    from reidkit.config import PROFILES
+    from reidkit.gpu_cost import format_cost
+
+    try:  # the paper-scale figure, whatever this run's overrides cut
+        line = format_cost(PROFILES.get(prof.name, prof))
     except (KeyError, ValueError):  # no cost known for this network: say nothing rather than stop
         return
     if line:

@@ -165,6 +165,10 @@ class Profile:
 
 
 _HHCL_MARKET = HHCLConfig()
+# the paper profiles start from ImageNet weights or not at all: "required" stops before training when
+# no weights file is found (reidkit.models.MissingWeightsError), instead of a silent random start;
+# --set model.pretrained=false asks for a random start explicitly
+_PAPER_MODEL = ModelConfig(arch="resnet50", pooling="avg", pretrained="required")
 # DGL under the HHCL paper profiles: MGN's 384x128 input (spec dgl §3.1); their data section is HHCL's 256x128
 _DGL_MGN_INPUT = DGLConfig(input_size=(384, 128))
 
@@ -221,44 +225,51 @@ PROFILES: dict[str, Profile] = {
         name="market1501",
         description="HHCL on Market-1501 as released (ResNet-50, avg pool, CMhybrid, bs 256, 200 it, 60 ep)",
         data=DataConfig(dataset="market1501"),
+        model=_PAPER_MODEL,
         cluster=ClusterConfig(eps=0.45),
         hhcl=_HHCL_MARKET,
         dgl=_DGL_MGN_INPUT,
         paper={"mAP": 84.2, "rank1": 93.4, "rank5": 97.7, "rank10": 98.5,
                "source": "HHCL README / paperswithcode (4 GPUs, no re-ranking)"},
-        expected="1 GPU with >= 40 GB (fp32, bs 256) or 4 x 12 GB; about 2 h on 4 x 2080Ti",
+        expected="derived (reidkit.gpu_cost): ~21 GB peak on one GPU in fp32 at batch 256 (~11 GB with AMP), "
+                 ">= 1 min per epoch on an A100; the authors: about 2 h on 4 x 2080Ti",
     ),
     "dukemtmcreid": Profile(
         name="dukemtmcreid",
         description="HHCL on DukeMTMC-reID as released (eps 0.6)",
         data=DataConfig(dataset="dukemtmcreid"),
+        model=_PAPER_MODEL,
         cluster=ClusterConfig(eps=0.6),
         hhcl=_HHCL_MARKET,
         dgl=_DGL_MGN_INPUT,
         paper={"mAP": 73.3, "rank1": 85.1, "rank5": 92.4, "rank10": 94.6,
                "source": "HHCL README / paperswithcode"},
-        expected="as market1501, about 20% longer",
+        expected="derived (reidkit.gpu_cost): as market1501, ~21 GB peak, >= 1 min per epoch on an A100",
     ),
     "msmt17": Profile(
         name="msmt17",
         description="HHCL on MSMT17 (eps 0.7, 300 iterations per epoch, the author's setting)",
         data=DataConfig(dataset="msmt17"),
+        model=_PAPER_MODEL,
         cluster=ClusterConfig(eps=0.7),
         hhcl=dataclasses.replace(_HHCL_MARKET, iters=300),
         dgl=_DGL_MGN_INPUT,
         paper={"mAP": 31.8, "rank1": 58.9, "rank5": 71.3, "rank10": 75.8,
                "source": "author, HHCL issue #7 (not in the paper)"},
-        expected="1 GPU with >= 40 GB; the Jaccard step needs < 3 GB host RAM here (the reference 9-13 GB)",
+        expected="derived (reidkit.gpu_cost): ~22 GB peak, >= 1.6 min per epoch on an A100; the Jaccard step "
+                 "needs < 3 GB host RAM here (the reference 9-13 GB)",
     ),
     "sysu30k": Profile(
         name="sysu30k",
         description="DGL on SYSU-30k (weak bag labels; evaluation: 1,000 queries vs ~479k gallery)",
         method="dgl",
         data=DataConfig(dataset="sysu30k", height=384, width=128, pad=0, erasing_fill=(0.0, 0.0, 0.0)),
-        model=ModelConfig(arch="resnet50", pooling="avg"),
+        model=_PAPER_MODEL,
         dgl=DGLConfig(),
         paper={"rank1": 26.9, "source": "SYSU-30k README leaderboard (DGL, weakly supervised)"},
-        expected="GPU; the training set is 82 GB of JPEGs, decoding bound; evaluation streams the gallery",
+        expected="derived (reidkit.gpu_cost): MGN at batch 64 ~15 GB peak, >= 35 min per streamed epoch "
+                 "(1.27M images) on an A100, about 180 h for 300 epochs in fp32 (67 h with AMP); the training "
+                 "set is 82 GB of JPEGs, decoding bound (>= 320 decoded images/s); evaluation streams the gallery",
     ),
 }
 

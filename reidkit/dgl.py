@@ -57,8 +57,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from reidkit.config import DGL_ERASING_FILL, Profile, get_profile
-from reidkit.data.datasets import Record, ReIDDataset
-from reidkit.engine import TrainResult, fit
+from reidkit.data.datasets import ReIDDataset
+from reidkit.engine import Method, TrainResult, fit
 from reidkit.weak_models import UO_RESIZE, check_variant, forward_heads, weak_input_size
 
 
@@ -98,7 +98,7 @@ def is_sysu_stream(ds: ReIDDataset) -> bool:
     return ds.name == "sysu30k" and not ds.train and (Path(ds.root) / "sysu_train_set_all").is_dir()
 
 
-class DGL:
+class DGL(Method):
     """The weakly supervised method on the engine: bags of images labelled only with their ids."""
 
     name = "dgl"
@@ -120,6 +120,7 @@ class DGL:
         self.ghost_bn = self.cfg.ghost_bn
         self.label = self.variant
         self.find_unused = self.variant == "unary_only"  # ft_net's BN neck is outside the loss
+        self.val_q, self.val_g = [], []
 
     def _batch_layout(self) -> tuple[int, int]:
         """(bag size, bags per batch) of the variant."""
@@ -205,12 +206,6 @@ class DGL:
         if self.num_classes < need:
             raise ValueError(f"{self.ds.name}: {self.num_classes} training identities cannot fill a batch of "
                              f"{what}; lower it with --set, or use more identities")
-
-    def eval_records(self, selection: str) -> dict[str, list[Record]]:
-        recs = {"query": list(self.ds.query), "gallery": list(self.ds.gallery)}
-        if selection == "val":
-            recs["validation"] = self.val_q + self.val_g
-        return recs
 
     def build_model(self, dev) -> nn.Module:
         from reidkit.weak_models import build_weak_model

@@ -207,6 +207,34 @@ def verify_images(records: Sequence[Record], what: str, log: Callable[[str], Non
 
 
 # --------------------------------------------------------------------------------------------
+# what a method provides
+
+class Method:
+    """The part of a training run that is the method's own (``reidkit.hhcl.HHCL``,
+    ``reidkit.dgl.DGL``). Attributes the engine reads: ``name``, ``label`` (for log lines),
+    ``prof``, ``epochs``, ``eval_every`` (0: the last epoch only), ``batch_size`` (global),
+    ``ghost_bn`` and ``find_unused`` (DDP). Methods: ``describe``, ``settings`` (what a checkpoint
+    records and resume compares), ``checkpoint_info``, ``prepare`` (data, splits), ``build_model``,
+    ``optimizer``, ``begin_epoch`` (-> batches and their count, or ``(None, None)`` to skip the
+    epoch's steps), ``step``, ``end_epoch``, ``evaluate`` and ``epoch_line``."""
+
+    find_unused = False
+    ds = None
+    val_q: list = []
+    val_g: list = []
+
+    def eval_records(self, selection: str) -> dict[str, list[Record]]:
+        """The images evaluation will read, checked before the first epoch."""
+        recs = {"query": list(self.ds.query), "gallery": list(self.ds.gallery)}
+        if selection == "val":
+            recs["validation"] = list(self.val_q) + list(self.val_g)
+        return recs
+
+    def result_info(self) -> dict:
+        return {}
+
+
+# --------------------------------------------------------------------------------------------
 # the loop
 
 @dataclass

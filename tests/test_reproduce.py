@@ -138,3 +138,129 @@ def test_report_resolves_auto_device_of_older_runs(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "`auto`" not in text and ("device: `cpu`" in text or "device: `cuda`" in text)
     assert "identity subset: none" in text and "overrides: none" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# report.md beside the paper, the environment, epoch times; checks before any notebook
+
+def _paper_run(tmp_path, profile, overrides=None, env=True, histories=None):
+    from reidkit.config import apply_overrides
+    from reidkit.reproduce import environment
+
+    run = tmp_path / "run"
+    run.mkdir()
+    prof = apply_overrides(profile, overrides or {})
+    doc = {"parameters": {"PROFILE": profile, "DATA_ROOT": "/data", "RUN_DIR": str(run), "DEVICE": "cpu",
+                          "SEED": 1, "INTERACTIVE": False},
+           "overrides": overrides or {}, "device": "cpu", "profile": prof.to_dict()}
+    if env:
+        doc["environment"] = environment(prof, "cpu")
+    (run / "run.json").write_text(json.dumps(doc, default=list))
+    for rel, history in (histories or {}).items():
+        (run / rel).mkdir(parents=True)
+        (run / rel / "history.json").write_text(json.dumps(history))
+    return run
+
+
+def test_report_sets_the_measured_row_beside_hhcls_table(tmp_path):
+    import torch
+
+    from reidkit.gpu_cost import gpu_cost
+    from reidkit.reproduce import write_report
+
+    hist = [{"epoch": 0, "t_epoch": 3.0},
+            {"epoch": 1, "t_epoch": 5.0, "test": {"mAP": 0.5, "rank1": 0.7, "rank5": 0.8, "rank10": 0.9}}]
+    run = _paper_run(tmp_path, "market1501", {"hhcl.iters": 2}, histories={"04_hybrid_contrast/CMhybrid": hist})
+    text = write_report(run).read_text()
+    assert "## Beside the paper (market1501)" in text
+    assert "| HHCL, ResNet-50 (paper) | 84.2 | 93.4 | 97.7 | 98.5 |" in text
+    assert "| Cluster-Contrast v1, ResNet-50 (baseline) | 82.6 | 93.0 | 97.0 | 98.1 |" in text
+    assert ("| **measured: 04_hybrid_contrast/CMhybrid (epoch 2)** | 50.0 | 70.0 | 80.0 | 90.0 "
+            "| -34.2 | -23.4 | -17.7 | -8.5 |") in text
+    assert "a dry run's figures are not comparable" in text
+    # the environment
+    assert f"- torch: `{torch.__version__}`" in text and "- kit version: `0.1.0`" in text
+    assert re.search(r"- git commit: `[0-9a-f]{12}", text)
+    assert "- kNN backend (clustering): `torch-cpu`" in text and "- AMP dtype: `fp32 (no autocast)`" in text
+    assert "- profile overrides: `hhcl.iters=2`" in text
+    cost = gpu_cost("market1501")
+    assert f"~{cost['memory_gb']:g} GB peak" in text and "derived from FLOPs" in text
+    assert "without this run's overrides" in text
+    # wall time per training epoch, and the init source read from the run's checkpoint
+    assert "| 04_hybrid_contrast/CMhybrid | 2 | 4 | 3 | 5 | 8 | `?` |" in text
+    torch.save({"model": {"w": torch.zeros(3)}, "init_source": "hub-cache:/x/resnet50-0676ba61.pth"},
+               run / "04_hybrid_contrast" / "CMhybrid" / "checkpoint.pt")
+    text = write_report(run).read_text()
+    assert "| 04_hybrid_contrast/CMhybrid | 2 | 4 | 3 | 5 | 8 | `hub-cache:/x/resnet50-0676ba61.pth` |" in text
+
+
+def test_report_of_sysu30k_shows_the_leaderboard_and_dgls_difference(tmp_path):
+    from reidkit.reproduce import write_report
+
+    hist = [{"epoch": 0, "t_epoch": 60.0, "test": {"rank1": 0.1, "rank5": 0.2, "rank10": 0.3, "mAP": 0.05}}]
+    run = _paper_run(tmp_path, "sysu30k", histories={"05_weak_graphical/full": hist})
+    text = write_report(run).read_text()
+    assert "| DGL, weakly supervised (paper) | 26.9 |  |" in text
+    for row in ("generalisation: IICS (Market-trained) | 36.0", "generalisation: MGN | 23.6",
+                "self-supervised: Triplet (ICCV'21) | 14.8", "self-supervised: SimCLR | 10.9"):
+        assert row in text
+    assert "| **measured: 05_weak_graphical/full (epoch 1)** | 10.0 | -16.9 |" in text
+    assert "not comparable" not in text                                   # no overrides
+    assert "GPU cost of sysu30k" in text
+
+
+def test_report_without_recorded_environment_or_runs_says_so(tmp_path):
+    from reidkit.reproduce import write_report
+
+    run = _paper_run(tmp_path, "dukemtmcreid", env=False)
+    text = write_report(run).read_text()
+    assert "## Environment (not recorded by the run: the present one)" in text
+    assert "| HHCL, ResNet-50 (paper) | 73.3 | 85.1 | 92.4 | 94.6 |" in text
+    assert "No training run of this folder evaluated on the test split" in text
+    assert "## Training epochs" not in text
+
+
+def test_run_json_records_the_environment(smoke_run):
+    import torch
+
+    run_dir, _, _ = smoke_run
+    env = json.loads((run_dir / "run.json").read_text())["environment"]
+    assert env["torch"] == torch.__version__ and env["device"].startswith("cpu: CPU")
+    assert env["knn"] == "torch-cpu" and env["amp"] in ("fp32 (no autocast)", "bfloat16 autocast")
+    text = (run_dir / "report.md").read_text()
+    assert "## Environment\n" in text and "Beside the paper" not in text    # the sample: no paper table
+
+
+def test_reproduce_stops_before_any_notebook_on_an_incomplete_sysu_tree(tmp_path, capsys):
+    import argparse
+
+    from trees import sysu30k_tree
+
+    from reidkit.reproduce import RunSetupError, check_run, main_reproduce
+
+    base = sysu30k_tree(tmp_path / "data", others=False)
+    with pytest.raises(RunSetupError) as info:
+        check_run("sysu30k", str(tmp_path / "data"), {"model.pretrained": False})
+    assert f"distractor folder {base}/sysu_test_set_all/gallery/0000others/ is missing" in str(info.value)
+    args = argparse.Namespace(profile="sysu30k", data_root=str(tmp_path / "data"), run_dir=str(tmp_path / "run"),
+                              device="cpu", seed=1, notebooks=None, timeout=None, force=False,
+                              set=["model.pretrained=false"], subset_ids=None)
+    assert main_reproduce(args) == 2
+    assert "0000others/ is missing" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_reproduce_stops_when_required_weights_are_missing(tmp_path, monkeypatch):
+    from trees import market1501_tree
+
+    from reidkit.reproduce import RunSetupError, check_run
+
+    monkeypatch.setenv("REIDKIT_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    market1501_tree(tmp_path / "data")
+    with pytest.raises(RunSetupError) as info:
+        check_run("market1501", str(tmp_path / "data"), {"model.pretrained": "required"})
+    msg = str(info.value)
+    assert "Looked in:" in msg and str(tmp_path / "empty_torch_home") in msg
+    assert "--set model.pretrained=false" in msg
+    assert check_run("market1501", str(tmp_path / "data"), {"model.pretrained": False}).model.pretrained is False

@@ -94,29 +94,32 @@ def _folder_tree(root, ds):
     return root
 
 
-def test_ddp_two_cpu_processes_match_one_process_with_ghost_bn(tmp_path):
-    """torchrun with 2 gloo processes (each a contiguous half of every global batch, the memory
-    updated with the gathered batch) trains like one process whose BN normalises the same halves."""
+def _torchrun_and_one_process(tmp_path, common, sets_ddp, sets_one, port):
+    """``reidkit train`` twice: under torchrun with 2 gloo processes into ``tmp_path/ddp``, and as one
+    process into ``tmp_path/one``."""
     import os
     import subprocess
     import sys
 
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for out, launcher, sets in (("ddp", ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                                         str(port)], sets_ddp), ("one", [], sets_one)):
+        run = subprocess.run([sys.executable, *launcher, "-m", "reidkit", "train", *common, "--out",
+                              str(tmp_path / out), *sum((["--set", s] for s in sets), [])],
+                             capture_output=True, text=True, env=env, timeout=300)
+        assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_ddp_two_cpu_processes_match_one_process_with_ghost_bn(tmp_path):
+    """torchrun with 2 gloo processes (each a contiguous half of every global batch, the memory
+    updated with the gathered batch) trains like one process whose BN normalises the same halves."""
     root = _folder_tree(tmp_path / "data", _tiny_dataset())
     sets = ["data.flip=false", "data.pad=0", "data.erasing_p=0", "data.workers=0", "hhcl.amp=false", "hhcl.iters=2",
             "hhcl.batch_size=16", "hhcl.num_instances=4", "hhcl.epochs=1", "hhcl.eval_step=1",
             "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.6"]
     common = ["--profile", "smoke", "--dataset", "folder", "--data-root", str(root), "--selection", "last",
               "--device", "cpu"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29517", "-m", "reidkit", "train", *common, "--out", str(tmp_path / "ddp"),
-                          *sum((["--set", s] for s in sets + ["hhcl.ghost_bn=null"]), [])],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "reidkit", "train", *common, "--out", str(tmp_path / "one"),
-                             *sum((["--set", s] for s in sets + ["hhcl.ghost_bn=8"]), [])],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
+    _torchrun_and_one_process(tmp_path, common, sets + ["hhcl.ghost_bn=null"], sets + ["hhcl.ghost_bn=8"], 29517)
     h_ddp = json.loads((tmp_path / "ddp" / "history.json").read_text())
     h_one = json.loads((tmp_path / "one" / "history.json").read_text())
     assert h_ddp[0]["clusters"] == h_one[0]["clusters"]
@@ -137,25 +140,12 @@ def test_dgl_ddp_two_cpu_processes_match_one_process(tmp_path):
     """DGL under torchrun with 2 gloo processes: each rank forwards half of every global batch, the
     outputs are gathered with their gradients, and every rank computes the bag loss over the whole
     batch, so training follows one process whose BN normalises the same halves (ghost BN)."""
-    import os
-    import subprocess
-    import sys
-
     root = _folder_tree(tmp_path / "data", _tiny_dataset())
     sets = ["data.flip=false", "data.erasing_p=0", "data.workers=0", "dgl.amp=false", "dgl.epochs=1",
             "dgl.ids_per_batch=4", "dgl.images_per_id=4", "dgl.ids_per_bag=2"]
     common = ["--method", "dgl", "--variant", "full", "--profile", "smoke", "--dataset", "folder", "--data-root",
               str(root), "--selection", "last", "--device", "cpu", "--iters", "2"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    ddp = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                          "--master_port", "29527", "-m", "reidkit", "train", *common, "--out", str(tmp_path / "ddp"),
-                          *sum((["--set", s] for s in sets), [])],
-                         capture_output=True, text=True, env=env, timeout=300)
-    assert ddp.returncode == 0, ddp.stderr[-3000:]
-    single = subprocess.run([sys.executable, "-m", "reidkit", "train", *common, "--out", str(tmp_path / "one"),
-                             *sum((["--set", s] for s in sets + ["dgl.ghost_bn=8"]), [])],
-                            capture_output=True, text=True, env=env, timeout=300)
-    assert single.returncode == 0, single.stderr[-3000:]
+    _torchrun_and_one_process(tmp_path, common, sets, sets + ["dgl.ghost_bn=8"], 29527)
     h_ddp = json.loads((tmp_path / "ddp" / "history.json").read_text())
     h_one = json.loads((tmp_path / "one" / "history.json").read_text())
     assert h_ddp[0]["images"] == h_one[0]["images"] == 32  # the global batch, counted once

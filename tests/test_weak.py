@@ -234,9 +234,10 @@ def test_weak_triplet_ties_share_gradient_like_torch_median():
     torch.testing.assert_close(e1.grad, e2.grad)
 
 
-def test_weak_triplet_needs_negatives():
+def test_weak_triplet_needs_positives():
     bag = torch.ones(4, 2) / 2
-    with pytest.raises(ValueError):
+    bag[1] = 0  # an all-zero bag vector: the anchor has no positive, not even itself
+    with pytest.raises(ValueError, match="no positive"):
         weak.weak_triplet_loss(torch.randn(4, 3), bag)
 
 
@@ -329,3 +330,27 @@ def test_cuda_matches_golden(z):
     loss.backward()
     assert abs(loss.item() - z["triplet_loss"].item()) < 1e-5
     np.testing.assert_allclose(emb.grad.cpu().numpy(), z["triplet_grad_emb"], rtol=0, atol=1e-5)
+
+
+def test_weak_triplet_leaves_out_anchors_without_a_negative():
+    """Overlapping streamed bags: anchors whose bag covers the whole batch drop out of the mean (no
+    NaN, no stop); the others keep exactly the loss they have on their own."""
+    import torch
+
+    from reidkit.weak import weak_triplet_loss
+
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(6, 8, generator=g, requires_grad=True)
+    # images 0-1: bag {0, 1, 2} overlaps every other bag; images 2-3: bag {0}; images 4-5: bag {2}
+    bags = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 0, 0], [1, 0, 0], [0, 0, 1], [0, 0, 1]], dtype=torch.float32)
+    loss, ap, an = weak_triplet_loss(emb, bags, margin=1.2)
+    assert torch.isinf(an[:2]).all() and torch.isfinite(an[2:]).all()
+    ref = torch.relu(ap[2:] - an[2:] + 1.2).mean()
+    assert torch.allclose(loss, ref)
+    loss.backward()
+    assert torch.isfinite(emb.grad).all()
+    # no anchor with a negative at all: a zero loss, still differentiable
+    emb2 = torch.randn(4, 8, generator=g, requires_grad=True)
+    zero, _, _ = weak_triplet_loss(emb2, torch.ones(4, 2), margin=1.2)
+    zero.backward()
+    assert float(zero) == 0.0 and torch.isfinite(emb2.grad).all()

@@ -8,7 +8,11 @@ training loop needs class indices.
 
 Every parser takes the dataset folder itself or a parent of it (``DATA_ROOT``); the folder names
 the reference code expects are searched in order, and a wrong layout raises ``LayoutError``
-naming what was expected where.
+naming what was expected where (an empty split names its folder or list file).
+
+Checks before a paper-scale run spends GPU time: :func:`check_sysu_tree` (every part of a SYSU-30k
+tree the ``sysu30k`` profile needs, read from a few directory entries) and
+:func:`check_batch_fill` (the training split can fill one P x K batch).
 """
 
 from __future__ import annotations
@@ -94,6 +98,29 @@ def split_stats(records: Sequence[Record]) -> SplitStats:
     )
 
 
+class BatchFillError(ValueError):
+    """The training split cannot fill one batch of the profile (too few identities or images)."""
+
+
+def check_batch_fill(records: Sequence[Record], ids_per_batch: int, images_per_id: int, what: str,
+                     hint: str = "") -> None:
+    """Raise :class:`BatchFillError` when ``records`` cannot fill one P x K batch: fewer than
+    ``ids_per_batch`` identities, or fewer images than ``ids_per_batch * images_per_id`` (a PK
+    sampler repeats the images of a small identity, but not identities). For HHCL the identities
+    are an upper bound of the pseudo-identities clustering can find. ``what`` names the split,
+    ``hint`` the settings to change."""
+    n_ids, n_img = len({r.pid for r in records}), len(records)
+    batch = ids_per_batch * images_per_id
+    problems = []
+    if n_ids < ids_per_batch:
+        problems.append(f"{n_ids} identities, and a batch takes {ids_per_batch} ({ids_per_batch} x {images_per_id} "
+                        f"= {batch} images)")
+    if n_img < batch:
+        problems.append(f"{n_img} images, fewer than one batch of {batch}")
+    if problems:
+        raise BatchFillError(f"{what} cannot fill a batch: " + "; ".join(problems) + (f". {hint}" if hint else ""))
+
+
 def relabel(records: Sequence[Record]) -> tuple[list[int], dict[int, int]]:
     """Map pids to 0..C-1 in sorted pid order (deterministic, unlike a Python set's order)."""
     mapping = {pid: i for i, pid in enumerate(sorted({r.pid for r in records}))}
@@ -164,6 +191,14 @@ def _find_root(root: str | Path, candidates: Sequence[str], required: Sequence[s
     )
 
 
+def _is_empty_dir(folder: Path) -> bool:
+    """True when ``folder`` is a directory with no visible entry (reads one entry, not the listing)."""
+    if not folder.is_dir():
+        return False
+    with os.scandir(folder) as it:
+        return not any(not e.name.startswith(".") for e in it)
+
+
 def check_images(paths: Iterable[str | Path], progress_desc: str | None = None) -> list[CorruptImageError]:
     """Decode every image; return one error per unreadable file (empty list when all are fine)."""
     from PIL import Image
@@ -197,9 +232,14 @@ def parse_market_name(name: str, max_cam: int) -> tuple[int, int] | None:
     return pid, cam - 1
 
 
+_NAME_EXAMPLES = {"market1501": "0002_c1s1_000451_03.jpg", "dukemtmcreid": "0005_c2_f0046985.jpg",
+                  "msmt17": "0000_c1_0000.jpg"}
+
+
 def _market_split(folder: Path, max_cam: int, max_pid: int, dataset: str) -> list[Record]:
     records = []
-    for p in _list_images(folder):
+    images = _list_images(folder)
+    for p in images:
         try:
             parsed = parse_market_name(p.name, max_cam)
         except LayoutError as exc:
@@ -215,7 +255,10 @@ def _market_split(folder: Path, max_cam: int, max_pid: int, dataset: str) -> lis
             raise LayoutError(f"{dataset}: {p}: pid {pid} outside 0..{max_pid}")
         records.append(Record(str(p), pid, camid))
     if not records:
-        raise LayoutError(f"{dataset}: no images in {folder}")
+        what = "only junk (-1) images" if images else "it is empty"
+        example = _NAME_EXAMPLES.get(dataset, _NAME_EXAMPLES["market1501"])
+        raise LayoutError(f"{dataset}: no images in {folder} ({what}; expected files named like "
+                          f"{example}: is the download or extraction complete?)")
     return records
 
 
@@ -253,6 +296,9 @@ _MSMT_NAME_RE = re.compile(r"^(\d+)_(\d+)_(\d+)")
 
 def _msmt_list(base: Path, list_name: str, img_dir: str) -> list[Record]:
     list_path = base / list_name
+    if _is_empty_dir(base / img_dir):
+        raise LayoutError(f"msmt17: the image folder {base / img_dir} is empty ({list_name} names images "
+                          f"inside it, e.g. {img_dir}/0000/0000_000_01_0303morning_0015_0.jpg)")
     records = []
     with open(list_path) as fh:
         for lineno, line in enumerate(fh, 1):
@@ -272,6 +318,8 @@ def _msmt_list(base: Path, list_name: str, img_dir: str) -> list[Record]:
             if not path.is_file():
                 raise LayoutError(f"msmt17: {list_path}:{lineno} names {path}, which does not exist")
             records.append(Record(str(path), pid, cam - 1))
+    if not records:
+        raise LayoutError(f"msmt17: {list_path} lists no images (the split it defines is empty)")
     return records
 
 
@@ -554,6 +602,22 @@ def _sysu_folder_number(name: str, where: str) -> int:
     return int(name)
 
 
+def _sysu_train_entry(line: str, train_dir: Path, where: str) -> Record | None:
+    """One line of ``meta/train.txt`` as a record (None for a blank line)."""
+    fields = line.split()
+    if not fields:
+        return None
+    parts = [x for x in fields[0].replace("\\", "/").split("/") if x]
+    if len(parts) > 2 and parts[0] == train_dir.name:
+        parts = parts[1:]
+    if len(parts) >= 2:
+        folder = parts[-2]
+    else:  # a bare file name: its folder is the prefix before the first "_"
+        folder = parts[0].split("_")[0]
+        parts = [folder, parts[0]]
+    return Record(str(train_dir.joinpath(*parts)), _sysu_folder_number(folder, where), -1)
+
+
 def iter_sysu_train(train_dir: str | Path, train_list: str | Path | None = None) -> Iterator[Record]:
     """Stream the training images as records (pid = folder number, camera unknown = -1) without
     building a list of all 29.6M paths: from ``meta/train.txt`` line by line if given (entries
@@ -563,19 +627,9 @@ def iter_sysu_train(train_dir: str | Path, train_list: str | Path | None = None)
     if train_list is not None:
         with open(train_list) as fh:
             for lineno, line in enumerate(fh, 1):
-                fields = line.split()
-                if not fields:
-                    continue
-                parts = [x for x in fields[0].replace("\\", "/").split("/") if x]
-                if len(parts) > 2 and parts[0] == train_dir.name:
-                    parts = parts[1:]
-                if len(parts) >= 2:
-                    folder = parts[-2]
-                else:  # a bare file name: its folder is the prefix before the first "_"
-                    folder = parts[0].split("_")[0]
-                    parts = [folder, parts[0]]
-                pid = _sysu_folder_number(folder, f"{train_list}:{lineno}")
-                yield Record(str(train_dir.joinpath(*parts)), pid, -1)
+                rec = _sysu_train_entry(line, train_dir, f"{train_list}:{lineno}")
+                if rec is not None:
+                    yield rec
         return
     for folder in sysu_train_folders(train_dir):
         pid = _sysu_folder_number(folder, str(train_dir))
@@ -746,6 +800,99 @@ def sysu30k(root, load_train: bool = True) -> ReIDDataset:
     n_distract = sum(r.pid == SYSU_DISTRACTOR_LABEL for r in gallery)
     notes.append(f"gallery: {len(gallery) - n_distract:,} true matches + {n_distract:,} distractors ({SYSU_DISTRACTOR_FOLDER})")
     return ReIDDataset("sysu30k", base, train, query, gallery, notes=notes)
+
+
+SYSU_CANDIDATES = ("SYSU-30k", "sysu30k", "SYSU30k")
+
+
+def _has_image(folder: Path, depth: int = 0) -> bool:
+    """Does ``folder`` (or, with ``depth`` 1, one of its sub-folders) hold an image? Stops at the
+    first one found: never lists a folder of 478k distractors."""
+    if not folder.is_dir():
+        return False
+    with os.scandir(folder) as it:
+        for e in it:
+            if e.name.startswith("."):
+                continue
+            if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES):
+                return True
+            if depth and e.is_dir() and _has_image(Path(e.path), depth - 1):
+                return True
+    return False
+
+
+def _sysu_base(root: str | Path) -> Path:
+    """The SYSU-30k folder: ``root`` or ``root/<SYSU-30k|sysu30k|SYSU30k>``, the first holding any
+    of its top-level entries."""
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise LayoutError(f"sysu30k: data root {root} does not exist")
+    tried = [root] + [root / c for c in SYSU_CANDIDATES]
+    for cand in tried:
+        if any((cand / e).exists() for e in ("sysu_train_set_all", "sysu_test_set_all", "meta")):
+            return cand
+    raise LayoutError(f"sysu30k: none of sysu_train_set_all/, meta/train.txt, sysu_test_set_all/ found; "
+                      f"looked in: {', '.join(str(c) for c in tried)}")
+
+
+def check_sysu_tree(root: str | Path) -> None:
+    """Check a SYSU-30k tree before any training: raise ``LayoutError`` naming every missing part.
+
+    What the ``sysu30k`` profile needs (checked by reading a few directory entries, never the 29.6M
+    image listing): ``sysu_train_set_all/`` with numbered folders, the first of them holding
+    images; ``meta/train.txt``, not empty, whose first entry is an existing image (the training
+    stream reads it line by line; without it the loader would fall back to scanning the tree);
+    ``sysu_test_set_all/query/`` and ``gallery/`` with identity folders of images; and the
+    distractor folder ``gallery/0000others/`` with images (without it rank-1 is measured against
+    1,000 images instead of ~479k and means nothing)."""
+    base = _sysu_base(root)
+    train_dir, train_list = base / "sysu_train_set_all", base / "meta" / "train.txt"
+    test = base / "sysu_test_set_all"
+    problems = []
+    if not train_dir.is_dir():
+        problems.append(f"training folder {train_dir}/ is missing (folders 0000000001 ... 0000028310)")
+    else:
+        folders = sorted(d for d in os.listdir(train_dir) if not d.startswith("."))  # names only
+        first = folders[0] if folders else None
+        if first is None:
+            problems.append(f"training folder {train_dir}/ is empty (expected folders 0000000001 ... 0000028310)")
+        elif not first.isdigit() or not _has_image(train_dir / first):
+            problems.append(f"{train_dir / first}/ is not a numbered folder of images (like 0000000001/)")
+    problems += _check_sysu_train_list(train_list, train_dir)
+    for sub in ("query", "gallery"):
+        if not (test / sub).is_dir():
+            problems.append(f"test folder {test / sub}/ is missing (one folder per identity, e.g. "
+                            f"{sub}/000028311/)")
+        elif not _has_image(test / sub, depth=1):
+            problems.append(f"test folder {test / sub}/ holds no identity folder with images")
+    others = test / "gallery" / SYSU_DISTRACTOR_FOLDER
+    if (test / "gallery").is_dir() and not others.is_dir():
+        problems.append(f"distractor folder {others}/ is missing (the ~478k gallery distractors "
+                        f"{SYSU_DISTRACTOR_FOLDER}_c1_*.jpg)")
+    elif others.is_dir() and not _has_image(others):
+        problems.append(f"distractor folder {others}/ holds no images")
+    if problems:
+        raise LayoutError(f"sysu30k: the tree at {base} is incomplete:\n  - " + "\n  - ".join(problems))
+
+
+def _check_sysu_train_list(train_list: Path, train_dir: Path) -> list[str]:
+    """Problems of ``meta/train.txt``: missing, empty, or a first entry that names no file."""
+    if not train_list.is_file():
+        return [f"training list {train_list} is missing (one <folder>/<file>.jpg per line; the "
+                f"sysu30k profile streams the training set from it)"]
+    with open(train_list) as fh:
+        line = next((ln for ln in fh if ln.strip()), None)
+    if line is None:
+        return [f"training list {train_list} is empty"]
+    if not train_dir.is_dir():
+        return []
+    try:
+        first = _sysu_train_entry(line, train_dir, f"{train_list}:first entry")
+    except LayoutError as exc:
+        return [str(exc)]
+    if not Path(first.path).is_file():
+        return [f"the first entry of {train_list} ({line.split()[0]}) names {first.path}, which does not exist"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------
