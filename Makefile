@@ -40,6 +40,8 @@ lab: venv
 bench: venv
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_cluster.py
+	$(BIN)/python benchmarks/bench_pipeline.py
+	$(BIN)/python benchmarks/bench_scaling.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

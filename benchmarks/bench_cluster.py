@@ -22,17 +22,22 @@ Steps timed per size:
 
 * ``bruteforce_knn``: a plain exact torch kNN (row chunks of ``X X^T`` + ``topk``, k = 30), the
   reference cost of "just finding the neighbours";
-* ``knn``: :func:`reidkit.neighbors.knn` with ``backend="auto"`` (k = 30, self-search);
-* ``jaccard``: :func:`reidkit.neighbors.jaccard_distance` (k1 = 30, k2 = 6), **including** its kNN;
+* ``knn``: :func:`reidkit.neighbors.knn` with ``backend="auto"`` (k = 30, self-search) and
+  ``precision="auto"`` (the fp32 screen, see ``knn``); ``knn_bf16``: the same with the bf16
+  screen (identical neighbours and distances, checked: ``identical_to_auto``);
+* ``jaccard``: :func:`reidkit.neighbors.jaccard_distance` (k1 = 30, k2 = 6), **including** its kNN,
+  ``precision="auto"``; ``jaccard_bf16``: the same with the bf16 screen;
 * ``dbscan``: :func:`reidkit.clustering.dbscan_labels` on the sparse Jaccard matrix (eps 0.6,
   min_samples 4); ``peak_rss_jaccard_plus_dbscan_mb`` covers both steps.
 
-``jaccard_over_bruteforce_knn`` = jaccard time / brute-force kNN time (goal < 1.6).
+``jaccard_over_bruteforce_knn`` = jaccard time / brute-force kNN time (issue 12's goal: <= 0.25);
+``jaccard_bf16_over_bruteforce_knn`` the same with the bf16 screen.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import json
 import os
@@ -121,7 +126,7 @@ def bruteforce_knn(x, k: int, chunk_rows: int = 1024):
     return torch.cat(out)
 
 
-STEPS = ("bruteforce_knn", "knn", "jaccard_dbscan")
+STEPS = ("bruteforce_knn", "knn", "knn_bf16", "jaccard_bf16", "jaccard_dbscan")
 MARKET_QG = (3368, 15913)
 
 
@@ -191,13 +196,22 @@ def run_child(n: int, step: str, eps: float, repeats: int) -> dict:
     if step == "bruteforce_knn":
         with torch.no_grad():
             _, res["time_s"], res["peak_rss_mb"] = timed(lambda: bruteforce_knn(xt, 30))
-    elif step == "knn":
-        r, res["time_s"], res["peak_rss_mb"] = timed(lambda: knn(xt, 30))
-        res["backend"] = r.backend
+    elif step in ("knn", "knn_bf16"):
+        prec = "bf16" if step == "knn_bf16" else "auto"
+        r, res["time_s"], res["peak_rss_mb"] = timed(lambda: knn(xt, 30, precision=prec))
+        res["backend"], res["precision"] = r.backend, r.precision
+        res["sha1"] = hashlib.sha1(r.indices.tobytes() + r.sq_dists.tobytes()).hexdigest()
+    elif step == "jaccard_bf16":
+        (jd, info), res["time_s"], res["peak_rss_mb"] = timed(
+            lambda: jaccard_distance(xt, 30, 6, return_info=True, precision="bf16"))
+        res.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in info.items()
+                    if k.startswith("time_") or k in ("knn_backend", "knn_precision")})
+        res["sha1"] = hashlib.sha1(jd.indices.tobytes() + jd.data.tobytes()).hexdigest()
     elif step == "jaccard_dbscan":
         (jd, info), res["time_s"], res["peak_rss_mb"] = timed(lambda: jaccard_distance(xt, 30, 6, return_info=True))
         res.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in info.items()
-                    if k.startswith("time_") or k in ("knn_backend", "device", "v_nnz")})
+                    if k.startswith("time_") or k in ("knn_backend", "knn_precision", "device", "v_nnz")})
+        res["sha1"] = hashlib.sha1(jd.indices.tobytes() + jd.data.tobytes()).hexdigest()
         res["stored_pairs"] = int(jd.nnz)
         res["stored_pairs_per_row"] = round(jd.nnz / n, 1)
         # DBSCAN right after the Jaccard, without resetting the peak: the Jaccard + DBSCAN peak
@@ -266,11 +280,16 @@ def main(argv=None) -> int:
             entry["dbscan"] = jd.pop("dbscan")
             entry["peak_rss_jaccard_plus_dbscan_mb"] = jd.pop("peak_rss_jaccard_plus_dbscan_mb")
             entry["jaccard"] = entry.pop("jaccard_dbscan")
-        try:
-            ratio = entry["jaccard"]["time_s"] / entry["bruteforce_knn"]["time_s"]
-            entry["jaccard_over_bruteforce_knn"] = round(ratio, 3)
-        except (KeyError, ZeroDivisionError):
-            pass
+        for key, step in (("jaccard_over_bruteforce_knn", "jaccard"),
+                          ("jaccard_bf16_over_bruteforce_knn", "jaccard_bf16"),
+                          ("knn_over_bruteforce_knn", "knn"), ("knn_bf16_over_bruteforce_knn", "knn_bf16")):
+            try:
+                entry[key] = round(entry[step]["time_s"] / entry["bruteforce_knn"]["time_s"], 3)
+            except (KeyError, ZeroDivisionError):
+                pass
+        for a, b in (("knn", "knn_bf16"), ("jaccard", "jaccard_bf16")):
+            if "sha1" in entry.get(a, {}) and "sha1" in entry.get(b, {}):
+                entry[f"{b}_identical_to_auto"] = entry[a]["sha1"] == entry[b]["sha1"]
         report["results"].append(entry)
         print(json.dumps(entry), file=sys.stderr, flush=True)  # progress while the rest runs
     if args.rerank:

@@ -107,6 +107,7 @@ class DGLConfig:
     amsgrad: bool = True
     amp: bool = False                 # the reference trains in fp32; True: bf16 autocast where native
     epochs: int = 300
+    iters: int | None = None          # at most this many iterations per epoch (None: one pass over the bags)
     eval_step: int = 0                # evaluate every eval_step epochs; 0: after the last one only
     ghost_bn: int | None = None       # BN statistics per chunk of this many images (None: whole batch)
     milestones: tuple[int, ...] = (250, 290)

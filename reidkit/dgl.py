@@ -113,7 +113,8 @@ class DGL(Method):
         self.dataset, self.data_root = dataset, data_root
         default = self.cfg.uo_epochs if self.variant == "unary_only" else self.cfg.epochs
         self.epochs = int(epochs) if epochs is not None else default
-        self.iters, self.assignment, self.flip = iters, assignment, flip
+        self.iters = self.cfg.iters if iters is None else iters
+        self.assignment, self.flip = assignment, flip
         self.eval_every = self.cfg.eval_step if eval_every is None else eval_every
         self.bag_size, self.bags_per_batch = self._batch_layout()
         self.batch_size = self.bag_size * self.bags_per_batch

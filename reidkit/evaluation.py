@@ -277,6 +277,87 @@ def _has_nan(block: Any) -> bool:
     return block.dtype.kind == "f" and bool(np.isnan(block).any())
 
 
+def _rank_inputs(distmat, q_pids, g_pids, q_camids, g_camids, max_rank: int):
+    """Step 0 of :func:`evaluate_rank`: validate the shapes and labels; returns the distance matrix
+    (numpy or torch), the four int64 label arrays and the CMC length (cut to the gallery size)."""
+    if not hasattr(distmat, "shape") or len(distmat.shape) != 2:
+        shape = tuple(getattr(distmat, "shape", np.shape(distmat)))
+        raise ValueError(f"distmat must be 2-D (num_query, num_gallery), got shape {shape}")
+    if not _is_tensor(distmat) and not isinstance(distmat, np.ndarray):
+        distmat = np.asarray(distmat)
+    num_q, num_g = (int(s) for s in distmat.shape)
+    q_pids, g_pids = _labels(q_pids, "q_pids"), _labels(g_pids, "g_pids")
+    q_camids, g_camids = _labels(q_camids, "q_camids"), _labels(g_camids, "g_camids")
+    for name, arr, n, what in (
+        ("q_pids", q_pids, num_q, "num_query"),
+        ("q_camids", q_camids, num_q, "num_query"),
+        ("g_pids", g_pids, num_g, "num_gallery"),
+        ("g_camids", g_camids, num_g, "num_gallery"),
+    ):
+        if len(arr) != n:
+            raise ValueError(
+                f"{name} has shape {tuple(arr.shape)} but distmat has shape "
+                f"{(num_q, num_g)}: expected length {n} ({what})"
+            )
+    if max_rank < 1:
+        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
+    max_rank = min(int(max_rank), num_g) if num_g else int(max_rank)
+    return distmat, q_pids, g_pids, q_camids, g_camids, max_rank
+
+
+def _rank_backend(distmat, device, backend: str):
+    """Step 1: choose the counting kernel (NumPy int64 keys on CPU, torch stable sort on a GPU);
+    returns (distmat converted for it, use_torch, device or None, backend name)."""
+    if backend not in ("auto", "numpy", "torch"):
+        raise ValueError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
+    if backend == "numpy" or (backend == "auto" and str(device) == "cpu"):
+        use_torch, dev = False, None  # pure NumPy: torch is not even imported
+    else:
+        dev = resolve_device(device)
+        use_torch = backend == "torch" or dev.type != "cpu"
+    name = f"torch-stable-sort[{dev.type}]" if use_torch else "numpy-int64-key-count"
+    if not use_torch and _is_tensor(distmat):
+        distmat = _to_numpy(distmat)
+    if not use_torch and distmat.dtype not in (np.float32, np.float64):
+        if distmat.dtype == np.float16:
+            distmat = distmat.astype(np.float32)  # exact upcast
+        else:
+            distmat = distmat.astype(np.float64)
+    return distmat, use_torch, dev, name
+
+
+def _rank_block(block, rows: np.ndarray, same: tuple, n_match: np.ndarray, use_torch: bool, dev):
+    """Step 2, one block of query rows (sorted by decreasing number of matches): the 0-based
+    positions of the matches in the filtered lists; returns (AP, INP, first-match rank) of the rows.
+
+    ``same = (p_g, p_junk, ptr, n_same)``: the CSR table of every query's same-pid gallery items."""
+    p_g, p_junk, ptr, n_same = same
+    idx, seg = _ragged_gather(ptr[rows], n_same[rows])
+    p_rows, p_cols, p_jk = seg, p_g[idx], p_junk[idx]
+    if use_torch:
+        order, before = _count_before_torch(block, p_rows, p_cols, dev)
+    else:
+        order, before = _count_before_numpy(np.ascontiguousarray(block), p_rows, p_cols, p_jk)
+    p_rows, p_jk = p_rows[order], p_jk[order]
+    # within a row the same-pid items are now in ranking order: count the removed (junk)
+    # items before each match and the match's hit index (0-based among the matches)
+    junk_i = p_jk.astype(np.int64)
+    row_start = _excl_cumsum(np.bincount(p_rows, minlength=len(rows)))
+    cj_excl = np.cumsum(junk_i) - junk_i
+    junk_before = cj_excl - cj_excl[row_start][p_rows]
+    keep = ~p_jk
+    r = (before - junk_before)[keep]  # 0-based position in the filtered list
+    mr = p_rows[keep]
+    hit = np.arange(len(mr)) - _excl_cumsum(np.bincount(mr, minlength=len(rows)))[mr]
+    m = n_match[rows].astype(np.float64)
+    ap = np.bincount(mr, weights=(hit + 1) / (r + 1.0), minlength=len(rows)) / m
+    last = np.zeros(len(rows), dtype=np.int64)
+    last[mr] = r  # ascending within a row: the last write is the hardest match
+    first = np.full(len(rows), -1, dtype=np.int64)
+    first[mr[hit == 0]] = r[hit == 0]
+    return ap, m / (last + 1.0), first
+
+
 def evaluate_rank(
     distmat: ArrayLike,
     q_pids: ArrayLike,
@@ -337,57 +418,21 @@ def evaluate_rank(
         (0-based position of the first true match in the filtered list, -1 if skipped),
         ``num_matches`` and ``backend`` (which kernel ran).
     """
-    if not hasattr(distmat, "shape") or len(distmat.shape) != 2:
-        shape = tuple(getattr(distmat, "shape", np.shape(distmat)))
-        raise ValueError(f"distmat must be 2-D (num_query, num_gallery), got shape {shape}")
-    if not _is_tensor(distmat) and not isinstance(distmat, np.ndarray):
-        distmat = np.asarray(distmat)
+    distmat, q_pids, g_pids, q_camids, g_camids, max_rank = _rank_inputs(
+        distmat, q_pids, g_pids, q_camids, g_camids, max_rank)
     num_q, num_g = (int(s) for s in distmat.shape)
-    q_pids, g_pids = _labels(q_pids, "q_pids"), _labels(g_pids, "g_pids")
-    q_camids, g_camids = _labels(q_camids, "q_camids"), _labels(g_camids, "g_camids")
-    for name, arr, n, what in (
-        ("q_pids", q_pids, num_q, "num_query"),
-        ("q_camids", q_camids, num_q, "num_query"),
-        ("g_pids", g_pids, num_g, "num_gallery"),
-        ("g_camids", g_camids, num_g, "num_gallery"),
-    ):
-        if len(arr) != n:
-            raise ValueError(
-                f"{name} has shape {tuple(arr.shape)} but distmat has shape "
-                f"{(num_q, num_g)}: expected length {n} ({what})"
-            )
-    if max_rank < 1:
-        raise ValueError(f"max_rank must be >= 1, got {max_rank}")
-    max_rank = min(int(max_rank), num_g) if num_g else int(max_rank)
-
-    if backend not in ("auto", "numpy", "torch"):
-        raise ValueError(f"backend must be 'auto', 'numpy' or 'torch', got {backend!r}")
-    if backend == "numpy" or (backend == "auto" and str(device) == "cpu"):
-        use_torch, dev = False, None  # pure NumPy: torch is not even imported
-    else:
-        dev = resolve_device(device)
-        use_torch = backend == "torch" or dev.type != "cpu"
-    backend = f"torch-stable-sort[{dev.type}]" if use_torch else "numpy-int64-key-count"
-    if not use_torch and _is_tensor(distmat):
-        distmat = _to_numpy(distmat)
-    if not use_torch and distmat.dtype not in (np.float32, np.float64):
-        if distmat.dtype == np.float16:
-            distmat = distmat.astype(np.float32)  # exact upcast
-        else:
-            distmat = distmat.astype(np.float64)
+    distmat, use_torch, dev, backend = _rank_backend(distmat, device, backend)
 
     # same-pid pairs (query, gallery item): the only items that need individual treatment
-    gidx = _LabelIndex(g_pids)
-    p_q, p_g = gidx.pairs(q_pids)
+    p_q, p_g = _LabelIndex(g_pids).pairs(q_pids)
     p_junk = g_camids[p_g] == q_camids[p_q]
     n_match = np.bincount(p_q[~p_junk], minlength=num_q)
     n_same = np.bincount(p_q, minlength=num_q)
-    ptr = _excl_cumsum(n_same)
+    same = (p_g, p_junk, _excl_cumsum(n_same), n_same)
 
     ap = np.full(num_q, np.nan)
     inp = np.full(num_q, np.nan)
     first = np.full(num_q, -1, dtype=np.int64)
-
     valid = np.flatnonzero(n_match > 0)
     if chunk_size is None:
         per = (_TORCH_CHUNK_ELEMS if use_torch else _NUMPY_CHUNK_ELEMS) // max(num_g, 1)
@@ -398,31 +443,7 @@ def evaluate_rank(
         block = _rows_of(distmat, rows)
         if _has_nan(block):
             raise ValueError("distmat contains NaN")
-        idx, seg = _ragged_gather(ptr[rows], n_same[rows])
-        p_rows, p_cols, p_jk = seg, p_g[idx], p_junk[idx]
-        if use_torch:
-            order, before = _count_before_torch(block, p_rows, p_cols, dev)
-        else:
-            block = np.ascontiguousarray(block)
-            order, before = _count_before_numpy(block, p_rows, p_cols, p_jk)
-        p_rows, p_jk = p_rows[order], p_jk[order]
-        # within a row the same-pid items are now in ranking order: count the removed (junk)
-        # items before each match and the match's hit index (0-based among the matches)
-        junk_i = p_jk.astype(np.int64)
-        row_start = _excl_cumsum(np.bincount(p_rows, minlength=len(rows)))
-        cj = np.cumsum(junk_i)
-        cj_excl = cj - junk_i
-        junk_before = cj_excl - cj_excl[row_start][p_rows]
-        keep = ~p_jk
-        r = (before - junk_before)[keep]  # 0-based position in the filtered list
-        mr = p_rows[keep]
-        hit = np.arange(len(mr)) - _excl_cumsum(np.bincount(mr, minlength=len(rows)))[mr]
-        m = n_match[rows].astype(np.float64)
-        ap[rows] = np.bincount(mr, weights=(hit + 1) / (r + 1.0), minlength=len(rows)) / m
-        last = np.zeros(len(rows), dtype=np.int64)
-        last[mr] = r  # ascending within a row: the last write is the hardest match
-        inp[rows] = m / (last + 1.0)
-        first[rows[mr[hit == 0]]] = r[hit == 0]
+        ap[rows], inp[rows], first[rows] = _rank_block(block, rows, same, n_match, use_torch, dev)
 
     num_valid = len(valid)
     if num_valid == 0:
@@ -522,13 +543,6 @@ def _split_chunks(
         offset += shape[0]
 
 
-def _count_greater(scores: Any, thr: Any) -> Any:
-    """Row-wise ``#(scores > thr)`` (numpy's SIMD count on CPU, torch elsewhere)."""
-    if scores.device.type == "cpu" and not _FORCE_TORCH_OPS:
-        return _row_count(scores.numpy() > thr.numpy())
-    return (scores > thr).sum(1).cpu().numpy()
-
-
 class _ScorePool:
     """Per query, every *earlier* kept score above a threshold ``theta_q`` (numpy, CPU).
 
@@ -554,6 +568,13 @@ class _ScorePool:
 
         nq, b = s.shape
         theta = -self.neg_theta
+        if self.neg.shape[1] == 0 and b > 2 * self.k and s.device.type == "cpu" and not _FORCE_TORCH_OPS:
+            # first chunk, everything enters: keep each row's k best at once (the same pool as
+            # adding all then cutting; rows with fewer than k kept scores keep theta = -inf)
+            self.neg = np.ascontiguousarray(np.partition(-s.numpy(), self.k - 1, axis=1)[:, : self.k])
+            self.fill[:] = self.k
+            self.neg_theta = self.neg.max(axis=1)
+            return
         if s.device.type == "cpu" and not _FORCE_TORCH_OPS:
             sn = s.numpy()
             flat = np.flatnonzero(sn > theta[:, None])  # much faster than a 2-D nonzero
@@ -581,89 +602,319 @@ class _ScorePool:
             self.fill[over] = self.k
             self.neg_theta[over] = new[over].max(axis=1)
 
-    def count_above(self, rows: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """For good matches (query ``rows``, score ``scores``): #earlier kept items with a
-        greater score, and whether that count is exact (``score >= theta``)."""
-        cnt = _row_count(self.neg[rows] < -scores[:, None]) if len(rows) else np.zeros(0, np.int64)
-        return cnt.astype(np.int64), -scores <= self.neg_theta[rows]
+    def count_above_exact(self, rows: np.ndarray, c: np.ndarray, lo: np.ndarray, hi: np.ndarray,
+                          ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For good matches (query ``rows``, canonical score ``c``, band ``[lo, hi] = c -+ B``):
+        the number of earlier kept items above (pooled score ``> hi``, plus the band items whose
+        pooled screening score is ``> c``), the number of band items (their exact score would need
+        the gallery again), and whether every earlier score ``>= lo`` is pooled (``lo > theta``)."""
+        if len(rows) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.ones(0, bool)
+        hi32 = np.nextafter(hi.astype(np.float32), np.float32(np.inf))
+        lo32 = np.nextafter(lo.astype(np.float32), np.float32(-np.inf))
+        neg = self.neg[rows]
+        cnt = _row_count(neg < -hi32[:, None]).astype(np.int64)
+        band = _row_count(neg <= -lo32[:, None]).astype(np.int64) - cnt
+        cnt += _row_count((neg < -c[:, None]) & (neg >= -hi32[:, None]))
+        return cnt, band, lo32 > -self.neg_theta[rows]
 
 
-def sysu30k_evaluate(
-    query_features: ArrayLike,
-    query_labels: ArrayLike,
-    query_cams: ArrayLike,
-    gallery: Any,
-    *,
-    max_rank: int | None = 50,
-    chunk_size: int = 8192,
-    buffer_size: int = 1024,
-    device: str | None = "auto",
-    show_progress: bool = False,
-) -> dict[str, Any]:
-    """SYSU-30k evaluation, scored exactly like the official ``test_sysu_combine.py``, but with
-    the gallery streamed in chunks (the official script holds a 54 GB gallery matrix).
+class _SysuScorer:
+    """Query-side state of the SYSU kernel: screening scores of a gallery chunk and the exact
+    counts built on them (see :func:`sysu30k_evaluate`, "Exact scores")."""
 
-    Protocol, per query ``q`` (features are L2-normalised, so the score is the cosine):
+    def __init__(self, qf: Any, dev: Any, precision: str):
+        import torch
 
-    * ``score_g = <gallery_g, q>`` (float32 dot product); the ranking is by *descending* score.
-    * good  = same label as the query **and** a different camera (label -1 items are never good);
-    * junk  = (same label **and** same camera) **or** label == -1. Junk is removed from the
-      ranking. Distractors (label -1000 in SYSU-30k) are ordinary negatives, not junk.
-    * ``r_0 < r_1 < ...`` = 0-based positions of the good items after junk removal.
-      ``CMC_q[k] = [r_0 <= k]``.
-    * The reference AP is the *trapezoid* AP of the Market MATLAB code:
-      ``AP = sum_j (1/n_good) * (old_j + prec_j) / 2`` with ``prec_j = (j+1)/(r_j+1)`` and
-      ``old_j = j / r_j`` (``old_j = 1`` when ``r_j = 0``). With one good match at rank r > 0
-      that is ``1/(2(r+1))``, half the usual AP. ``mAP_standard`` reports the usual
-      non-interpolated AP ``(1/n_good) sum_j (j+1)/(r_j+1)`` next to it.
-    * A query without any good item scores 0 but **is counted** in the denominators: CMC and
-      both mAPs are averaged over all queries (``len(query_label)``).
+        from reidkit.neighbors import U_F32, _TINY, score_bound
 
-    Ties: the reference uses numpy's unstable argsort, so ties are arbitrary there. Here
-    ``r_j = #{kept items with score > s_j}`` (strictly greater: a good match is put before
-    items with an equal score) plus the number of good items of the same query with an equal
-    score and a lower gallery index. This is the closed form ``r = #{s_g > s_true}``.
+        self.dev, self.precision, self.dim = dev, precision, int(qf.shape[1])
+        self.qf = qf
+        self.qs = qf.to(torch.bfloat16) if precision == "bf16" else qf
+        self.q64 = qf.double()  # the rows of the exact re-scoring, converted once
+        # float32 norms, raised by their worst relative rounding error (d + 2) 2^-24
+        self.inflate = 1 + (self.dim + 2) * U_F32
+        self.qnorm = qf.norm(dim=1).double().cpu().numpy() * self.inflate
+        self.beta = score_bound(self.dim, precision) * (1 + 64 * U_F32)
+        self.tiny = 4 * self.dim * _TINY
 
-    Streaming algorithm (exact; memory ``O(queries x (chunk_size + 2 buffer_size) + #good)``):
-    for each gallery chunk, scores ``Q @ G_chunk^T`` are computed (float32, torch, on
-    ``device``), junk entries are set to ``-inf`` (only the few columns whose label is a query
-    label or -1 are touched), and for every good match found so far the kept items of the
-    chunk scoring above it are counted (one comparison pass per good-match slot). Items
-    streamed *before* a good match appears are covered by a per-query pool holding every
-    earlier kept score above a threshold ``theta_q``, with at least the ``buffer_size`` best
-    ones: if the good score is ``>= theta_q``, every earlier item above it is in the pool and
-    the count is exact. Otherwise (a good match that appears late *and* ranks below
-    ``buffer_size`` earlier items) the count is completed by a second pass over the earlier
-    chunks, which needs a re-iterable ``gallery`` (arrays, a list of chunks or a callable
-    returning a fresh iterator). A one-shot generator in that situation raises
-    ``RuntimeError``: no bounded-memory one-pass method can be exact there (answering
-    "how many earlier scores exceed s" for an s known only later requires remembering them
-    all). In SYSU-30k's folder order (``ImageFolder`` sorts ``000028311`` ... before
-    ``0000others``) the true matches come first, so one pass always suffices.
+    def scores(self, feats: Any, rows: np.ndarray | None = None) -> tuple[Any, Any, float]:
+        """Screening scores ``Q[rows] @ G^T`` (float32 tensor), the float32 gallery chunk on the
+        device and the largest gallery norm of the chunk."""
+        import torch
 
-    Args:
-        query_features: (nq, d) float features (numpy or torch).
-        query_labels, query_cams: (nq,) integer labels / cameras.
-        gallery: ``(features, labels, cams)`` arrays; or an iterable of such chunks (e.g. a
-            generator yielding batches as they are extracted); or a zero-argument callable
-            returning such an iterable (re-iterable, allows the second pass).
-        max_rank: CMC length (``None``: the full gallery length, like the reference CMC).
-        chunk_size: gallery rows scored at once (bigger chunks are split).
-        buffer_size: per-query number of best earlier scores kept at least (see above);
-            0 disables the pool (then any good match after the first chunk needs pass 2).
-        device: "auto" (CUDA when available), "cpu" or a torch device for the score matmul.
-        show_progress: progress bar over chunks.
+        from reidkit.neighbors import screen_matmul
 
-    Returns:
-        dict with ``rank1``, ``rank5``, ``rank10``, ``mAP`` (trapezoid, as the reference),
-        ``mAP_standard``, ``cmc``, ``ranks`` (0-based rank of each query's first good match
-        after junk removal, -1 if none), ``per_query_AP``, ``per_query_AP_standard``,
-        ``all_good_ranks`` (list of rank arrays per query), ``num_valid_q``, ``num_gallery``,
-        ``passes`` and ``device``.
-    """
+        g = torch.as_tensor(_to_numpy(feats) if not _is_tensor(feats) else feats)
+        g = g.to(device=self.dev, dtype=torch.float32)
+        q = self.qs if rows is None else self.qs[torch.as_tensor(rows, device=self.dev)]
+        gmax = float(g.norm(dim=1).max()) * self.inflate if len(g) else 0.0
+        return screen_matmul(q, g, self.precision), g, gmax
+
+    def bound(self, rows: np.ndarray, gmax: float) -> np.ndarray:
+        """Per query: ``|screening score - RN32(q.g)| <= bound`` for gallery norms ``<= gmax``."""
+        return self.beta * self.qnorm[rows] * gmax + self.tiny
+
+    def exact(self, rows: np.ndarray, g: Any, cols: np.ndarray) -> np.ndarray:
+        """Canonical scores ``RN32(q_rows . g_cols)`` (:func:`reidkit.neighbors.exact_pair_dots`)."""
+        from reidkit.neighbors import exact_pair_dots
+
+        return exact_pair_dots(self.qf, g, rows, cols, x64=self.q64)
+
+    def count_above(self, s: Any, rows: np.ndarray, c: np.ndarray, bnd: np.ndarray, g: Any) -> np.ndarray:
+        """Per row r of ``s`` (screening scores of query ``rows[r]``, junk ``-inf``): the number of
+        gallery items whose canonical score is ``> c[r]``. Items with ``s > c + bnd`` count, items
+        with ``s < c - bnd`` do not, the few in between are scored exactly."""
+        lo = np.nextafter((c - bnd).astype(np.float32), np.float32(-np.inf))
+        hi = np.nextafter((c + bnd).astype(np.float32), np.float32(np.inf))
+        r, j, v = _entries_at_least(s, lo)
+        above = v > hi[r]
+        cnt = np.bincount(r[above], minlength=len(rows)).astype(np.int64)
+        amb = np.flatnonzero(~above)
+        if len(amb):
+            cs = self.exact(rows[r[amb]], g, j[amb])
+            cnt += np.bincount(r[amb][cs > c[r[amb]]], minlength=len(rows))
+        return cnt
+
+
+def _entries_at_least(s: Any, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, value) of the entries of ``s`` with ``s[r, j] >= lo[r]``."""
     import torch
 
-    dev = resolve_device(device)
+    if s.device.type == "cpu" and not _FORCE_TORCH_OPS:
+        sn = s.numpy()
+        flat = np.flatnonzero(sn >= lo[:, None])
+        r, j = np.divmod(flat, sn.shape[1])
+        return r, j, sn.reshape(-1)[flat]
+    mask = s >= torch.as_tensor(lo, device=s.device)[:, None]
+    idx = mask.nonzero()
+    r, j = idx[:, 0], idx[:, 1]
+    return r.cpu().numpy(), j.cpu().numpy(), s[r, j].cpu().numpy()
+
+
+class _SysuGoods:
+    """Per-good-match state of the streamed SYSU evaluation (grown as good matches appear)."""
+
+    def __init__(self, nq: int):
+        self.q = np.zeros(0, np.int64)  # query of the good match
+        self.s = np.zeros(0, np.float32)  # its canonical score
+        self.idx = np.zeros(0, np.int64)  # global gallery index
+        self.start = np.zeros(0, np.int64)  # global offset of the chunk it appeared in
+        self.cnt = np.zeros(0, np.int64)  # kept items with a greater score (counted so far)
+        self.slot = np.zeros(0, np.int64)  # index among the good matches of its query
+        self.unresolved = np.zeros(0, bool)
+        self.n_good = np.zeros(nq, np.int64)
+
+    def add(self, q, s, idx, start, cnt, slot, unresolved) -> None:
+        """Append new good matches (arrays of equal length)."""
+        for name, val in (("q", q), ("s", s), ("idx", idx), ("start", start), ("cnt", cnt),
+                          ("slot", slot), ("unresolved", unresolved)):
+            setattr(self, name, np.concatenate([getattr(self, name), val]))
+        np.add.at(self.n_good, q, 1)
+
+
+def _sysu_chunk_masks(qlabel_index: _LabelIndex, qc: np.ndarray, labels: np.ndarray,
+                      cams: np.ndarray, rows: np.ndarray | None = None):
+    """Column ids with label -1, and (query, column) junk / good pairs of this chunk (``rows``:
+    restrict to these queries, renumbered ``0..len(rows)-1``)."""
+    nq = len(qc)
+    neg1 = np.flatnonzero(labels == -1)
+    cand = np.flatnonzero(labels != -1)
+    starts, counts = qlabel_index.lookup(labels[cand])
+    sel = counts > 0
+    idx, seg = _ragged_gather(starts[sel], counts[sel])
+    pq = qlabel_index.order[idx]
+    pc = cand[sel][seg]
+    cam_q = qc
+    if rows is not None:
+        pos = np.full(nq, -1, np.int64)
+        pos[rows] = np.arange(len(rows))
+        keep = pos[pq] >= 0
+        pq, pc = pos[pq[keep]], pc[keep]
+        cam_q = qc[rows]
+    same_cam = cams[pc] == cam_q[pq]
+    return neg1, (pq[same_cam], pc[same_cam]), (pq[~same_cam], pc[~same_cam])
+
+
+def _mask_junk(s: Any, neg1: np.ndarray, junk: tuple[np.ndarray, np.ndarray]) -> None:
+    """Set the junk entries of a score block to ``-inf`` (in place)."""
+    import torch
+
+    if len(neg1):
+        s[:, torch.as_tensor(neg1, device=s.device)] = -math.inf
+    if len(junk[0]):
+        jr = torch.as_tensor(junk[0], device=s.device)
+        s[jr, torch.as_tensor(junk[1], device=s.device)] = -math.inf
+
+
+def _sysu_register_goods(st: "_SysuStream", g: Any, offset: int, good) -> None:
+    """Step 1 of a chunk: record its good matches (canonical scores) and count, from the score
+    pool, the earlier kept items above each; a count the pool cannot certify is left to pass 2."""
+    order = np.lexsort((good[1], good[0]))
+    nq_new, nc_new = good[0][order], good[1][order]
+    ns = st.scorer.exact(nq_new, g, nc_new)
+    first_of_q = _excl_cumsum(np.bincount(nq_new, minlength=st.nq))
+    slots = st.goods.n_good[nq_new] + np.arange(len(nq_new)) - first_of_q[nq_new]
+    if st.K:
+        bnd = st.scorer.bound(nq_new, st.gmax_past)
+        past, band, pooled = st.pool.count_above_exact(nq_new, ns, ns - bnd, ns + bnd)
+        unresolved = ~pooled | ((band > 0) & st.reiterable)
+        if not st.reiterable:  # no second pass possible: band items decided by their screening
+            st.unverified += int(band[pooled].sum())
+    else:
+        past = np.zeros(len(nq_new), np.int64)
+        unresolved = st.n_past[nq_new] > 0
+    if unresolved.any() and not st.reiterable:
+        raise RuntimeError(
+            f"{int(unresolved.sum())} good match(es) appeared after at least "
+            f"buffer_size={st.K} better-scoring gallery items had already streamed past; "
+            "their exact rank needs a second pass. Pass the gallery as arrays, a list "
+            "of chunks or a callable returning a fresh iterator, or raise buffer_size."
+        )
+    st.goods.add(nq_new, ns, offset + nc_new, np.full(len(nq_new), offset, np.int64),
+                 np.where(unresolved, 0, past), slots, unresolved)
+    width = int(st.goods.n_good.max())
+    if width > st.thr.shape[1]:
+        pad = np.full((st.nq, width - st.thr.shape[1]), np.inf, np.float32)
+        st.thr = np.concatenate([st.thr, pad], axis=1)
+    st.thr[nq_new, slots] = ns
+
+
+def _sysu_count_chunk(st: "_SysuStream", s: Any, g: Any, gmax: float) -> None:
+    """Step 2 of a chunk: for every known good match, the chunk's kept items scoring above it."""
+    import torch
+
+    goods = st.goods
+    for t in range(st.thr.shape[1]):
+        rows_t = np.flatnonzero(goods.n_good > t)
+        c = st.thr[rows_t, t]
+        st_rows = s if len(rows_t) == st.nq else s[torch.as_tensor(rows_t, device=s.device)]
+        cnt_t = st.scorer.count_above(st_rows, rows_t, c, st.scorer.bound(rows_t, gmax), g)
+        sel = goods.slot == t
+        pos = np.full(st.nq, -1, np.int64)
+        pos[rows_t] = np.arange(len(rows_t))
+        goods.cnt[sel] += cnt_t[pos[goods.q[sel]]]
+
+
+class _SysuStream:
+    """Everything :func:`sysu30k_evaluate` carries from one gallery chunk to the next.
+
+    Streaming algorithm (memory ``O(queries x (chunk_size + 2 buffer_size) + #good)``): for
+    each chunk, screening scores ``Q @ G_chunk^T`` are computed, junk entries are set to
+    ``-inf``, and for every good match found so far the kept items of the chunk above it are
+    counted (:meth:`_SysuScorer.count_above`: screening, exact scores in the band). Items streamed *before* a good match appears are covered by a per-query
+    pool holding every earlier kept screening score above ``theta_q`` (at least the
+    ``buffer_size`` best): when ``c_good - B > theta_q`` and no pooled score lies within ``B``
+    of ``c_good``, the pool gives the exact count. Otherwise the count is completed by a second
+    pass over the earlier chunks, which needs a re-iterable ``gallery`` (arrays, a list of
+    chunks or a callable returning a fresh iterator). A one-shot generator raises
+    ``RuntimeError`` when the pool is too small (``c_good - B <= theta_q``); pooled scores
+    within ``B`` of ``c_good`` (near-ties, rare with the fp32 band that one-shot galleries use)
+    are then decided by their screening score and counted in ``unverified_comparisons``. In
+    SYSU-30k's folder order the true matches come first, so one pass always suffices and the
+    result is exact.
+    """
+
+    def __init__(self, scorer: _SysuScorer, ql: np.ndarray, qc: np.ndarray, K: int, reiterable: bool):
+        self.scorer, self.qc, self.K, self.reiterable = scorer, qc, K, reiterable
+        self.nq = len(ql)
+        self.qlabel_index = _LabelIndex(ql)
+        self.goods = _SysuGoods(self.nq)
+        self.thr = np.full((self.nq, 0), np.inf, np.float32)  # thr[q, t]: q's t-th good score
+        self.pool = _ScorePool(self.nq, K)  # earlier kept scores that a late good match may need
+        self.n_past = np.zeros(self.nq, np.int64)  # kept items seen so far
+        self.gmax_past = 0.0  # largest gallery norm seen so far (bounds of the pool's scores)
+        self.unverified = 0  # comparisons decided by screening scores (one-shot galleries only)
+
+    def chunk(self, offset: int, feats: Any, labels: np.ndarray, cams: np.ndarray) -> None:
+        """Process one gallery chunk (steps 1-3 of the streaming algorithm)."""
+        s, g, gmax = self.scorer.scores(feats)
+        neg1, junk, good = _sysu_chunk_masks(self.qlabel_index, self.qc, labels, cams)
+        if len(good[0]):
+            _sysu_register_goods(self, g, offset, good)
+        _mask_junk(s, neg1, junk)
+        _sysu_count_chunk(self, s, g, gmax)
+        kept = len(labels) - len(neg1) - np.bincount(junk[0], minlength=self.nq)
+        self.gmax_past = max(self.gmax_past, gmax)
+        if self.K:
+            self.pool.add(s)
+        self.n_past += kept
+
+    def second_pass(self, chunks: Iterator) -> None:
+        """Count, for the unresolved good matches, the kept items of the chunks before theirs."""
+        import torch
+
+        goods = self.goods
+        u = np.flatnonzero(goods.unresolved)
+        rows = np.unique(goods.q[u])
+        pos = np.full(self.nq, -1, np.int64)
+        pos[rows] = np.arange(len(rows))
+        u_row = torch.as_tensor(pos[goods.q[u]])
+        stop = int(goods.start[u].max())
+        for offset, feats, labels, cams in chunks:
+            if offset >= stop:
+                break
+            s, g, gmax = self.scorer.scores(feats, rows)
+            neg1, junk, _ = _sysu_chunk_masks(self.qlabel_index, self.qc, labels, cams, rows)
+            _mask_junk(s, neg1, junk)
+            su = s[u_row.to(s.device)]
+            cols = torch.arange(offset, offset + len(labels), device=s.device)[None, :]
+            lim = torch.as_tensor(goods.start[u], device=s.device)[:, None]
+            su.masked_fill_(cols >= lim, -math.inf)  # only the chunks before the good match's own
+            bnd = self.scorer.bound(goods.q[u], gmax)
+            goods.cnt[u] += self.scorer.count_above(su, goods.q[u], goods.s[u], bnd, g)
+
+
+def _sysu_summary(goods: _SysuGoods, nq: int, num_gallery: int, max_rank: int | None) -> dict[str, Any]:
+    """Ranks (strictly-greater count + equal-score good matches with a lower gallery index),
+    trapezoid and standard AP, CMC, as the reference computes them."""
+    n_good = goods.n_good
+    order = np.lexsort((goods.idx, goods.s, goods.q))
+    gq, gs, gcnt = goods.q[order], goods.s[order], goods.cnt[order]
+    same_prev = np.zeros(len(gq), np.int64)
+    if len(gq):
+        new_run = np.ones(len(gq), bool)
+        new_run[1:] = (gq[1:] != gq[:-1]) | (gs[1:] != gs[:-1])
+        run_start = np.flatnonzero(new_run)
+        same_prev = np.arange(len(gq)) - run_start[np.cumsum(new_run) - 1]
+    rank = gcnt + same_prev
+    order2 = np.lexsort((rank, gq))
+    gq, rank = gq[order2], rank[order2]
+    j = np.arange(len(gq)) - _excl_cumsum(n_good)[gq]  # index among the query's good matches
+    ngood = n_good[gq].astype(np.float64)
+    prec = (j + 1) / (rank + 1.0)
+    old = np.where(rank != 0, j / np.maximum(rank, 1).astype(np.float64), 1.0)
+    per_ap = np.zeros(nq)
+    per_ap_std = np.zeros(nq)
+    np.add.at(per_ap, gq, (1.0 / ngood) * (old + prec) / 2)  # sequential, in rank order
+    np.add.at(per_ap_std, gq, prec / ngood)
+    first = np.full(nq, -1, np.int64)
+    first[gq[j == 0]] = rank[j == 0]
+    all_ranks = np.split(rank, np.cumsum(n_good)[:-1]) if nq else []
+    valid = first >= 0
+    length = num_gallery if max_rank is None else int(max_rank)
+    hist = np.bincount(first[valid], minlength=max(length, 10, 1))
+    cum = np.cumsum(hist) / max(nq, 1)
+    return {
+        "rank1": float(cum[0]),
+        "rank5": float(cum[4]),
+        "rank10": float(cum[9]),
+        "mAP": float(per_ap.sum() / max(nq, 1)),
+        "mAP_standard": float(per_ap_std.sum() / max(nq, 1)),
+        "cmc": cum[:length] if length else cum[:0],
+        "ranks": first,
+        "per_query_AP": per_ap,
+        "per_query_AP_standard": per_ap_std,
+        "all_good_ranks": all_ranks,
+        "num_valid_q": int(valid.sum()),
+        "num_gallery": int(num_gallery),
+    }
+
+
+def _sysu_queries(query_features, query_labels, query_cams) -> tuple[Any, np.ndarray, np.ndarray]:
+    """Validated query tensor (float32, CPU), labels and cameras."""
+    import torch
+
     if not _is_tensor(query_features):
         query_features = _to_numpy(query_features)
     qf = torch.as_tensor(query_features)
@@ -677,200 +928,109 @@ def sysu30k_evaluate(
             f"query_features has shape {(nq, dim)} but query_labels has shape "
             f"{tuple(ql.shape)} and query_cams {tuple(qc.shape)}: expected ({nq},)"
         )
+    return qf, ql, qc
+
+
+def sysu30k_evaluate(
+    query_features: ArrayLike,
+    query_labels: ArrayLike,
+    query_cams: ArrayLike,
+    gallery: Any,
+    *,
+    max_rank: int | None = 50,
+    chunk_size: int = 8192,
+    buffer_size: int = 1024,
+    device: str | None = "auto",
+    precision: str = "auto",
+    show_progress: bool = False,
+) -> dict[str, Any]:
+    """SYSU-30k evaluation, scored like the official ``test_sysu_combine.py``, but with the
+    gallery streamed in chunks (the official script holds a 54 GB gallery matrix).
+
+    Protocol, per query ``q`` (features are L2-normalised, so the score is the cosine):
+
+    * ``score_g = <gallery_g, q>``; the ranking is by *descending* score.
+    * good  = same label as the query **and** a different camera (label -1 items are never good);
+    * junk  = (same label **and** same camera) **or** label == -1. Junk is removed from the
+      ranking. Distractors (label -1000 in SYSU-30k) are ordinary negatives, not junk.
+    * ``r_0 < r_1 < ...`` = 0-based positions of the good items after junk removal.
+      ``CMC_q[k] = [r_0 <= k]``.
+    * The reference AP is the *trapezoid* AP of the Market MATLAB code:
+      ``AP = sum_j (1/n_good) * (old_j + prec_j) / 2`` with ``prec_j = (j+1)/(r_j+1)`` and
+      ``old_j = j / r_j`` (``old_j = 1`` when ``r_j = 0``). With one good match at rank r > 0
+      that is ``1/(2(r+1))``, half the usual AP. ``mAP_standard`` reports the usual
+      non-interpolated AP ``(1/n_good) sum_j (j+1)/(r_j+1)`` next to it.
+    * A query without any good item scores 0 but **is counted** in the denominators: CMC and
+      both mAPs are averaged over all queries (``len(query_label)``).
+
+    Exact scores. Every decision compares the *canonical* score ``c = RN32(q.g)``, the exact
+    dot product rounded once to float32 (:func:`reidkit.neighbors.exact_pair_dots`): unlike a
+    matmul's result it does not depend on the kernel, its blocking or the device. The matmul
+    only screens: with ``|screen - c| <= B = beta ||q|| ||g||`` (:func:`reidkit.neighbors.
+    score_bound`; ``beta ~ 1.2e-4`` for fp32, ``~ 0.012`` for bf16 at d = 2048), an item with
+    ``screen > c_good + B`` has ``c > c_good`` and one with ``screen < c_good - B`` has
+    ``c < c_good``; the items in between are scored exactly. So the fp32 and the bf16 screening
+    count the same items and give identical ranks. ``precision="auto"`` screens in bf16 where
+    the device computes it natively (AMX / AVX512-BF16, CUDA >= 8.0) and the gallery can be
+    iterated twice, else in fp32 (a one-shot generator keeps the narrow fp32 band, see below).
+
+    Ties: ``r_j = #{kept items with c > c_j}`` (strictly greater: a good match is put before
+    items with an equal score) plus the number of good items of the same query with an equal
+    score and a lower gallery index (the reference's unstable argsort makes ties arbitrary).
+
+    Streaming (memory ``O(queries x (chunk_size + 2 buffer_size) + #good)``, one pass when
+    the true matches come first, as in SYSU-30k's folder order): see :class:`_SysuStream`.
+
+    Args:
+        query_features: (nq, d) float features (numpy or torch).
+        query_labels, query_cams: (nq,) integer labels / cameras.
+        gallery: ``(features, labels, cams)`` arrays; or an iterable of such chunks; or a
+            zero-argument callable returning such an iterable (re-iterable).
+        max_rank: CMC length (``None``: the full gallery length, like the reference CMC).
+        chunk_size: gallery rows scored at once (bigger chunks are split).
+        buffer_size: per-query number of best earlier scores kept at least (see above).
+        device: "auto" (CUDA when available), "cpu" or a torch device for the score matmul.
+        precision: screening matmul, "auto", "fp32" or "bf16" (same results).
+        show_progress: progress bar over chunks.
+
+    Returns:
+        dict with ``rank1``, ``rank5``, ``rank10``, ``mAP`` (trapezoid, as the reference),
+        ``mAP_standard``, ``cmc``, ``ranks`` (0-based rank of each query's first good match
+        after junk removal, -1 if none), ``per_query_AP``, ``per_query_AP_standard``,
+        ``all_good_ranks``, ``num_valid_q``, ``num_gallery``, ``passes``, ``device``,
+        ``precision`` (the screening that ran) and ``unverified_comparisons`` (0: every
+        comparison was made on canonical scores).
+    """
+    import torch
+
+    from reidkit.neighbors import resolve_precision
+
+    dev = resolve_device(device)
+    qf, ql, qc = _sysu_queries(query_features, query_labels, query_cams)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    qf = qf.to(device=dev, dtype=torch.float32)
-    qlabel_index = _LabelIndex(ql)
     factory, reiterable, total = _gallery_source(gallery, chunk_size)
-    K = max(int(buffer_size), 0)
-
-    # per-good-match state (grown as good matches are found; their number is small)
-    g_q = np.zeros(0, np.int64)  # query of the good match
-    g_s = np.zeros(0, np.float32)  # its score
-    g_idx = np.zeros(0, np.int64)  # global gallery index
-    g_start = np.zeros(0, np.int64)  # global offset of the chunk it appeared in
-    g_cnt = np.zeros(0, np.int64)  # kept items with a greater score (counted so far)
-    g_slot = np.zeros(0, np.int64)  # index among the good matches of its query
-    g_unresolved = np.zeros(0, bool)
-    n_good = np.zeros(nq, np.int64)
-    thr = torch.full((nq, 0), math.inf, device=dev)  # thr[q, t] = score of q's t-th good
-    pool = _ScorePool(nq, K)  # earlier kept scores that a late good match may need
-    n_past = np.zeros(nq, np.int64)  # kept items seen so far
-
-    def chunk_masks(labels: np.ndarray, cams: np.ndarray, rows: np.ndarray | None = None):
-        """Column ids with label -1, and (query, column) junk / good pairs of this chunk."""
-        neg1 = np.flatnonzero(labels == -1)
-        cand = np.flatnonzero(labels != -1)
-        starts, counts = qlabel_index.lookup(labels[cand])
-        sel = counts > 0
-        idx, seg = _ragged_gather(starts[sel], counts[sel])
-        pq = qlabel_index.order[idx]
-        pc = cand[sel][seg]
-        if rows is not None:  # restrict to a subset of queries, renumbered 0..len(rows)-1
-            pos = np.full(nq, -1, np.int64)
-            pos[rows] = np.arange(len(rows))
-            keep = pos[pq] >= 0
-            pq, pc = pos[pq[keep]], pc[keep]
-            cam_q = qc[rows]
-        else:
-            cam_q = qc
-        same_cam = cams[pc] == cam_q[pq]
-        return neg1, (pq[same_cam], pc[same_cam]), (pq[~same_cam], pc[~same_cam])
-
-    def scores_of(feats: Any, rows: np.ndarray | None = None) -> Any:
-        g = torch.as_tensor(_to_numpy(feats) if not _is_tensor(feats) else feats)
-        g = g.to(device=dev, dtype=torch.float32)
-        q = qf if rows is None else qf[torch.as_tensor(rows, device=dev)]
-        with exact_fp32_matmul():  # ranking scores: no TF32 / bf16 matmul a caller may have enabled
-            return q @ g.T
-
-    def mask_junk(s: Any, neg1: np.ndarray, junk: tuple[np.ndarray, np.ndarray]) -> None:
-        if len(neg1):
-            s[:, torch.as_tensor(neg1, device=dev)] = -math.inf
-        if len(junk[0]):
-            jr = torch.as_tensor(junk[0], device=dev)
-            s[jr, torch.as_tensor(junk[1], device=dev)] = -math.inf
-
+    if precision == "auto" and not reiterable:
+        precision = "fp32"
+    prec = resolve_precision(precision, dev)
+    scorer = _SysuScorer(qf.to(device=dev, dtype=torch.float32), dev, prec)
+    st = _SysuStream(scorer, ql, qc, max(int(buffer_size), 0), reiterable)
+    dim = int(qf.shape[1])
     num_gallery = 0
-    chunks = _split_chunks(factory(), chunk_size, dim)
     bar_total = None if total is None else math.ceil(total / chunk_size)
-    for offset, feats, labels, cams in progress(
-        chunks, total=bar_total, desc="sysu30k", disable=not show_progress
-    ):
-        b = len(labels)
-        num_gallery = offset + b
-        s = scores_of(feats)
-        neg1, junk, good = chunk_masks(labels, cams)
-        # 1. register the good matches of this chunk
-        if len(good[0]):
-            order = np.lexsort((good[1], good[0]))
-            nq_new, nc_new = good[0][order], good[1][order]
-            ns = s[torch.as_tensor(nq_new, device=dev), torch.as_tensor(nc_new, device=dev)]
-            ns = ns.cpu().numpy().astype(np.float32)
-            first_of_q = _excl_cumsum(np.bincount(nq_new, minlength=nq))
-            rank_in_q = np.arange(len(nq_new)) - first_of_q[nq_new]
-            slots = n_good[nq_new] + rank_in_q
-            # earlier items above the new good score, from the score pool
-            if K:
-                past, resolved = pool.count_above(nq_new, ns)
-                unresolved = ~resolved
-            else:
-                past = np.zeros(len(nq_new), np.int64)
-                unresolved = n_past[nq_new] > 0
-            if unresolved.any() and not reiterable:
-                raise RuntimeError(
-                    f"{int(unresolved.sum())} good match(es) appeared after at least "
-                    f"buffer_size={K} better-scoring gallery items had already streamed past; "
-                    "their exact rank needs a second pass. Pass the gallery as arrays, a list "
-                    "of chunks or a callable returning a fresh iterator, or raise buffer_size."
-                )
-            g_q = np.concatenate([g_q, nq_new])
-            g_s = np.concatenate([g_s, ns])
-            g_idx = np.concatenate([g_idx, offset + nc_new])
-            g_start = np.concatenate([g_start, np.full(len(nq_new), offset, np.int64)])
-            g_cnt = np.concatenate([g_cnt, np.where(unresolved, 0, past)])
-            g_slot = np.concatenate([g_slot, slots])
-            g_unresolved = np.concatenate([g_unresolved, unresolved])
-            np.add.at(n_good, nq_new, 1)
-            width = int(n_good.max())
-            if width > thr.shape[1]:
-                pad = torch.full((nq, width - thr.shape[1]), math.inf, device=dev)
-                thr = torch.cat([thr, pad], dim=1)
-            thr[torch.as_tensor(nq_new, device=dev), torch.as_tensor(slots, device=dev)] = (
-                torch.as_tensor(ns, device=dev)
-            )
-        # 2. remove junk, count kept items above every known good score
-        mask_junk(s, neg1, junk)
-        for t in range(thr.shape[1]):
-            rows_t = np.flatnonzero(n_good > t)
-            if t == 0 and len(rows_t) > nq // 2:
-                cnt_t = _count_greater(s, thr[:, :1])[rows_t]
-            else:
-                rt = torch.as_tensor(rows_t, device=dev)
-                cnt_t = _count_greater(s[rt], thr[rt, t : t + 1])
-            sel = g_slot == t
-            pos = np.full(nq, -1, np.int64)
-            pos[rows_t] = np.arange(len(rows_t))
-            g_cnt[sel] += cnt_t[pos[g_q[sel]]]
-        # 3. keep the best `K` kept scores per query for good matches appearing later
-        kept = b - len(neg1) - np.bincount(junk[0], minlength=nq)
-        if K:
-            pool.add(s)
-        n_past += kept
-        del s
-
+    chunks = _split_chunks(factory(), chunk_size, dim)
+    for offset, feats, labels, cams in progress(chunks, total=bar_total, desc="sysu30k",
+                                                disable=not show_progress):
+        num_gallery = offset + len(labels)
+        st.chunk(offset, feats, labels, cams)
     passes = 1
-    if g_unresolved.any():
-        # second pass: count, for the unresolved good matches, the kept items of earlier chunks
+    if st.goods.unresolved.any():
         passes = 2
-        u = np.flatnonzero(g_unresolved)
-        rows = np.unique(g_q[u])
-        pos = np.full(nq, -1, np.int64)
-        pos[rows] = np.arange(len(rows))
-        u_row = torch.as_tensor(pos[g_q[u]], device=dev)
-        u_s = torch.as_tensor(g_s[u], device=dev)[:, None]
-        u_lim = g_start[u]
-        stop = int(u_lim.max())
-        for offset, feats, labels, cams in _split_chunks(factory(), chunk_size, dim):
-            if offset >= stop:
-                break
-            s = scores_of(feats, rows)
-            neg1, junk, _ = chunk_masks(labels, cams, rows)
-            mask_junk(s, neg1, junk)
-            cols = torch.arange(offset, offset + len(labels), device=dev)[None, :]
-            lim = torch.as_tensor(u_lim, device=dev)[:, None]
-            g_cnt[u] += ((s[u_row] > u_s) & (cols < lim)).sum(1).cpu().numpy()
-            del s
-
-    # ranks: strictly-greater count + equal-score good matches with a lower gallery index
-    order = np.lexsort((g_idx, g_s, g_q))
-    gq, gs, gcnt = g_q[order], g_s[order], g_cnt[order]
-    if len(gq):
-        new_run = np.ones(len(gq), bool)
-        new_run[1:] = (gq[1:] != gq[:-1]) | (gs[1:] != gs[:-1])
-        run_start = np.flatnonzero(new_run)
-        same_prev = np.arange(len(gq)) - run_start[np.cumsum(new_run) - 1]
-    else:
-        same_prev = np.zeros(0, np.int64)
-    rank = gcnt + same_prev
-    order2 = np.lexsort((rank, gq))
-    gq, rank = gq[order2], rank[order2]
-    j = np.arange(len(gq)) - _excl_cumsum(n_good)[gq]  # index among the query's good matches
-    ngood = n_good[gq].astype(np.float64)
-    prec = (j + 1) / (rank + 1.0)
-    old = np.where(rank != 0, j / np.maximum(rank, 1).astype(np.float64), 1.0)
-    d_recall = 1.0 / ngood
-    ap_terms = d_recall * (old + prec) / 2
-    per_ap = np.zeros(nq)
-    per_ap_std = np.zeros(nq)
-    np.add.at(per_ap, gq, ap_terms)  # sequential, in rank order, like the reference loop
-    np.add.at(per_ap_std, gq, prec / ngood)
-    first = np.full(nq, -1, np.int64)
-    first[gq[j == 0]] = rank[j == 0]
-    splits = np.cumsum(n_good)[:-1]
-    all_ranks = np.split(rank, splits) if nq else []
-
-    valid = first >= 0
-    length = num_gallery if max_rank is None else int(max_rank)
-    hist = np.bincount(first[valid], minlength=max(length, 10, 1))
-    cum = np.cumsum(hist) / max(nq, 1)
-    cmc = cum[:length] if length else cum[:0]
-    return {
-        "rank1": float(cum[0]),
-        "rank5": float(cum[4]),
-        "rank10": float(cum[9]),
-        "mAP": float(per_ap.sum() / max(nq, 1)),
-        "mAP_standard": float(per_ap_std.sum() / max(nq, 1)),
-        "cmc": cmc,
-        "ranks": first,
-        "per_query_AP": per_ap,
-        "per_query_AP_standard": per_ap_std,
-        "all_good_ranks": all_ranks,
-        "num_valid_q": int(valid.sum()),
-        "num_gallery": int(num_gallery),
-        "passes": passes,
-        "device": str(dev),
-    }
+        st.second_pass(_split_chunks(factory(), chunk_size, dim))
+    out = _sysu_summary(st.goods, st.nq, num_gallery, max_rank)
+    out.update({"passes": passes, "device": str(dev), "precision": prec,
+                "unverified_comparisons": st.unverified})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------

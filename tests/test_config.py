@@ -92,7 +92,7 @@ def test_no_field_is_repeated_across_sections():
             where.setdefault(f.name, []).append(section)
     repeated = {name: secs for name, secs in where.items() if len(secs) > 1}
     # only the two methods' own optimisation schedules share names (each method has its own values)
-    per_method = {"epochs", "lr", "weight_decay", "gamma", "amp", "eval_step", "ghost_bn"}
+    per_method = {"epochs", "lr", "weight_decay", "gamma", "amp", "eval_step", "ghost_bn", "iters"}
     assert set(repeated) <= per_method, f"fields repeated across sections: {repeated}"
     assert all(secs == ["hhcl", "dgl"] for secs in repeated.values())
 

@@ -311,7 +311,8 @@ def test_process_group_gets_a_long_timeout(monkeypatch, mock_cuda_devices):
 
 
 def test_evaluation_gets_the_run_device(monkeypatch):
-    from reidkit import evaluation, train
+    from reidkit import evaluation
+    from reidkit import hhcl as train
 
     seen = {}
     monkeypatch.setattr(train, "extract_records", lambda model, recs, prof, device, desc: _unit(len(recs), 8))

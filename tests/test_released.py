@@ -75,7 +75,7 @@ def _kit_model(num_classes: int = 0) -> ReIDNet:
 
 @pytest.fixture(scope="module")
 def kit_file(tmp_path_factory):
-    """A kit ``model_best.pt`` of a fresh smoke-profile network (what ``reidkit.train`` saves)."""
+    """A kit ``model_best.pt`` of a fresh smoke-profile network (what ``reidkit.hhcl`` saves)."""
     path = tmp_path_factory.mktemp("kit") / "model_best.pt"
     torch.save({"model": _kit_model().state_dict(), "epoch": 1, "profile": "smoke", "arch": "mobilenetv2",
                 "pooling": "avg", "selection": "last"}, path)

@@ -1,5 +1,5 @@
 """Notebook 05's worked solutions and its library helpers (reidkit.weak teaching helpers,
-reidkit.train_weak tables, reidkit.viz.bags figures), on the embedded sample (smoke profile)."""
+reidkit.weak_course tables, reidkit.viz.bags figures), on the embedded sample (smoke profile)."""
 
 import itertools
 from pathlib import Path

@@ -12,10 +12,18 @@ import torchvision.transforms as T
 from PIL import Image
 
 from reidkit.data.transforms import (
+    DEFAULT_BACKEND,
     IMAGENET_MEAN,
     IMAGENET_STD,
+    ImageDataset,
+    NormalizeUint8,
+    PadRandomCrop,
     RandomErasing,
+    TensorPipeline,
+    ToUint8,
+    decode_image_uint8,
     denormalize,
+    load_image,
     train_transform,
 )
 from reidkit.data.transforms import test_transform as eval_transform  # not collected as a test
@@ -43,7 +51,7 @@ def to_normalised(img: Image.Image) -> torch.Tensor:
 # pipeline composition
 
 def test_train_transform_steps_in_reference_order():
-    steps = train_transform().transforms
+    steps = train_transform(backend="pil").transforms
     assert [type(s) for s in steps] == [T.Resize, T.RandomHorizontalFlip, T.Pad, T.RandomCrop, T.ToTensor,
                                         T.Normalize, RandomErasing]
     resize, flip, pad, crop, _, norm, erase = steps
@@ -57,16 +65,47 @@ def test_train_transform_steps_in_reference_order():
     assert erase.fill == (0.485, 0.456, 0.406)
 
 
+def test_tensor_backend_is_the_default_with_the_same_steps():
+    import torchvision.transforms.v2 as v2
+
+    assert DEFAULT_BACKEND == "tensor"
+    tf = train_transform()
+    assert isinstance(tf, TensorPipeline) and tf.input_kind == "uint8"
+    steps = tf.transforms
+    assert [type(s) for s in steps] == [ToUint8, v2.Resize, v2.RandomHorizontalFlip, PadRandomCrop,
+                                        NormalizeUint8, RandomErasing]
+    _, resize, flip, crop, norm, erase = steps
+    assert tuple(resize.size) == (256, 128) and resize.antialias is True
+    assert resize.interpolation == v2.InterpolationMode.BICUBIC
+    assert flip.p == 0.5 and (crop.size, crop.pad) == ((256, 128), 10)
+    assert torch.equal(norm.mean.flatten(), torch.tensor(IMAGENET_MEAN))
+    assert torch.equal(norm.std.flatten(), torch.tensor(IMAGENET_STD))
+    assert (erase.p, erase.sl, erase.sh, erase.r1, erase.attempts, erase.inplace) == (0.5, 0.02, 0.4, 0.3, 100, True)
+    assert erase.fill == (0.485, 0.456, 0.406)
+    # colour jitter keeps the reference PIL colour ops unless the tensor backend is asked for
+    assert isinstance(train_transform(color_jitter=0.1), T.Compose)
+    assert isinstance(train_transform(color_jitter=0.1, backend="tensor"), TensorPipeline)
+    with pytest.raises(ValueError, match="backend"):
+        train_transform(backend="cuda")
+
+
 def test_train_transform_options_remove_steps():
-    steps = train_transform(flip=False, pad=0, erasing_p=0).transforms
+    steps = train_transform(flip=False, pad=0, erasing_p=0, backend="pil").transforms
     assert [type(s) for s in steps] == [T.Resize, T.ToTensor, T.Normalize]
+    import torchvision.transforms.v2 as v2
+
+    steps = train_transform(flip=False, pad=0, erasing_p=0).transforms
+    assert [type(s) for s in steps] == [ToUint8, v2.Resize, NormalizeUint8]
 
 
 def test_test_transform_steps():
-    steps = eval_transform().transforms
+    steps = eval_transform(backend="pil").transforms
     assert [type(s) for s in steps] == [T.Resize, T.ToTensor, T.Normalize]
     assert steps[0].interpolation == T.InterpolationMode.BICUBIC
     assert tuple(steps[0].size) == (256, 128)
+    steps = eval_transform().transforms
+    assert [type(s).__name__ for s in steps] == ["ToUint8", "Resize", "NormalizeUint8"]
+    assert tuple(steps[1].size) == (256, 128) and steps[1].antialias is True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,9 +124,15 @@ def test_train_transform_output_shape_and_normalisation():
     assert torch.allclose(denormalize(out)[:, 0, 0], torch.tensor([200, 100, 50]) / 255, atol=1e-6)
 
 
+#: the tensor backend's antialiased bicubic resize vs PIL's, in uint8 levels: measured at most 1 on
+#: the sample JPEGs resized to 384x128 / 128x64 (0 for a 2x upsample) and at most 2 on uniform noise
+RESIZE_LEVELS = 2
+RESIZE_ATOL = RESIZE_LEVELS / 255 / min(IMAGENET_STD) + 1e-6
+
+
 def test_test_transform_is_bicubic_resize_then_normalise_and_deterministic():
     img = random_image(2, size=(60, 150))
-    tf = eval_transform()
+    tf = eval_transform(backend="pil")
     a, b = tf(img), tf(img)
     assert a.shape == (3, 256, 128)
     assert torch.equal(a, b)
@@ -95,12 +140,23 @@ def test_test_transform_is_bicubic_resize_then_normalise_and_deterministic():
     assert torch.allclose(a, expected, atol=1e-6)
     # bilinear would differ: the interpolation really is bicubic
     assert not torch.allclose(a, to_normalised(img.resize((128, 256), Image.BILINEAR)), atol=1e-3)
+    # the tensor backend: PIL's bicubic within the measured rounding, far from bilinear
+    t = eval_transform()(img)
+    assert torch.equal(t, eval_transform()(img))
+    assert torch.allclose(t, expected, atol=RESIZE_ATOL, rtol=0)
+    assert float((t - expected).abs().mean()) < 0.02 / 255 / min(IMAGENET_STD)
+    assert not torch.allclose(t, to_normalised(img.resize((128, 256), Image.BILINEAR)), atol=RESIZE_ATOL)
+    # without antialias the tensor bicubic kernel (a = -0.75) would miss PIL's by far more
+    import torchvision.transforms.v2.functional as F2
+    noaa = F2.resize(F2.pil_to_tensor(img), [256, 128], interpolation=T.InterpolationMode.BICUBIC, antialias=False)
+    assert not torch.allclose(NormalizeUint8()(noaa), expected, atol=RESIZE_ATOL)
 
 
 def test_train_transform_resize_is_bicubic():
     img = random_image(3, size=(60, 150))
-    out = train_transform(flip=False, pad=0, erasing_p=0)(img)
-    assert torch.allclose(out, eval_transform()(img), atol=1e-6)
+    for backend in ("pil", "tensor"):
+        out = train_transform(flip=False, pad=0, erasing_p=0, backend=backend)(img)
+        assert torch.allclose(out, eval_transform(backend=backend)(img), atol=1e-6)
 
 
 def test_flip_gives_the_image_or_its_mirror_and_both_occur():
@@ -222,3 +278,120 @@ def test_random_erasing_one_channel_and_repeatable():
     random.seed(7)
     assert torch.equal(RandomErasing(p=1.0)(img), out)
     assert "RandomErasing(p=1.0" in repr(RandomErasing(p=1.0))
+
+
+# ---------------------------------------------------------------------------------------------
+# the tensor backend against the PIL backend
+
+def sample_paths(n=24):
+    from reidkit.data.datasets import load_dataset
+
+    recs = load_dataset("mini-mars").train
+    return [recs[i].path for i in range(0, len(recs), max(1, len(recs) // n))][:n]
+
+
+def rng_state():
+    return torch.get_rng_state(), random.getstate()
+
+
+def run_seeded(tf, img, seed):
+    torch.manual_seed(seed)
+    random.seed(seed)
+    out = tf(img)
+    return out, rng_state()
+
+
+@pytest.mark.parametrize("size", [(256, 128), (384, 128), (128, 64)])
+def test_tensor_and_pil_paths_make_the_same_draws_and_pixels(size):
+    """Sample JPEGs, fixed seeds: the same flip, crop offsets and erasing rectangle, the same RNG
+    state after; at 256x128 (the sample's own size: no resize) bit-identical, else within the
+    measured resize rounding."""
+    pil_tf = train_transform(*size, erasing_p=0.5, backend="pil")
+    ten_tf = train_transform(*size, erasing_p=0.5, backend="tensor")
+    no_resize = size == (256, 128)
+    flips = erased = 0
+    for k, path in enumerate(sample_paths()):
+        seed = 1000 + k
+        a, state_a = run_seeded(pil_tf, load_image(path), seed)
+        b, state_b = run_seeded(ten_tf, decode_image_uint8(path), seed)
+        assert torch.equal(state_a[0], state_b[0]) and state_a[1] == state_b[1], "different random draws"
+        assert a.shape == b.shape == (3, *size) and b.dtype == torch.float32
+        if no_resize:
+            assert torch.equal(a, b), path
+        else:
+            assert torch.allclose(a, b, atol=RESIZE_ATOL, rtol=0), path
+        # the erasing rectangle and the zero padding are exactly where they are in the PIL output
+        fill = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        assert torch.equal((a == fill).all(0), (b == fill).all(0))
+        erased += int((b == fill).all(0).any())
+        # what the flip draw was: replay it
+        torch.manual_seed(seed)
+        flips += int(torch.rand(1) < 0.5)
+    assert 0 < flips < len(sample_paths()) and erased > 0  # both branches were exercised
+
+
+def test_tensor_pipeline_takes_pil_or_tensor_alike():
+    path = sample_paths(1)[0]
+    tf = train_transform(384, 128)
+    a, _ = run_seeded(tf, load_image(path), 5)
+    b, _ = run_seeded(tf, decode_image_uint8(path), 5)
+    assert torch.equal(a, b)
+    with pytest.raises(TypeError, match="uint8"):
+        tf(torch.zeros(3, 8, 4))
+
+
+@pytest.mark.parametrize("pad,in_size,out_size", [(10, (256, 128), (256, 128)), (3, (20, 9), (20, 9)),
+                                                  (4, (10, 6), (14, 8)), (0, (12, 8), (12, 8))])
+def test_pad_random_crop_equals_pad_then_random_crop(pad, in_size, out_size):
+    import torchvision.transforms.v2 as v2
+
+    img = torch.randint(1, 256, (3, *in_size), dtype=torch.uint8, generator=torch.Generator().manual_seed(pad))
+    ref = v2.Compose([v2.Pad(pad), v2.RandomCrop(out_size)])
+    offsets = set()
+    for seed in range(25):
+        torch.manual_seed(seed)
+        expected = ref(img)
+        torch.manual_seed(seed)
+        got = PadRandomCrop(out_size, pad)(img)
+        assert torch.equal(got, expected)
+        offsets.add(int((got[0] == 0).all(1).sum()))
+    if pad and in_size == out_size:
+        assert len(offsets) > 1  # the offsets really are random
+
+
+def test_normalize_uint8_is_totensor_then_normalize_bit_for_bit():
+    arr = np.random.default_rng(0).integers(0, 256, (40, 24, 3), dtype=np.uint8)
+    expected = T.Normalize(IMAGENET_MEAN, IMAGENET_STD)(T.ToTensor()(Image.fromarray(arr)))
+    got = NormalizeUint8()(torch.from_numpy(arr).permute(2, 0, 1))
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+
+
+def test_image_dataset_decodes_for_the_backend_and_reports_corrupt_files(tmp_path):
+    from reidkit.data.datasets import CorruptImageError, Record
+
+    path = sample_paths(1)[0]
+    recs = [Record(path, 7, 2)]
+    pil_ds, ten_ds = ImageDataset(recs, eval_transform(backend="pil")), ImageDataset(recs, eval_transform())
+    assert pil_ds.decode is load_image and ten_ds.decode is decode_image_uint8
+    assert torch.equal(pil_ds[0]["img"], ten_ds[0]["img"])
+    raw = open(path, "rb").read()
+    truncated = tmp_path / "0007C1T0001F001.jpg"
+    truncated.write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(CorruptImageError) as exc:
+        ImageDataset([Record(str(truncated), 7, 0)], eval_transform())[0]
+    assert exc.value.path == str(truncated)
+    decoded = decode_image_uint8(path)
+    assert decoded.dtype == torch.uint8 and decoded.shape == (3, 256, 128)
+    assert torch.equal(decoded, torch.from_numpy(np.array(load_image(path))).permute(2, 0, 1))
+
+
+def test_random_erasing_inplace_writes_into_its_input():
+    img = torch.randn(3, 32, 16)
+    random.seed(2)
+    out = RandomErasing(p=1.0, inplace=True)(img)
+    assert out is img and bool((img == 0.485).any())
+    random.seed(2)
+    copy = torch.randn(3, 32, 16)
+    before = copy.clone()
+    RandomErasing(p=1.0)(copy)
+    assert torch.equal(copy, before)

@@ -701,7 +701,6 @@ def iter_sysu_bags(train_dir: str | Path, train_list: str | Path | None = None, 
     * ``max_bags``: stop after that many bags of this shard.
     """
     import numpy as np
-    from collections import deque
 
     if bag_size < 1:
         raise ValueError(f"bag_size must be >= 1, got {bag_size}")
@@ -709,66 +708,72 @@ def iter_sysu_bags(train_dir: str | Path, train_list: str | Path | None = None, 
         raise ValueError(f"shard {shard} outside 0..{num_shards - 1}")
     if any(m not in sysu.BAG_MODES for m in modes):
         raise ValueError(f"modes must be among {sysu.BAG_MODES}, got {tuple(modes)}")
-    where = str(train_list or train_dir)
-    groups = _sysu_folder_groups(iter_sysu_train(train_dir, train_list), where)
+    groups = _sysu_folder_groups(iter_sysu_train(train_dir, train_list), str(train_list or train_dir))
+    bags = _sysu_ordered_bags(groups, tuple(modes), bag_size, seed, shard, num_shards)
+    if shuffle_buffer > 1:
+        rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, shard, 1_000_003])
+        bags = _shuffled(bags, shuffle_buffer, rng)
+    for n, bag in enumerate(bags):
+        if max_bags is not None and n >= max_bags:
+            return
+        yield bag
+
+
+def _sysu_draw_bag(by_ord: dict, center: int, mode: int, count: int, bag_size: int, seed: int) -> SysuBag:
+    """The bag of ``mode`` around folder ordinal ``center``: ``bag_size`` images split over its
+    slots as evenly as possible, drawn with the bag's own seed ``(seed, bag index)``."""
+    import numpy as np
+
+    k = sysu.bag_index(center, mode)
+    slots = sysu.bag_slots(center, mode, count)
+    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, k])
+    base, extra = divmod(bag_size, len(slots))
+    recs: list[Record] = []
+    for j, o in enumerate(slots):
+        pool = by_ord[o][1]
+        n = base + (j < extra)
+        pick = rng.choice(len(pool), size=n, replace=len(pool) < n) if n else []
+        recs.extend(pool[int(t)] for t in pick)
+    labels = tuple(sorted({by_ord[o][0] for o in slots}))
+    return SysuBag(k, sysu.bag_id(by_ord[center][0], mode), labels, tuple(recs))
+
+
+def _sysu_ordered_bags(groups, modes: tuple[int, ...], bag_size: int, seed: int, shard: int,
+                       num_shards: int) -> Iterator[SysuBag]:
+    """This shard's bags in stream order, from a sliding window of the last five folders."""
+    from collections import deque
+
     window: deque = deque(maxlen=5)  # (ordinal, folder number, records)
 
-    def bags_around(center: int, last: int | None) -> Iterator[SysuBag]:
+    def around(center: int, last: int | None) -> Iterator[SysuBag]:
         by_ord = {o: (f, recs) for o, f, recs in window}
         # folders past ``center + 2`` are not read yet: until the last folder is known, the folder
         # count only has to cover the bag's right end (nothing is clamped there)
         count = last + 1 if last is not None else center + max(modes, default=0) + 1
         for mode in modes:
-            k = sysu.bag_index(center, mode)
-            if k % num_shards != shard:
-                continue
-            slots = sysu.bag_slots(center, mode, count)
-            rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, k])
-            base, extra = divmod(bag_size, len(slots))
-            recs: list[Record] = []
-            for j, o in enumerate(slots):
-                pool = by_ord[o][1]
-                n = base + (j < extra)
-                pick = rng.choice(len(pool), size=n, replace=len(pool) < n) if n else []
-                recs.extend(pool[int(t)] for t in pick)
-            folder = by_ord[center][0]
-            labels = tuple(sorted({by_ord[o][0] for o in slots}))
-            yield SysuBag(k, sysu.bag_id(folder, mode), labels, tuple(recs))
+            if sysu.bag_index(center, mode) % num_shards == shard:
+                yield _sysu_draw_bag(by_ord, center, mode, count, bag_size, seed)
 
-    def ordered() -> Iterator[SysuBag]:
-        ordinal = -1
-        for ordinal, (folder, recs) in enumerate(groups):
-            window.append((ordinal, folder, recs))
-            if ordinal >= 2:  # folder ordinal-2 has both right neighbours now
-                yield from bags_around(ordinal - 2, None)
-        last = ordinal
-        for center in range(max(0, last - 1), last + 1):  # the last two folders (or fewer)
-            yield from bags_around(center, last)
+    ordinal = -1
+    for ordinal, (folder, recs) in enumerate(groups):
+        window.append((ordinal, folder, recs))
+        if ordinal >= 2:  # folder ordinal-2 has both right neighbours now
+            yield from around(ordinal - 2, None)
+    for center in range(max(0, ordinal - 1), ordinal + 1):  # the last two folders (or fewer)
+        yield from around(center, ordinal)
 
-    emitted = 0
-    if shuffle_buffer <= 1:
-        for bag in ordered():
-            if max_bags is not None and emitted >= max_bags:
-                return
-            emitted += 1
-            yield bag
-        return
-    rng = np.random.default_rng([int(seed) & 0xFFFFFFFF, shard, 1_000_003])
-    buf: list[SysuBag] = []
-    for bag in ordered():
-        if len(buf) < shuffle_buffer:
-            buf.append(bag)
+
+def _shuffled(items: Iterable, size: int, rng) -> Iterator:
+    """``items`` shuffled through a buffer of ``size`` (memory bounded by the buffer)."""
+    buf: list = []
+    for item in items:
+        if len(buf) < size:
+            buf.append(item)
             continue
         j = int(rng.integers(len(buf)))
-        out, buf[j] = buf[j], bag
-        if max_bags is not None and emitted >= max_bags:
-            return
-        emitted += 1
+        out, buf[j] = buf[j], item
         yield out
     for j in rng.permutation(len(buf)):
-        if max_bags is not None and emitted >= max_bags:
-            return
-        emitted += 1
         yield buf[int(j)]
 
 
