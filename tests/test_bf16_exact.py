@@ -137,18 +137,18 @@ def _reference_knn(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np
 
 
 @pytest.mark.parametrize("data", list(DATASETS))
-def test_knn_bf16_equals_fp32(data):
+def test_knn_bf16_equals_the_exact_fp32_screen(data):
     x = DATASETS[data]()
     k = 12
-    res = {p: nb.knn(x, k, backend="torch", device="cpu", precision=p, block=64) for p in ("fp32", "bf16")}
-    assert res["bf16"].precision == "bf16" and res["fp32"].precision == "fp32"
-    np.testing.assert_array_equal(res["bf16"].indices, res["fp32"].indices)
-    np.testing.assert_array_equal(res["bf16"].sq_dists, res["fp32"].sq_dists)
-    assert np.all(res["fp32"].indices[:, 0] == np.arange(len(x)))
+    res = {p: nb.knn(x, k, backend="torch", device="cpu", precision=p, block=64) for p in ("exact", "bf16")}
+    assert res["bf16"].precision == "bf16" and res["exact"].precision == "exact"
+    np.testing.assert_array_equal(res["bf16"].indices, res["exact"].indices)
+    np.testing.assert_array_equal(res["bf16"].sq_dists, res["exact"].sq_dists)
+    assert np.all(res["exact"].indices[:, 0] == np.arange(len(x)))
     # query search (no self-first rule): both equal the brute-force canonical ranking
     q = x[::7] + np.float32(1e-5)
     want_i, want_d = _reference_knn(x, q, k)
-    for p in ("fp32", "bf16"):
+    for p in ("exact", "bf16"):
         r = nb.knn(x, k, queries=q, backend="torch", device="cpu", precision=p, block=32)
         np.testing.assert_array_equal(r.indices, want_i)
         np.testing.assert_array_equal(r.sq_dists, np.maximum(want_d, 0))
@@ -160,7 +160,7 @@ def test_knn_bf16_widens_full_candidate_lists():
     x = np.tile(_unit(1, 16), (100, 1))
     x += np.float32(1e-4) * _unit(100, 16, seed=2)  # distinct, invisible to bf16
     a = nb.knn(x, 30, backend="torch", device="cpu", precision="bf16", block=16)
-    b = nb.knn(x, 30, backend="torch", device="cpu", precision="fp32", block=16)
+    b = nb.knn(x, 30, backend="torch", device="cpu", precision="exact", block=16)
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_array_equal(a.sq_dists, b.sq_dists)
     rows, _ = nb._screen_candidates(torch.from_numpy(x), None, 30, 16, "bf16")
@@ -168,19 +168,33 @@ def test_knn_bf16_widens_full_candidate_lists():
 
 
 @pytest.mark.parametrize("data", ["clustered", "duplicates", "orthogonal"])
-def test_jaccard_bf16_equals_fp32(data):
+def test_jaccard_bf16_equals_the_exact_fp32_screen(data):
     x = DATASETS[data]()
     out = {}
-    for p in ("fp32", "bf16"):
+    for p in ("exact", "bf16"):
         jd, info = nb.jaccard_distance(x, k1=10, k2=4, device="cpu", precision=p, return_info=True)
         assert info["knn_precision"] == p
         out[p] = jd
-    a, b = out["fp32"], out["bf16"]
+    a, b = out["exact"], out["bf16"]
     np.testing.assert_array_equal(a.indptr, b.indptr)
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_array_equal(a.data, b.data)
     dense = {p: nb.jaccard_distance(x, k1=10, k2=4, device="cpu", precision=p, dense=True) for p in out}
-    np.testing.assert_array_equal(dense["fp32"], dense["bf16"])
+    np.testing.assert_array_equal(dense["exact"], dense["bf16"])
+
+
+def test_default_knn_is_the_direct_fp32_search_and_agrees_off_ties():
+    """``precision="auto"`` is the direct fp32 search (the screen's own distances, no re-scoring):
+    on data without near-ties it returns the exact neighbours, with distances within fp32 rounding."""
+    x = DATASETS["clustered"]()
+    fast = nb.knn(x, 12, backend="torch", device="cpu", block=64)
+    exact = nb.knn(x, 12, backend="torch", device="cpu", precision="exact", block=64)
+    assert fast.precision == "fp32" and exact.precision == "exact"
+    gaps = np.diff(exact.sq_dists, axis=1).min(axis=1)
+    clear = gaps > 1e-5
+    assert clear.sum() > len(x) // 2
+    np.testing.assert_array_equal(fast.indices[clear], exact.indices[clear])
+    np.testing.assert_allclose(fast.sq_dists, exact.sq_dists, atol=1e-5)
 
 
 # ------------------------------------------------------------------------------------ SYSU-30k
