@@ -102,8 +102,11 @@ def test_pk_batches_follow_the_sampler():
         assert len(np.unique(labels[b])) == 3
     again = mm.pk_batches(labels, cams, ids_per_batch=3, num_instances=4, steps=7, seed=0)
     assert all(np.array_equal(a, b) for a, b in zip(batches, again))
-    with pytest.raises(ValueError):
-        mm.pk_batches(labels, cams, ids_per_batch=30, num_instances=4, steps=1)
+    # more ids asked than there are clusters (a dry run on a tiny tree): every cluster in every batch
+    wide = mm.pk_batches(labels, cams, ids_per_batch=30, num_instances=4, steps=2, seed=0)
+    assert all(len(np.unique(labels[b])) == 6 and len(b) == 24 for b in wide)
+    with pytest.raises(ValueError, match="not enough clustered images"):
+        mm.pk_batches(np.full(8, -1), cams[:8], ids_per_batch=3, num_instances=4, steps=1)
 
 
 def test_compare_memories_rows(smoke_ctx):

@@ -108,6 +108,17 @@ def _torchrun_and_one_process(tmp_path, common, sets_ddp, sets_one, port):
                               str(tmp_path / out), *sum((["--set", s] for s in sets), [])],
                              capture_output=True, text=True, env=env, timeout=300)
         assert run.returncode == 0, run.stderr[-3000:]
+    runs = [(json.loads((tmp_path / o / "history.json").read_text()),
+             torch_load(tmp_path / o / "checkpoint.pt")["model"]) for o in ("ddp", "one")]
+    (h_ddp, a), (h_one, b) = runs
+    # iteration 1: same weights, so the global-batch loss matches; iteration 2: after one Adam step
+    # (whose first update is ~lr*sign(g): summation-order noise on near-zero gradients shows up at
+    # the 1e-4 level)
+    assert np.isclose(h_ddp[0]["losses"][0], h_one[0]["losses"][0], rtol=1e-5)
+    assert np.isclose(h_ddp[0]["losses"][1], h_one[0]["losses"][1], rtol=1e-3)
+    moved = sum(float((b[k].float() - a[k].float()).norm()) for k in b if b[k].is_floating_point())
+    assert moved < 1e-2 * sum(float(b[k].float().norm()) for k in b if b[k].is_floating_point())
+    return h_ddp, h_one, a, b
 
 
 def test_ddp_two_cpu_processes_match_one_process_with_ghost_bn(tmp_path):
@@ -119,19 +130,9 @@ def test_ddp_two_cpu_processes_match_one_process_with_ghost_bn(tmp_path):
             "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.6"]
     common = ["--profile", "smoke", "--dataset", "folder", "--data-root", str(root), "--selection", "last",
               "--device", "cpu"]
-    _torchrun_and_one_process(tmp_path, common, sets + ["hhcl.ghost_bn=null"], sets + ["hhcl.ghost_bn=8"], 29517)
-    h_ddp = json.loads((tmp_path / "ddp" / "history.json").read_text())
-    h_one = json.loads((tmp_path / "one" / "history.json").read_text())
-    assert h_ddp[0]["clusters"] == h_one[0]["clusters"]
-    # iteration 1: same weights, so the mean of the ranks' losses is the full-batch loss
-    assert np.isclose(h_ddp[0]["losses"][0], h_one[0]["losses"][0], rtol=1e-5)
-    # iteration 2: after one Adam step (whose first update is ~lr*sign(g): summation-order noise on
-    # near-zero gradients shows up at the 1e-4 level) and one memory update from the gathered batch
-    assert np.isclose(h_ddp[0]["losses"][1], h_one[0]["losses"][1], rtol=1e-3)
-    a = torch_load(tmp_path / "ddp" / "checkpoint.pt")["model"]
-    b = torch_load(tmp_path / "one" / "checkpoint.pt")["model"]
-    moved = sum(float((b[k].float() - a[k].float()).norm()) for k in b if b[k].is_floating_point())
-    assert moved < 1e-2 * sum(float(b[k].float().norm()) for k in b if b[k].is_floating_point())
+    h_ddp, h_one, a, b = _torchrun_and_one_process(tmp_path, common, sets + ["hhcl.ghost_bn=null"],
+                                                   sets + ["hhcl.ghost_bn=8"], 29517)
+    assert h_ddp[0]["clusters"] == h_one[0]["clusters"]  # the memory updated from the gathered batch
     for k in ("neck.running_mean", "neck.running_var"):
         assert torch.allclose(a[k], b[k], rtol=1e-3, atol=1e-5), k
 
@@ -145,15 +146,7 @@ def test_dgl_ddp_two_cpu_processes_match_one_process(tmp_path):
             "dgl.ids_per_batch=4", "dgl.images_per_id=4", "dgl.ids_per_bag=2"]
     common = ["--method", "dgl", "--variant", "full", "--profile", "smoke", "--dataset", "folder", "--data-root",
               str(root), "--selection", "last", "--device", "cpu", "--iters", "2"]
-    _torchrun_and_one_process(tmp_path, common, sets, sets + ["dgl.ghost_bn=8"], 29527)
-    h_ddp = json.loads((tmp_path / "ddp" / "history.json").read_text())
-    h_one = json.loads((tmp_path / "one" / "history.json").read_text())
+    h_ddp, h_one, _, _ = _torchrun_and_one_process(tmp_path, common, sets, sets + ["dgl.ghost_bn=8"], 29527)
     assert h_ddp[0]["images"] == h_one[0]["images"] == 32  # the global batch, counted once
-    assert np.isclose(h_ddp[0]["losses"][0], h_one[0]["losses"][0], rtol=1e-5)
-    assert np.isclose(h_ddp[0]["losses"][1], h_one[0]["losses"][1], rtol=1e-3)
-    a = torch_load(tmp_path / "ddp" / "checkpoint.pt")["model"]
-    b = torch_load(tmp_path / "one" / "checkpoint.pt")["model"]
-    moved = sum(float((b[k].float() - a[k].float()).norm()) for k in b if b[k].is_floating_point())
-    assert moved < 1e-2 * sum(float(b[k].float().norm()) for k in b if b[k].is_floating_point())
     for name in ("checkpoint.pt", "model_best.pt", "history.json", "train.log"):
         assert (tmp_path / "ddp" / name).is_file(), name
