@@ -38,10 +38,7 @@ lab: venv
 	  $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 bench: venv
-	$(BIN)/python benchmarks/bench_eval.py
-	$(BIN)/python benchmarks/bench_cluster.py
-	$(BIN)/python benchmarks/bench_pipeline.py
-	$(BIN)/python benchmarks/bench_scaling.py
+	$(BIN)/python benchmarks/run_all.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
