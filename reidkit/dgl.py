@@ -199,14 +199,17 @@ class DGL(Method):
 
     def _check_batch_fills(self) -> None:
         """Stop at the start when not one batch can be drawn from the training identities."""
+        from reidkit.data.datasets import check_batch_fill
+
         c = self.cfg
-        if self.variant == "unary_only":
-            need, what = self.bags_per_batch, f"{self.bags_per_batch} bags (dgl.uo_bags_per_batch)"
-        else:
-            need, what = c.ids_per_batch, f"{c.ids_per_batch} identities (dgl.ids_per_batch)"
-        if self.num_classes < need:
-            raise ValueError(f"{self.ds.name}: {self.num_classes} training identities cannot fill a batch of "
-                             f"{what}; lower it with --set, or use more identities")
+        if self.variant == "unary_only":  # a batch of bags: each bag holds its own identities
+            if self.num_classes < self.bags_per_batch:
+                raise ValueError(f"{self.ds.name}: {self.num_classes} training identities cannot fill a batch "
+                                 f"of {self.bags_per_batch} bags (dgl.uo_bags_per_batch); lower it with --set, "
+                                 "or use more identities")
+            return
+        check_batch_fill(self.records, c.ids_per_batch, c.images_per_id, f"{self.ds.name} training split",
+                         hint="Lower dgl.ids_per_batch or dgl.images_per_id with --set, or use more identities")
 
     def build_model(self, dev) -> nn.Module:
         from reidkit.weak_models import build_weak_model

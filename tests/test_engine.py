@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from reidkit.config import get_profile
-from reidkit.data.datasets import CorruptImageError, ReIDDataset, Record, load_dataset
+from reidkit.data.datasets import BatchFillError, CorruptImageError, ReIDDataset, Record, load_dataset
 from reidkit.dgl import train_dgl
 from reidkit.hhcl import HHCL, train_hhcl
 from reidkit.utils import torch_load
@@ -127,7 +127,8 @@ def test_dgl_no_resume_moves_old_files_aside(tmp_path):
 
 def test_dgl_batch_that_cannot_be_filled_is_refused_at_start(tmp_path):
     prof = get_profile("smoke").replace(dgl__ids_per_batch=64)
-    with pytest.raises(ValueError, match=r"8 training identities cannot fill a batch of 64 identities"):
+    with pytest.raises(BatchFillError, match=r"training split cannot fill a batch: 8 identities, and a batch "
+                                             r"takes 64 \(64 x 4 = 256 images\).*Lower dgl.ids_per_batch"):
         train_dgl(prof, _tiny_dataset(), tmp_path, variant="full", epochs=1, iters=1, **QUIET)
     assert not (tmp_path / "checkpoint.pt").exists()
 

@@ -12,7 +12,7 @@ naming what was expected where (an empty split names its folder or list file).
 
 Checks before a paper-scale run spends GPU time: :func:`check_sysu_tree` (every part of a SYSU-30k
 tree the ``sysu30k`` profile needs, read from a few directory entries) and
-:func:`check_batch_fill` (the training split can fill one P x K batch).
+:func:`check_batch_fill` (the training split can fill one P x K batch; DGL checks it at start).
 """
 
 from __future__ import annotations
