@@ -93,7 +93,8 @@ def summary(reports: dict, out: Path = OUT) -> dict:
             knn_over_bruteforce=jac.get("knn_over_bruteforce_knn"),
             knn_bf16_over_bruteforce=jac.get("knn_bf16_over_bruteforce_knn"),
             jaccard_bf16_over_bruteforce=jac.get("jaccard_bf16_over_bruteforce_knn"),
-            bf16_identical_to_auto=jac.get("jaccard_bf16_identical_to_auto")),
+            jaccard_exact_over_bruteforce=jac.get("jaccard_exact_over_bruteforce_knn"),
+            bf16_identical_to_exact_fp32=jac.get("jaccard_bf16_identical_to_jaccard_exact")),
         "sysu30k_28310d_peak_rss_gb": _row(
             wide_gb, "<= 3", wide_gb is not None and wide_gb <= 3, wall_s=wide.get("wall_s"),
             path=wide.get("precision")),
