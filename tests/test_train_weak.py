@@ -250,6 +250,37 @@ def test_sysu_bag_stream_with_workers(sysu_tree):
         stream.train_dir, bag_size=5, seed=1 * 100_003, shuffle_buffer=4)]
 
 
+def test_sysu_bag_stream_decodes_as_its_transform_takes(sysu_tree, monkeypatch):
+    """The tensor backend's stream decodes JPEGs straight to uint8 (the faster decoder) and gives
+    the very tensors of the PIL decode; a PIL transform still gets PIL images."""
+    import reidkit.data.transforms as tfm
+
+    def items(transform):
+        torch.manual_seed(0)
+        stream = SYSUBagStream(sysu_tree / "sysu_train_set_all", transform=transform, bag_size=5, seed=1,
+                               max_bags=3)
+        return list(stream)
+
+    ten = tfm.test_transform(32, 16, backend="tensor")
+    assert tfm.decoder_for(ten) is tfm.decode_image_uint8
+    assert tfm.decoder_for(tfm.test_transform(32, 16, backend="pil")) is tfm.load_image
+    pil_decode = tfm.load_image
+
+    def no_pil(path):
+        raise AssertionError(f"PIL decoded {path}")
+
+    monkeypatch.setattr(tfm, "load_image", no_pil)
+    fast = items(ten)                                   # never touches PIL
+    monkeypatch.setattr(tfm, "decoder_for", lambda transform: pil_decode)  # the old path: PIL decode
+    slow = items(ten)
+    assert len(fast) == len(slow) == 15
+    for a, b in zip(fast, slow):
+        assert a["path"] == b["path"] and torch.equal(a["img"], b["img"])
+    monkeypatch.undo()
+    kinds = {type(it["img"]).__name__ for it in items(lambda img: img)}   # no transform input kind: PIL
+    assert kinds == {"Image"}
+
+
 def test_unary_only_trains_on_the_sysu_stream(sysu_tree, tmp_path):
     ds = load_dataset("sysu30k", sysu_tree, load_train=False)
     res = train_dgl("smoke", ds, tmp_path / "uo", variant="unary_only", device="cpu", epochs=1, iters=1,

@@ -118,8 +118,9 @@ class SYSUBagStream(IterableDataset):
                               shuffle_buffer=self.shuffle_buffer, max_bags=self.max_bags)
 
     def __iter__(self) -> Iterator[dict]:
-        from reidkit.data.transforms import load_image
+        from reidkit.data.transforms import decoder_for
 
+        decode = decoder_for(self.transform)  # the tensor backend decodes straight to uint8
         for bag in self.bags():
             classes = [c - 1 for c in bag.labels]
             if any(not 0 <= c < self.num_classes for c in classes):
@@ -127,7 +128,7 @@ class SYSUBagStream(IterableDataset):
             padded = torch.full((5,), -1, dtype=torch.long)
             padded[:len(classes)] = torch.tensor(classes[:5])
             for rec in bag.records:
-                img = load_image(rec.path)
+                img = decode(rec.path)
                 if self.transform is not None:
                     img = self.transform(img)
                 yield {"img": img, "label": rec.pid - 1, "pid": rec.pid, "camid": -1, "bag": bag.index,

@@ -28,7 +28,7 @@ from __future__ import annotations
 import math
 import random
 import warnings
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
@@ -285,6 +285,13 @@ def decode_image_uint8(path: str) -> torch.Tensor:
         raise CorruptImageError(path, f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
 
 
+def decoder_for(transform) -> Callable[[str], Any]:
+    """The decoder a transform takes: :func:`decode_image_uint8` for the tensor backend
+    (``transform.input_kind == "uint8"``), else :func:`load_image` (PIL). On JPEGs both give the
+    same pixels; the tensor decode is the faster one."""
+    return decode_image_uint8 if getattr(transform, "input_kind", None) == "uint8" else load_image
+
+
 class ImageDataset(Dataset):
     """Records -> dicts ``{"img", "pid", "label", "camid", "index", "path"}``.
 
@@ -295,7 +302,7 @@ class ImageDataset(Dataset):
     def __init__(self, records, transform=None, labels: Sequence[int] | None = None):
         self.records = list(records)
         self.transform = transform
-        self.decode = decode_image_uint8 if getattr(transform, "input_kind", None) == "uint8" else load_image
+        self.decode = decoder_for(transform)
         self.labels = list(labels) if labels is not None else None
         if self.labels is not None and len(self.labels) != len(self.records):
             raise ValueError(f"{len(self.labels)} labels for {len(self.records)} records")
