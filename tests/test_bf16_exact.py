@@ -123,6 +123,9 @@ def test_precision_is_chosen_by_hardware():
     # the kNN screens in fp32 unless bf16 is asked: on an AMX CPU the bf16 screen's wider band costs
     # more exact re-scoring than it saves (see knn's docstring)
     assert nb.knn(_unit(20, 8), 3, device="cpu").precision == "fp32"
+    for backend in ("torch", "faiss", "auto"):  # refused whichever search would run
+        with pytest.raises(ValueError, match="precision must be one of"):
+            nb.knn(_unit(20, 8), 3, device="cpu", backend=backend, precision="fp16")
 
 
 # ------------------------------------------------------------------------------- kNN, Jaccard
