@@ -193,7 +193,7 @@ PROFILES: dict[str, Profile] = {
         dgl=DGLConfig(ids_per_batch=8, images_per_id=4, epochs=1,
                       milestones=(1,), uo_epochs=1, uo_batch_size=60, uo_bags_per_batch=4,
                       uo_height=128, uo_width=64),
-        expected="CPU, under a minute",
+        expected="2 CPU cores, about 2 minutes for all notebooks",
     ),
     "workshop": Profile(
         name="workshop",
@@ -205,7 +205,7 @@ PROFILES: dict[str, Profile] = {
                                  step_size=4, eval_step=2, ghost_bn=None, amp=True),
         dgl=DGLConfig(ids_per_batch=8, images_per_id=4, epochs=8,
                       milestones=(6,), uo_epochs=4, uo_batch_size=60, uo_bags_per_batch=4),
-        expected="2 CPU cores, about 10 minutes for all notebooks",
+        expected="2 CPU cores, about 8 minutes for all notebooks",
     ),
     "laptop": Profile(
         name="laptop",
