@@ -1,17 +1,11 @@
 """`make bench`'s summary (benchmarks/run_all.py) reads each ratio from the right report field and
 judges it against its goal; a missing report gives "not measured", never "met"."""
 
-import importlib.util
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
+from _benchmarks import load_script
 
 
 def _run_all():
-    spec = importlib.util.spec_from_file_location("run_all", ROOT / "benchmarks" / "run_all.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("run_all")
 
 
 REPORTS = {

@@ -1,18 +1,13 @@
 """benchmarks/bench_sysu_listing.py: the full-size SYSU-30k listing benchmark counts what the bag
 rule gives (three bags per folder, ``bag_size`` images each) and reports its peak memory."""
 
-import importlib.util
 import json
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from _benchmarks import load_script
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_sysu_listing", ROOT / "benchmarks" / "bench_sysu_listing.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_script("bench_sysu_listing")
 
 
 def test_small_listing_gives_three_bags_per_folder(capsys):
