@@ -1,8 +1,9 @@
-import importlib.util
 import os
 from pathlib import Path
 
 import pytest
+
+from _modules import load_module
 
 # tests never reach the network for weights, and show no progress bars
 os.environ.setdefault("REIDKIT_OFFLINE", "1")
@@ -57,8 +58,4 @@ def sol(request):
 
 def load_solution(stem: str):
     """The module ``notebooks/solutions/<stem>.py`` (the exercises' worked solutions)."""
-    path = SOLUTIONS / f"{stem}.py"
-    spec = importlib.util.spec_from_file_location(f"solutions_{stem}", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_module(SOLUTIONS / f"{stem}.py", f"solutions_{stem}")

@@ -1,11 +1,11 @@
 """`make bench`'s summary (benchmarks/run_all.py) reads each ratio from the right report field and
 judges it against its goal; a missing report gives "not measured", never "met"."""
 
-from _benchmarks import load_script
+from _modules import load_benchmark
 
 
 def _run_all():
-    return load_script("run_all")
+    return load_benchmark("run_all")
 
 
 REPORTS = {

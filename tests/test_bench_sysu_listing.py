@@ -3,11 +3,11 @@ rule gives (three bags per folder, ``bag_size`` images each) and reports its pea
 
 import json
 
-from _benchmarks import load_script
+from _modules import load_benchmark
 
 
 def _bench():
-    return load_script("bench_sysu_listing")
+    return load_benchmark("bench_sysu_listing")
 
 
 def test_small_listing_gives_three_bags_per_folder(capsys):

