@@ -37,15 +37,15 @@ def write_list(path: Path, folders: int, per_folder: int) -> int:
 def run(folders: int, per_folder: int, bag_size: int, tmp: Path) -> dict:
     from reidkit.data.datasets import iter_sysu_bags
 
-    root = tmp / "SYSU-30k"
-    lines = write_list(root / "meta" / "train.txt", folders, per_folder)
-    (root / "sysu_train_set_all").mkdir(parents=True, exist_ok=True)
+    train_dir, train_list = tmp / "SYSU-30k" / "sysu_train_set_all", tmp / "SYSU-30k" / "meta" / "train.txt"
+    lines = write_list(train_list, folders, per_folder)
+    train_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     bags = images = 0
-    for bag in iter_sysu_bags(root / "sysu_train_set_all", root / "meta" / "train.txt", bag_size=bag_size, seed=0):
+    for bag in iter_sysu_bags(train_dir, train_list, bag_size=bag_size, seed=0):
         bags += 1
         images += len(bag.records)
-    return {"lines": lines, "list_MB": round((root / "meta" / "train.txt").stat().st_size / 2**20, 1),
+    return {"lines": lines, "list_MB": round(train_list.stat().st_size / 2**20, 1),
             "bags": bags, "bag_images": images, "seconds": round(time.perf_counter() - t0, 1),
             "peak_rss_MB": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
