@@ -22,14 +22,14 @@ Steps timed per size:
 
 * ``bruteforce_knn``: a plain exact torch kNN (row chunks of ``X X^T`` + ``topk``, k = 30), the
   reference cost of "just finding the neighbours";
-* ``knn``: :func:`reidkit.neighbors.knn` with ``backend="auto"`` (k = 30, self-search) and
+* ``knn``: :func:`reidkit.retrieval.knn.knn` with ``backend="auto"`` (k = 30, self-search) and
   ``precision="auto"`` (the direct fp32 search, see ``knn``); ``knn_exact``: the canonical fp32
   answer (fp32 screen + exact re-scoring); ``knn_bf16``: the bf16 screen, which must equal
   ``knn_exact`` bit for bit (``knn_bf16_identical_to_knn_exact``);
-* ``jaccard``: :func:`reidkit.neighbors.jaccard_distance` (k1 = 30, k2 = 6), **including** its kNN,
+* ``jaccard``: :func:`reidkit.retrieval.jaccard.jaccard_distance` (k1 = 30, k2 = 6), **including** its kNN,
   ``precision="auto"``; ``jaccard_exact`` and ``jaccard_bf16``: the same on the two canonical kNN
   paths (``jaccard_bf16_identical_to_jaccard_exact``);
-* ``dbscan``: :func:`reidkit.clustering.dbscan_labels` on the sparse Jaccard matrix (eps 0.6,
+* ``dbscan``: :func:`reidkit.hhcl.clustering.dbscan_labels` on the sparse Jaccard matrix (eps 0.6,
   min_samples 4); ``peak_rss_jaccard_plus_dbscan_mb`` covers both steps.
 
 ``jaccard_over_bruteforce_knn`` = jaccard time / brute-force kNN time (issue 12's goal: <= 0.25);
@@ -137,7 +137,7 @@ def run_rerank_child(nq: int, ng: int, repeats: int) -> dict:
     import torch
 
     sys.path.insert(0, str(ROOT))
-    from reidkit.neighbors import re_ranking
+    from reidkit.retrieval.rerank import re_ranking
 
     x, _ = make_features(nq + ng, seed=1)
     qf, gf = torch.from_numpy(x[:nq]), torch.from_numpy(x[nq:])
@@ -177,8 +177,9 @@ def run_child(n: int, step: str, eps: float, repeats: int) -> dict:
     for mod in ("sklearn.cluster", "sklearn.metrics"):  # import cost is not part of the DBSCAN timing
         importlib.import_module(mod)
 
-    from reidkit.clustering import cluster_stats, dbscan_labels
-    from reidkit.neighbors import jaccard_distance, knn
+    from reidkit.hhcl.clustering import cluster_stats, dbscan_labels
+    from reidkit.retrieval.jaccard import jaccard_distance
+    from reidkit.retrieval.knn import knn
 
     x, gt = make_features(n)
     xt = torch.from_numpy(x)

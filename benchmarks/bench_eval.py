@@ -6,7 +6,7 @@ Sections (each runs in a fresh subprocess, so its peak RSS is its own):
   synthetic L2-normalised features (750 ids, pid-0 distractors, 6 cameras), against one
   ``np.argsort(distmat, axis=1)`` of the same matrix in the same process.
 * ``rerank``: ``re_ranking`` at Market size (3,368 + 15,913), wall time and peak RSS
-  (reported as unavailable if ``reidkit.neighbors.re_ranking`` cannot be imported).
+  (reported as unavailable if ``reidkit.retrieval.rerank.re_ranking`` cannot be imported).
 * ``sysu``: ``sysu30k_evaluate`` at full SYSU-30k scale (1,000 queries x 478,731 gallery x
   2048-d), the gallery produced chunk by chunk by a callable (never held whole), with the fp32
   and with the bf16 screening (``precision``; both give identical results, checked here),
@@ -97,7 +97,8 @@ def market_data(num_q, num_g, num_ids, num_distractors, dim, seed=0):
 
 
 def work_market(cfg: dict, repeat: int) -> dict:
-    from reidkit.evaluation import evaluate_rank, pairwise_distance
+    from reidkit.retrieval.distances import pairwise_distance
+    from reidkit.retrieval.market import evaluate_rank
 
     qf, gf, q_pids, g_pids, q_cams, g_cams = market_data(**cfg)
     distmat = pairwise_distance(qf, gf, device="cpu")
@@ -129,11 +130,11 @@ def work_market(cfg: dict, repeat: int) -> dict:
 
 
 def work_rerank(cfg: dict, repeat: int) -> dict:
-    from reidkit.evaluation import pairwise_distance
+    from reidkit.retrieval.distances import pairwise_distance
 
     try:
-        from reidkit.evaluation import re_ranking
-        from reidkit.neighbors import re_ranking as _check  # noqa: F401
+        from reidkit.retrieval.rerank import re_ranking
+        from reidkit.retrieval.rerank import re_ranking as _check  # noqa: F401
     except Exception as exc:  # noqa: BLE001 (module of another helper, may not exist yet)
         return {"available": False, "error": f"{type(exc).__name__}: {exc}"}
     qf, gf, *_ = market_data(**cfg)
@@ -198,7 +199,7 @@ def sysu_queries(num_q: int, dim: int) -> np.ndarray:
 def work_sysu_eval(cfg: dict, repeat: int) -> dict:
     import torch  # noqa: F401 (imported before timing, as in the matmul worker)
 
-    from reidkit.evaluation import sysu30k_evaluate
+    from reidkit.retrieval.sysu import sysu30k_evaluate
 
     prec = cfg.get("precision", "auto")
     qf = sysu_queries(cfg["num_q"], cfg["dim"])
@@ -259,7 +260,7 @@ class WideSysuGallery(TimedSysuGallery):
 def work_sysu_wide(cfg: dict, repeat: int) -> dict:
     import torch  # noqa: F401
 
-    from reidkit.evaluation import sysu30k_evaluate
+    from reidkit.retrieval.sysu import sysu30k_evaluate
 
     qf = sysu_queries(cfg["num_q"], cfg["dim"])
     gallery = WideSysuGallery(qf, cfg["num_g"], cfg["chunk"])
@@ -279,7 +280,7 @@ def work_sysu_wide(cfg: dict, repeat: int) -> dict:
 def work_sysu_matmul(cfg: dict, repeat: int) -> dict:
     import torch
 
-    from reidkit.utils import resolve_device
+    from reidkit.core.device import resolve_device
 
     dev = resolve_device("auto")
     qf = sysu_queries(cfg["num_q"], cfg["dim"])

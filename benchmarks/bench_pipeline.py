@@ -193,10 +193,11 @@ def workshop_setup():
     import numpy as np
 
     from reidkit.config import get_profile
-    from reidkit.data.datasets import load_dataset, relabel
-    from reidkit.memory import ClusterMemory
-    from reidkit.models import build_model
-    from reidkit.utils import bf16_native, seed_everything
+    from reidkit.core.device import bf16_native, seed_everything
+    from reidkit.data.datasets import load_dataset
+    from reidkit.data.records import relabel
+    from reidkit.hhcl.memory import ClusterMemory
+    from reidkit.nets.backbones import build_model
 
     prof = get_profile("workshop")
     seed_everything(prof.seed)
@@ -293,7 +294,7 @@ def section_extract(repeats: int, limit: int) -> dict:
     from torch.utils.data import DataLoader
 
     from reidkit.data.transforms import ImageDataset, test_transform
-    from reidkit.features import extract_features
+    from reidkit.nets.features import extract_features
 
     prof, _, _, model, _, _, amp = workshop_setup()
     from reidkit.data.datasets import load_dataset

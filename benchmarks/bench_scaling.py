@@ -4,17 +4,17 @@ each beside the bare kNN product of the same size; prints one JSON object and dr
 Curves (every point runs in a **fresh subprocess**; ``peak_rss_mb`` is its VmHWM, i.e. everything
 the process ever held: libraries, the input features and the step):
 
-* ``cluster``: ``reidkit.neighbors.jaccard_distance`` (k1 30, k2 6; its own kNN included) then
-  ``reidkit.clustering.dbscan_labels`` (eps 0.6, min_samples 4) at N = 3k, 13k, 33k, 100k on
+* ``cluster``: ``reidkit.retrieval.jaccard.jaccard_distance`` (k1 30, k2 6; its own kNN included) then
+  ``reidkit.hhcl.clustering.dbscan_labels`` (eps 0.6, min_samples 4) at N = 3k, 13k, 33k, 100k on
   synthetic cluster-structured unit features, 2048-d as ResNet-50 (``bench_cluster.make_features``).
   Comparison: ``knn_product``, a plain fp32 brute-force kNN (row blocks of ``X X^T`` + ``topk``,
   k = 30) in its own fresh process.
-* ``sysu``: ``reidkit.evaluation.sysu30k_evaluate`` with 1,000 queries against 10k, 100k and 479k
+* ``sysu``: ``reidkit.retrieval.sysu.sysu30k_evaluate`` with 1,000 queries against 10k, 100k and 479k
   gallery rows (2048-d), the gallery generated chunk by chunk (8,192 rows; generation time measured
   inside the generator and excluded). Comparison: ``product``, the bare fp32 ``Q G^T`` over the
   same chunks with a running top-50.
 
-The kNN of the Jaccard step is whatever ``reidkit.neighbors`` does by default (``precision="auto"``,
+The kNN of the Jaccard step is whatever ``reidkit.retrieval.jaccard`` does by default (``precision="auto"``,
 ``device="auto"``): its public API only, so a faster path there shows up here unchanged.
 
 Growth exponents: least squares of log(time) on log(N) over the measured points (``time ~ N^b``);
@@ -69,10 +69,10 @@ def warm_up_cluster(dim: int) -> None:
     import importlib
 
     import torch
-
     from bench_cluster import make_features
-    from reidkit.clustering import dbscan_labels
-    from reidkit.neighbors import jaccard_distance
+
+    from reidkit.hhcl.clustering import dbscan_labels
+    from reidkit.retrieval.jaccard import jaccard_distance
 
     for mod in ("sklearn.cluster", "sklearn.metrics"):
         importlib.import_module(mod)
@@ -82,10 +82,10 @@ def warm_up_cluster(dim: int) -> None:
 
 def child_cluster(n: int, dim: int) -> dict:
     import torch
-
     from bench_cluster import make_features
-    from reidkit.clustering import cluster_stats, dbscan_labels
-    from reidkit.neighbors import jaccard_distance
+
+    from reidkit.hhcl.clustering import cluster_stats, dbscan_labels
+    from reidkit.retrieval.jaccard import jaccard_distance
 
     warm_up_cluster(dim)
     x, gt = make_features(n, dim=dim)
@@ -118,7 +118,6 @@ def bruteforce_knn(x, k: int, block: int = 2048):
 
 def child_knn(n: int, dim: int) -> dict:
     import torch
-
     from bench_cluster import make_features
 
     bruteforce_knn(torch.from_numpy(make_features(400, dim=dim, seed=9)[0]), KNN_K)  # warm-up
@@ -162,7 +161,7 @@ def sysu_queries(nq: int, dim: int) -> np.ndarray:
 
 
 def child_sysu(num_g: int, dim: int, nq: int) -> dict:
-    from reidkit.evaluation import sysu30k_evaluate
+    from reidkit.retrieval.sysu import sysu30k_evaluate
 
     qf = sysu_queries(nq, dim)
     # warm-up: torch's import (sysu30k_evaluate imports it lazily) and first-call costs are start-up

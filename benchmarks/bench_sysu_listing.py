@@ -35,7 +35,7 @@ def write_list(path: Path, folders: int, per_folder: int) -> int:
 
 
 def run(folders: int, per_folder: int, bag_size: int, tmp: Path) -> dict:
-    from reidkit.data.datasets import iter_sysu_bags
+    from reidkit.data.sysu30k import iter_sysu_bags
 
     train_dir, train_list = tmp / "SYSU-30k" / "sysu_train_set_all", tmp / "SYSU-30k" / "meta" / "train.txt"
     lines = write_list(train_list, folders, per_folder)

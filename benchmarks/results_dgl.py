@@ -40,7 +40,7 @@ VARIANT = {"DGL full": "full", "DGL unary-only": "unary_only", "supervised": "su
 
 
 def _scores(model, ds, prof, device, variant):
-    from reidkit.weak_eval import evaluate_weak, extract_weak_features, sample_sysu_protocol
+    from reidkit.dgl.evaluate import evaluate_weak, extract_weak_features, sample_sysu_protocol
 
     market, qf, gf = evaluate_weak(model, ds.query, ds.gallery, prof, device, variant=variant, return_features=True)
     tf = extract_weak_features(model, ds.train, prof, device, variant=variant)
@@ -51,10 +51,10 @@ def _scores(model, ds, prof, device, variant):
 
 def run(profile: str, seeds, run_dir: Path, device: str = "auto") -> dict:
     from reidkit.config import get_profile
+    from reidkit.core.device import resolve_device, seed_everything
     from reidkit.data.datasets import load_dataset
-    from reidkit.models import build_model
-    from reidkit.dgl import train_dgl
-    from reidkit.utils import resolve_device, seed_everything
+    from reidkit.dgl.method import train_dgl
+    from reidkit.nets.backbones import build_model
 
     prof = get_profile(profile)
     dev = resolve_device(device)

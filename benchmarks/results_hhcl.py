@@ -22,10 +22,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from reidkit.config import get_profile  # noqa: E402
+from reidkit.core.device import seed_everything  # noqa: E402
+from reidkit.core.io import atomic_write_json
 from reidkit.data.datasets import load_dataset  # noqa: E402
-from reidkit.models import build_model  # noqa: E402
-from reidkit.hhcl import evaluate_model, train_hhcl  # noqa: E402
-from reidkit.utils import atomic_write_json, seed_everything  # noqa: E402
+from reidkit.hhcl.method import train_hhcl  # noqa: E402
+from reidkit.nets.backbones import build_model  # noqa: E402
+from reidkit.retrieval.protocol import evaluate_model
 
 METHODS = {"Cluster-Contrast CM": "CM", "HHCL CMhybrid": "CMhybrid", "HHCL CMhybrid_v2": "CMhybrid_v2"}
 

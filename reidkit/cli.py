@@ -4,12 +4,38 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from reidkit import __version__
+from reidkit.config import PROFILES, OverrideError, apply_overrides, get_profile
+from reidkit.core.device import resolve_device
+from reidkit.core.io import CheckpointError, atomic_write_file
+from reidkit.course.report import write_report
+from reidkit.course.reproduce import main_reproduce, overrides_from_args
+from reidkit.data.datasets import load_dataset
+from reidkit.data.records import CorruptImageError, LayoutError, check_images
+from reidkit.data.subset import load_profile_dataset, streams_sysu30k, subset_identities
+from reidkit.data.transforms import ImageDataset
+from reidkit.dgl.method import train_dgl
+from reidkit.hhcl.method import train_hhcl
+from reidkit.nets.features import extract_features, iter_features
+from reidkit.nets.imagenet import REQUIRED, resolve_weights
+from reidkit.nets.released import load_released
+from reidkit.retrieval.distances import pairwise_distance
+from reidkit.retrieval.market import evaluate_rank
+from reidkit.retrieval.rerank import re_ranking
+from reidkit.retrieval.sysu import sysu30k_evaluate
+from reidkit.train.gpu_cost import format_cost
+from reidkit.train.run_lock import RunLockedError
 
 
 def _cmd_datasets(args) -> int:
-    from reidkit.data.datasets import LayoutError, check_images, load_dataset
-    from reidkit.data.subset import subset_identities
 
     try:
         ds = load_dataset(args.dataset, args.root)
@@ -36,7 +62,6 @@ def _cmd_datasets(args) -> int:
 
 
 def _cmd_profiles(args) -> int:
-    from reidkit.config import PROFILES
 
     if args.json:
         print(json.dumps({k: p.to_dict() for k, p in PROFILES.items()}, indent=2, default=str))
@@ -47,7 +72,6 @@ def _cmd_profiles(args) -> int:
 
 
 def _cmd_reproduce(args) -> int:
-    from reidkit.reproduce import main_reproduce
 
     return main_reproduce(args)
 
@@ -55,22 +79,15 @@ def _cmd_reproduce(args) -> int:
 def _train_dataset(prof, method: str, data_root):
     """The dataset a training run reads. SYSU-30k is checked (never listed: 29.6M images) and its
     training folders are streamed by DGL; HHCL cannot use it (no cameras, no identities)."""
-    from reidkit.data.datasets import check_sysu_tree, load_dataset
-    from reidkit.data.subset import load_profile_dataset
 
-    if prof.data.dataset in ("sysu30k", "sysu"):
-        if method != "dgl":
-            raise _UserError("SYSU-30k's training images carry bag labels only (no cameras): train it with "
-                             "--method dgl (the sysu30k profile's method)")
-        check_sysu_tree(data_root)
-        return load_dataset("sysu30k", data_root, load_train=False)
+    if streams_sysu30k(prof) and method != "dgl":
+        raise _UserError("SYSU-30k's training images carry bag labels only (no cameras): train it with "
+                         "--method dgl (the sysu30k profile's method)")
     return load_profile_dataset(prof, data_root)
 
 
 def _prepare_train(args):
     """(profile, method, dataset) of ``reidkit train``: every argument checked before any work."""
-    from reidkit.config import apply_overrides, get_profile
-    from reidkit.reproduce import overrides_from_args
 
     overrides = overrides_from_args(args)
     if args.dataset:
@@ -93,19 +110,15 @@ def _prepare_train(args):
 def _check_weights(prof) -> None:
     """A profile that requires ImageNet weights stops here, before any data is read, when none is found
     (``MissingWeightsError`` lists where it looked and how to supply the file)."""
-    from reidkit.models import REQUIRED, resolve_weights
 
     if isinstance(prof.model.pretrained, str) and prof.model.pretrained.strip().lower() == REQUIRED:
         resolve_weights(prof.model.arch, REQUIRED)
 
 
 def _cmd_train(args) -> int:
-    from reidkit.config import OverrideError
-    from reidkit.data.datasets import CorruptImageError, LayoutError
-    from reidkit.weights import CheckpointError
 
     user_errors = (OverrideError, LayoutError, CorruptImageError, CheckpointError, KeyError, ValueError,
-                   FileNotFoundError, NotADirectoryError)
+                   FileNotFoundError, NotADirectoryError, RunLockedError)
     try:
         prof, method, ds = _prepare_train(args)
     except _UserError as exc:
@@ -121,13 +134,9 @@ def _cmd_train(args) -> int:
                   epochs=args.epochs)
     try:
         if method == "dgl":
-            from reidkit.dgl import train_dgl
-
             res = train_dgl(prof, ds, variant=prof.dgl.variant, iters=args.iters, selection=args.selection or "last",
                             **common)
         else:
-            from reidkit.hhcl import train_hhcl
-
             res = train_hhcl(prof, ds, selection=args.selection or "val", **common)
     except user_errors as exc:  # bad input found at start: the run stops before it trains
         print(f"error: {_one_line(exc)}", file=sys.stderr)
@@ -140,8 +149,6 @@ def _cmd_train(args) -> int:
 
 def _print_cost(prof) -> None:
     """The expected GPU memory and time per epoch of a paper profile, before the run starts."""
-    from reidkit.config import PROFILES
-    from reidkit.gpu_cost import format_cost
 
     try:  # the paper-scale figure, whatever this run's overrides cut
         line = format_cost(PROFILES.get(prof.name, prof))
@@ -152,7 +159,6 @@ def _print_cost(prof) -> None:
 
 
 def _cmd_report(args) -> int:
-    from reidkit.reproduce import write_report
 
     try:
         print(write_report(args.run_dir))
@@ -163,7 +169,7 @@ def _cmd_report(args) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# evaluate / extract: any checkpoint reidkit.models.load_released recognises
+# evaluate / extract: any checkpoint reidkit.nets.backbones.load_released recognises
 
 
 class _UserError(Exception):
@@ -178,9 +184,6 @@ def _one_line(exc: BaseException) -> str:
 def _check_device(spec):
     """``--device`` as a ``torch.device``; a name torch does not know, or CUDA where there is none,
     is a ``_UserError``."""
-    import torch
-
-    from reidkit.utils import resolve_device
 
     try:
         dev = resolve_device(spec)
@@ -193,8 +196,6 @@ def _check_device(spec):
 
 def _open_weights_and_data(args):
     """(model, test_feature, dataset, device) for evaluate / extract; user errors -> _UserError."""
-    from reidkit.data.datasets import LayoutError, load_dataset
-    from reidkit.weights import CheckpointError, load_released
 
     dev = _check_device(args.device)
     try:
@@ -211,7 +212,6 @@ def _open_weights_and_data(args):
 
 def _show_progress() -> bool:
     """Progress bars for the long kernels: on a terminal, or forced by REIDKIT_PROGRESS=1 / 0."""
-    import os
 
     flag = os.environ.get("REIDKIT_PROGRESS")
     return flag == "1" if flag in ("0", "1") else sys.stderr.isatty()
@@ -219,8 +219,6 @@ def _show_progress() -> bool:
 
 def _released_features(model, feature, records, dev, batch_size: int, desc: str, out=None, meta=None):
     """The checkpoint's test feature of ``records`` (its authors' transform, flip and forward)."""
-    from reidkit.data.transforms import ImageDataset
-    from reidkit.features import extract_features
 
     data = ImageDataset(records, feature.transform())
     return extract_features(model, data, device=dev, flip=feature.flip, amp=False, batch_size=batch_size,
@@ -228,10 +226,7 @@ def _released_features(model, feature, records, dev, batch_size: int, desc: str,
 
 
 def _market_protocol(model, feature, ds, dev, args, prof) -> dict:
-    """CMC / mAP / mINP (reidkit.evaluation.evaluate_rank), optionally after k-reciprocal re-ranking."""
-    import numpy as np
-
-    from reidkit.evaluation import evaluate_rank, pairwise_distance, re_ranking
+    """CMC / mAP / mINP (reidkit.retrieval.market.evaluate_rank), optionally after k-reciprocal re-ranking."""
 
     if not ds.query or not ds.gallery:
         raise _UserError(f"dataset {ds.name!r} has no query or no gallery split to evaluate on")
@@ -254,12 +249,7 @@ def _market_protocol(model, feature, ds, dev, args, prof) -> dict:
 
 
 def _sysu_protocol(model, feature, ds, dev, args) -> dict:
-    """The SYSU-30k protocol with the gallery features streamed (reidkit.evaluation.sysu30k_evaluate)."""
-    import numpy as np
-
-    from reidkit.data.transforms import ImageDataset
-    from reidkit.evaluation import sysu30k_evaluate
-    from reidkit.features import iter_features
+    """The SYSU-30k protocol with the gallery features streamed (reidkit.retrieval.sysu.sysu30k_evaluate)."""
 
     if not ds.query or not ds.gallery:
         raise _UserError(f"dataset {ds.name!r} has no query or no gallery split to evaluate on")
@@ -284,11 +274,6 @@ def _sysu_protocol(model, feature, ds, dev, args) -> dict:
 
 
 def _environment(dev) -> dict:
-    import platform
-
-    import torch
-
-    from reidkit import __version__
 
     env = {"reidkit": __version__, "torch": torch.__version__, "python": platform.python_version(),
            "device": str(dev)}
@@ -298,7 +283,6 @@ def _environment(dev) -> dict:
 
 
 def _eval_profile(args, feature):
-    from reidkit.config import get_profile
 
     try:
         return get_profile(args.profile or feature.meta.get("profile") or "workshop")
@@ -334,9 +318,6 @@ def _cmd_evaluate(args) -> int:
 
 
 def _save_npz(out, feats, records) -> None:
-    import numpy as np
-
-    from reidkit.utils import atomic_write_file
 
     atomic_write_file(out, lambda fh: np.savez(
         fh, features=np.asarray(feats, dtype=np.float32),
@@ -346,7 +327,6 @@ def _save_npz(out, feats, records) -> None:
 
 
 def _cmd_extract(args) -> int:
-    from pathlib import Path
 
     try:
         if Path(args.out).suffix not in (".npy", ".npz"):
@@ -417,7 +397,6 @@ Errors in the arguments or the data exit with status 2 and one line naming what 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from reidkit import __version__
 
     parser = argparse.ArgumentParser(prog="reidkit", description=__doc__, epilog=EXAMPLES,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

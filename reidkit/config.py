@@ -16,6 +16,9 @@ The paper profiles carry the papers' values; the numbers they are expected to re
 from __future__ import annotations
 
 import dataclasses
+import json
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,6 +133,12 @@ DGL_ERASING_FILL: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
 #: the two methods a profile can name: unsupervised HHCL, weakly supervised DGL
 METHODS = ("hhcl", "dgl")
+#: the cluster memories (HHCL's ``hhcl.memory``): Cluster-Contrast, HHCL as released, HHCL as in the paper
+MEMORY_MODES = ("CM", "CMhybrid", "CMhybrid_v2")
+#: the backbones (``model.arch``)
+ARCHS = ("resnet50", "resnet_ibn50a", "mobilenetv2")
+#: DGL's variants (``dgl.variant``)
+DGL_VARIANTS = ("full", "unary_only", "supervised")
 
 
 @dataclass(frozen=True)
@@ -167,7 +176,7 @@ class Profile:
 
 _HHCL_MARKET = HHCLConfig()
 # the paper profiles start from ImageNet weights or not at all: "required" stops before training when
-# no weights file is found (reidkit.models.MissingWeightsError), instead of a silent random start;
+# no weights file is found (reidkit.nets.imagenet.MissingWeightsError), instead of a silent random start;
 # --set model.pretrained=false asks for a random start explicitly
 _PAPER_MODEL = ModelConfig(arch="resnet50", pooling="avg", pretrained="required")
 # DGL under the HHCL paper profiles: MGN's 384x128 input (spec dgl §3.1); their data section is HHCL's 256x128
@@ -232,7 +241,7 @@ PROFILES: dict[str, Profile] = {
         dgl=_DGL_MGN_INPUT,
         paper={"mAP": 84.2, "rank1": 93.4, "rank5": 97.7, "rank10": 98.5,
                "source": "HHCL README / paperswithcode (4 GPUs, no re-ranking)"},
-        expected="derived (reidkit.gpu_cost): ~21 GB peak on one GPU in fp32 at batch 256 (~11 GB with AMP), "
+        expected="derived (reidkit.train.gpu_cost): ~21 GB peak on one GPU in fp32 at batch 256 (~11 GB with AMP), "
                  ">= 1 min per epoch on an A100; the authors: about 2 h on 4 x 2080Ti",
     ),
     "dukemtmcreid": Profile(
@@ -245,7 +254,7 @@ PROFILES: dict[str, Profile] = {
         dgl=_DGL_MGN_INPUT,
         paper={"mAP": 73.3, "rank1": 85.1, "rank5": 92.4, "rank10": 94.6,
                "source": "HHCL README / paperswithcode"},
-        expected="derived (reidkit.gpu_cost): as market1501, ~21 GB peak, >= 1 min per epoch on an A100",
+        expected="derived (reidkit.train.gpu_cost): as market1501, ~21 GB peak, >= 1 min per epoch on an A100",
     ),
     "msmt17": Profile(
         name="msmt17",
@@ -257,7 +266,7 @@ PROFILES: dict[str, Profile] = {
         dgl=_DGL_MGN_INPUT,
         paper={"mAP": 31.8, "rank1": 58.9, "rank5": 71.3, "rank10": 75.8,
                "source": "author, HHCL issue #7 (not in the paper)"},
-        expected="derived (reidkit.gpu_cost): ~22 GB peak, >= 1.6 min per epoch on an A100; the Jaccard step "
+        expected="derived (reidkit.train.gpu_cost): ~22 GB peak, >= 1.6 min per epoch on an A100; the Jaccard step "
                  "needs < 3 GB host RAM here (the reference 9-13 GB)",
     ),
     "sysu30k": Profile(
@@ -268,7 +277,7 @@ PROFILES: dict[str, Profile] = {
         model=_PAPER_MODEL,
         dgl=DGLConfig(),
         paper={"rank1": 26.9, "source": "SYSU-30k README leaderboard (DGL, weakly supervised)"},
-        expected="derived (reidkit.gpu_cost): MGN at batch 64 ~15 GB peak, >= 35 min per streamed epoch "
+        expected="derived (reidkit.train.gpu_cost): MGN at batch 64 ~15 GB peak, >= 35 min per streamed epoch "
                  "(1.27M images) on an A100, about 180 h for 300 epochs in fp32 (67 h with AMP); the training "
                  "set is 82 GB of JPEGs, decoding bound (>= 320 decoded images/s); evaluation streams the gallery",
     ),
@@ -310,7 +319,6 @@ _TOP_LEVEL = ("seed", "method")
 
 
 def _field_type(key: str):
-    import typing
 
     parts = key.split(".")
     if len(parts) == 1 and parts[0] in _TOP_LEVEL:
@@ -328,8 +336,6 @@ def _field_type(key: str):
 
 def _coerce(key: str, value: Any, hint) -> Any:
     """``value`` (as JSON-decoded, or the raw string) converted to the field type ``hint``."""
-    import types
-    import typing
 
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint is Any:
@@ -379,20 +385,17 @@ def _coerce(key: str, value: Any, hint) -> Any:
     raise OverrideError(f"--set {key}: cannot set a field of type {hint}")
 
 
-#: string fields that take one of a fixed set of values: ``key -> (module, attribute)`` naming the
-#: tuple where that set is defined (imported only when the field is overridden)
-_CHOICES = {"hhcl.memory": ("reidkit.memory", "MODES"), "model.arch": ("reidkit.models", "ARCHS"),
-            "dgl.variant": ("reidkit.weak_models", "VARIANTS"), "method": ("reidkit.config", "METHODS")}
+#: string fields that take one of a fixed set of values; the modules that implement them import
+#: these tuples from here, so the config never imports upward
+_CHOICES = {"hhcl.memory": MEMORY_MODES, "model.arch": ARCHS, "dgl.variant": DGL_VARIANTS, "method": METHODS}
 
 
 def _check_choice(key: str, value: Any) -> Any:
     """``value`` if ``key`` takes any value or ``value`` is one of its allowed values; else ``OverrideError``."""
     if key not in _CHOICES:
         return value
-    import importlib
 
-    module, attr = _CHOICES[key]
-    allowed = tuple(getattr(importlib.import_module(module), attr))
+    allowed = _CHOICES[key]
     if value not in allowed:
         raise OverrideError(f"--set {key}: {value!r} is not one of {', '.join(allowed)}")
     return value
@@ -402,7 +405,6 @@ def parse_set(pairs) -> dict[str, Any]:
     """``["hhcl.iters=400", "data.dataset=dukemtmcreid"]`` -> ``{"hhcl.iters": 400, ...}``: values
     are read as JSON where they parse (numbers, true/false, null, lists), else as plain strings.
     Validated against the profile's field types (raises ``OverrideError``)."""
-    import json
 
     out: dict[str, Any] = {}
     for pair in pairs or []:

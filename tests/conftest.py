@@ -2,7 +2,6 @@ import os
 from pathlib import Path
 
 import pytest
-
 from _modules import load_module
 
 # tests never reach the network for weights, and show no progress bars
@@ -29,7 +28,7 @@ def smoke_ctx(tmp_path_factory):
     """A run folder on the smoke profile (embedded sample, CPU) whose notebook-02 arrays (the
     direct-transfer features of every split) are computed once for the whole session, so that
     ``ctx.features(split)`` and ``ctx.pseudo_labels()`` are cheap in every test that uses it."""
-    from reidkit.runctx import RunContext
+    from reidkit.course.runctx import RunContext
 
     run_dir = tmp_path_factory.mktemp("smoke-ctx")
     ctx = RunContext.open("smoke", None, str(run_dir), "cpu", 1, name="02_backbone")
@@ -42,7 +41,7 @@ def smoke_ctx(tmp_path_factory):
 def smoke_run(tmp_path_factory):
     """The papermill chain of every notebook on the smoke profile, run once per session:
     ``(run_dir, results, log lines)``. Tests that change the folder work on a copy."""
-    from reidkit.reproduce import run_notebooks
+    from reidkit.course.reproduce import run_notebooks
 
     run_dir = tmp_path_factory.mktemp("smoke-run")
     logs = []

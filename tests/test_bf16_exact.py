@@ -12,9 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from reidkit import neighbors as nb
-from reidkit.evaluation import sysu30k_evaluate
-from reidkit.utils import bf16_native
+from reidkit.core.device import bf16_native
+from reidkit.retrieval import exact as ex
+from reidkit.retrieval import jaccard as jac
+from reidkit.retrieval import knn as kn
+from reidkit.retrieval.sysu import sysu30k_evaluate
 
 
 def _unit(n: int, d: int, seed: int = 0) -> np.ndarray:
@@ -81,18 +83,18 @@ def test_exact_pair_dots_are_correctly_rounded():
     rows = rng.integers(0, len(x), 200)
     cols = rng.integers(0, len(x), 200)
     rows[:3], cols[:3] = [len(x) - 2, len(x) - 1, 21], [len(x) - 1, len(x) - 2, 22]
-    got = nb.exact_pair_dots(xt, xt, rows, cols)
+    got = ex.exact_pair_dots(xt, xt, rows, cols)
     want = np.array([_round_fraction_to_f32(_exact_fraction_dot(x[r], x[c])) for r, c in zip(rows, cols)])
     np.testing.assert_array_equal(got, want)
     assert got[2] == 0.0  # disjoint supports: exactly zero
     # the integer fallback on its own, and the rounding helper at a tie and at the subnormal end
     for r, c in zip(rows[:20], cols[:20]):
-        assert nb._exact_dot_f32(x[r], x[c]) == _round_fraction_to_f32(_exact_fraction_dot(x[r], x[c]))
-    assert nb._round_to_f32(2**24 + 1, 0) == np.float32(2**24)  # tie -> even
-    assert nb._round_to_f32(2**24 + 3, 0) == np.float32(2**24 + 4)
-    assert nb._round_to_f32(3, -150) == np.float32(2.0**-148)  # 1.5 subnormal ulps -> 2 (even)
-    assert nb._round_to_f32(-1, 200) == -np.inf
-    np.testing.assert_array_equal(nb.exact_sqnorms(xt), nb.exact_pair_dots(xt, xt, np.arange(len(x)),
+        assert ex._exact_dot_f32(x[r], x[c]) == _round_fraction_to_f32(_exact_fraction_dot(x[r], x[c]))
+    assert ex._round_to_f32(2**24 + 1, 0) == np.float32(2**24)  # tie -> even
+    assert ex._round_to_f32(2**24 + 3, 0) == np.float32(2**24 + 4)
+    assert ex._round_to_f32(3, -150) == np.float32(2.0**-148)  # 1.5 subnormal ulps -> 2 (even)
+    assert ex._round_to_f32(-1, 200) == -np.inf
+    np.testing.assert_array_equal(ex.exact_sqnorms(xt), ex.exact_pair_dots(xt, xt, np.arange(len(x)),
                                                                            np.arange(len(x))))
 
 
@@ -103,29 +105,29 @@ def test_screening_bound_holds(precision):
     a = (rng.standard_normal((64, 200)) * rng.uniform(0.1, 10, (64, 1))).astype(np.float32)
     b = (rng.standard_normal((80, 200)) * rng.uniform(0.1, 10, (80, 1))).astype(np.float32)
     at, bt = torch.from_numpy(a), torch.from_numpy(b)
-    s = nb.screen_matmul(at, bt, precision).numpy().astype(np.float64)
+    s = ex.screen_matmul(at, bt, precision).numpy().astype(np.float64)
     r, c = np.meshgrid(np.arange(64), np.arange(80), indexing="ij")
-    exact = nb.exact_pair_dots(at, bt, r.ravel(), c.ravel()).reshape(64, 80).astype(np.float64)
+    exact = ex.exact_pair_dots(at, bt, r.ravel(), c.ravel()).reshape(64, 80).astype(np.float64)
     norms = np.linalg.norm(a.astype(np.float64), axis=1)[:, None] * np.linalg.norm(b.astype(np.float64), axis=1)
-    beta = nb.score_bound(200, precision)
+    beta = ex.score_bound(200, precision)
     assert np.all(np.abs(s - exact) <= beta * norms)
     if precision == "bf16":  # and it is not vacuous: bf16 errors use a good part of it
         assert np.max(np.abs(s - exact) / norms) > beta / 20
-    assert 0.0117 < nb.score_bound(2048, "bf16") < 0.0121 and nb.score_bound(2048, "fp32") < 1.3e-4
+    assert 0.0117 < ex.score_bound(2048, "bf16") < 0.0121 and ex.score_bound(2048, "fp32") < 1.3e-4
 
 
 def test_precision_is_chosen_by_hardware():
     cpu = torch.device("cpu")
-    assert nb.resolve_precision("auto", cpu) == ("bf16" if bf16_native(cpu) else "fp32")
-    assert nb.resolve_precision("fp32", cpu) == "fp32" and nb.resolve_precision("bf16", cpu) == "bf16"
+    assert ex.resolve_precision("auto", cpu) == ("bf16" if bf16_native(cpu) else "fp32")
+    assert ex.resolve_precision("fp32", cpu) == "fp32" and ex.resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ValueError, match="precision"):
-        nb.resolve_precision("fp16", cpu)
+        ex.resolve_precision("fp16", cpu)
     # the kNN screens in fp32 unless bf16 is asked: on an AMX CPU the bf16 screen's wider band costs
     # more exact re-scoring than it saves (see knn's docstring)
-    assert nb.knn(_unit(20, 8), 3, device="cpu").precision == "fp32"
+    assert kn.knn(_unit(20, 8), 3, device="cpu").precision == "fp32"
     for backend in ("torch", "faiss", "auto"):  # refused whichever search would run
         with pytest.raises(ValueError, match="precision must be one of"):
-            nb.knn(_unit(20, 8), 3, device="cpu", backend=backend, precision="fp16")
+            kn.knn(_unit(20, 8), 3, device="cpu", backend=backend, precision="fp16")
 
 
 # ------------------------------------------------------------------------------- kNN, Jaccard
@@ -133,8 +135,8 @@ def _reference_knn(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np
     """Brute force on canonical distances (every pair scored exactly), ties by index."""
     xt, qt = torch.from_numpy(x), torch.from_numpy(q)
     r, c = np.meshgrid(np.arange(len(q)), np.arange(len(x)), indexing="ij")
-    dots = nb.exact_pair_dots(qt, xt, r.ravel(), c.ravel()).reshape(len(q), len(x))
-    d = (nb.exact_sqnorms(qt)[:, None] + nb.exact_sqnorms(xt)[None, :]) - np.float32(2) * dots
+    dots = ex.exact_pair_dots(qt, xt, r.ravel(), c.ravel()).reshape(len(q), len(x))
+    d = (ex.exact_sqnorms(qt)[:, None] + ex.exact_sqnorms(xt)[None, :]) - np.float32(2) * dots
     order = np.lexsort((np.broadcast_to(np.arange(len(x)), d.shape), d), axis=1)[:, :k]
     return order, np.take_along_axis(d, order, 1)
 
@@ -143,7 +145,7 @@ def _reference_knn(x: np.ndarray, q: np.ndarray, k: int) -> tuple[np.ndarray, np
 def test_knn_bf16_equals_the_exact_fp32_screen(data):
     x = DATASETS[data]()
     k = 12
-    res = {p: nb.knn(x, k, backend="torch", device="cpu", precision=p, block=64) for p in ("exact", "bf16")}
+    res = {p: kn.knn(x, k, backend="torch", device="cpu", precision=p, block=64) for p in ("exact", "bf16")}
     assert res["bf16"].precision == "bf16" and res["exact"].precision == "exact"
     np.testing.assert_array_equal(res["bf16"].indices, res["exact"].indices)
     np.testing.assert_array_equal(res["bf16"].sq_dists, res["exact"].sq_dists)
@@ -152,7 +154,7 @@ def test_knn_bf16_equals_the_exact_fp32_screen(data):
     q = x[::7] + np.float32(1e-5)
     want_i, want_d = _reference_knn(x, q, k)
     for p in ("exact", "bf16"):
-        r = nb.knn(x, k, queries=q, backend="torch", device="cpu", precision=p, block=32)
+        r = kn.knn(x, k, queries=q, backend="torch", device="cpu", precision=p, block=32)
         np.testing.assert_array_equal(r.indices, want_i)
         np.testing.assert_array_equal(r.sq_dists, np.maximum(want_d, 0))
 
@@ -162,11 +164,11 @@ def test_knn_bf16_widens_full_candidate_lists():
     and must be widened (to the whole set) before the exact choice."""
     x = np.tile(_unit(1, 16), (100, 1))
     x += np.float32(1e-4) * _unit(100, 16, seed=2)  # distinct, invisible to bf16
-    a = nb.knn(x, 30, backend="torch", device="cpu", precision="bf16", block=16)
-    b = nb.knn(x, 30, backend="torch", device="cpu", precision="exact", block=16)
+    a = kn.knn(x, 30, backend="torch", device="cpu", precision="bf16", block=16)
+    b = kn.knn(x, 30, backend="torch", device="cpu", precision="exact", block=16)
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_array_equal(a.sq_dists, b.sq_dists)
-    rows, _ = nb._screen_candidates(torch.from_numpy(x), None, 30, 16, "bf16")
+    rows, _ = kn._screen_candidates(torch.from_numpy(x), None, 30, 16, "bf16")
     assert np.all(np.bincount(rows) == 100)  # widened from 45 to every point
 
 
@@ -175,14 +177,14 @@ def test_jaccard_bf16_equals_the_exact_fp32_screen(data):
     x = DATASETS[data]()
     out = {}
     for p in ("exact", "bf16"):
-        jd, info = nb.jaccard_distance(x, k1=10, k2=4, device="cpu", precision=p, return_info=True)
+        jd, info = jac.jaccard_distance(x, k1=10, k2=4, device="cpu", precision=p, return_info=True)
         assert info["knn_precision"] == p
         out[p] = jd
     a, b = out["exact"], out["bf16"]
     np.testing.assert_array_equal(a.indptr, b.indptr)
     np.testing.assert_array_equal(a.indices, b.indices)
     np.testing.assert_array_equal(a.data, b.data)
-    dense = {p: nb.jaccard_distance(x, k1=10, k2=4, device="cpu", precision=p, dense=True) for p in out}
+    dense = {p: jac.jaccard_distance(x, k1=10, k2=4, device="cpu", precision=p, dense=True) for p in out}
     np.testing.assert_array_equal(dense["exact"], dense["bf16"])
 
 
@@ -190,8 +192,8 @@ def test_default_knn_is_the_direct_fp32_search_and_agrees_off_ties():
     """``precision="auto"`` is the direct fp32 search (the screen's own distances, no re-scoring):
     on data without near-ties it returns the exact neighbours, with distances within fp32 rounding."""
     x = DATASETS["clustered"]()
-    fast = nb.knn(x, 12, backend="torch", device="cpu", block=64)
-    exact = nb.knn(x, 12, backend="torch", device="cpu", precision="exact", block=64)
+    fast = kn.knn(x, 12, backend="torch", device="cpu", block=64)
+    exact = kn.knn(x, 12, backend="torch", device="cpu", precision="exact", block=64)
     assert fast.precision == "fp32" and exact.precision == "exact"
     gaps = np.diff(exact.sq_dists, axis=1).min(axis=1)
     clear = gaps > 1e-5
@@ -257,8 +259,8 @@ def test_sysu_bf16_equals_fp32(kind):
             assert ref["ranks"][i] == -1
             continue
         kept = np.flatnonzero((labels != -1) & ~((labels == i) & (cams == 0)))
-        s = nb.exact_pair_dots(q, g, np.full(len(kept), i), kept)
-        c = nb.exact_pair_dots(q, g, np.array([i]), np.array([gi]))[0]
+        s = ex.exact_pair_dots(q, g, np.full(len(kept), i), kept)
+        c = ex.exact_pair_dots(q, g, np.array([i]), np.array([gi]))[0]
         assert ref["ranks"][i] == int((s > c).sum())
     if kind == "duplicates":
         assert (ref["ranks"] > 0).sum() < len(ref["ranks"])  # exact ties do not push it down

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from trees import market1501_tree
 
 SETS = ["data.flip=false", "data.pad=0", "data.erasing_p=0", "data.workers=0", "hhcl.amp=false", "hhcl.iters=2",

@@ -22,18 +22,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def no_training(monkeypatch):
-    """A stand-in ``reidkit.engine`` whose loop fails the test: an error must come before any work."""
-    import reidkit.engine as real
-
-    fake = types.ModuleType("reidkit.engine")
-    fake.__dict__.update(real.__dict__)
+    """The training loop replaced by one that fails the test: an error must come before any work."""
 
     def fit(*a, **k):
         raise AssertionError("the training loop was reached: the user error was not caught before the work")
 
-    fake.fit = fit
-    monkeypatch.setattr("reidkit.hhcl.fit", fit)
-    monkeypatch.setattr("reidkit.dgl.fit", fit)
+    monkeypatch.setattr("reidkit.hhcl.method.fit", fit)
+    monkeypatch.setattr("reidkit.dgl.method.fit", fit)
 
 
 def _one_line_error(capsys, rc) -> str:
@@ -94,7 +89,7 @@ def _mode(path) -> int:
 
 @pytest.mark.parametrize("mask, want", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_written_files_follow_the_umask(mask, want, tmp_path):
-    from reidkit.utils import atomic_torch_save, atomic_write_bytes, atomic_write_json, current_umask
+    from reidkit.core.io import atomic_torch_save, atomic_write_bytes, atomic_write_json, current_umask
 
     old = os.umask(mask)
     try:
@@ -110,7 +105,7 @@ def test_written_files_follow_the_umask(mask, want, tmp_path):
 
 
 def test_reproduce_digest_ignores_the_run_folder(tmp_path):
-    from reidkit.reproduce import params_digest
+    from reidkit.course.reproduce import params_digest
 
     nb = tmp_path / "01_x.ipynb"
     nb.write_text('{"cells": []}')
@@ -166,3 +161,15 @@ def test_python_m_reidkit_profiles_to_a_file(tmp_path):
                              text=True, cwd=tmp_path, env=env, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "smoke" in log.read_text()
+
+
+@pytest.mark.parametrize("command", ["evaluate", "extract"])
+def test_text_file_as_weights_exits_2_in_one_line(command, tmp_path, capsys):
+    weights = tmp_path / "notes.txt"
+    weights.write_text("epoch 12: mAP 81.3\nthis is a log, not a checkpoint\n")
+    extra = ["--split", "query", "--out", str(tmp_path / "q.npz")] if command == "extract" else []
+    rc = cli.main([command, "--weights", str(weights), "--dataset", "mini-mars", "--device", "cpu", *extra])
+    line = _one_line_error(capsys, rc)
+    assert line.startswith(f"error: {weights}: a text file (starting 'epoch 12: mAP 81.3'), not a torch checkpoint")
+    assert "expected a file written by torch.save" in line and "[kit]" in line
+    assert not (tmp_path / "q.npz").exists()

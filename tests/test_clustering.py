@@ -1,4 +1,4 @@
-"""Tests for reidkit.neighbors (kNN, Jaccard) and reidkit.clustering (DBSCAN, stats, eps sweep).
+"""Tests for reidkit.retrieval.jaccard (kNN, Jaccard) and reidkit.hhcl.clustering (DBSCAN, stats, eps sweep).
 
 Golden parity with cluster-contrast's ``compute_jaccard_distance`` + sklearn DBSCAN
 (tests/golden/jaccard.npz, README §1), plus independent checks against a naive dense
@@ -7,19 +7,18 @@ re-implementation written from the documented semantics.
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import scipy.sparse as sp
 import torch
+from _golden import case_prefixes, load_golden
 from sklearn.cluster import DBSCAN
 from sklearn.metrics import adjusted_rand_score
 
-from reidkit import neighbors as nb
-from reidkit.clustering import cluster_stats, dbscan_labels, eps_sweep, radius_graph
-from reidkit.neighbors import jaccard_distance, knn
-
-from _golden import case_prefixes, load_golden
+from reidkit.hhcl.clustering import cluster_stats, dbscan_labels, eps_sweep, radius_graph
+from reidkit.retrieval import knn as kn
+from reidkit.retrieval.jaccard import jaccard_distance
+from reidkit.retrieval.knn import knn
 
 ATOL = 1e-5
 
@@ -35,7 +34,7 @@ def _cases(z):
 
 def _backends():
     out = ["torch"]
-    if nb.faiss_available():
+    if kn.faiss_available():
         out.append("faiss")
     return out
 
@@ -62,7 +61,7 @@ def sparse_by_backend(z):
 # ------------------------------------------------------------------------------- golden parity
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_golden_jaccard_sparse(z, sparse_by_backend, backend):
-    if backend == "faiss" and not nb.faiss_available():
+    if backend == "faiss" and not kn.faiss_available():
         pytest.skip("faiss is not importable")
     for p in _cases(z):
         jd, info = sparse_by_backend[p, backend]
@@ -76,7 +75,7 @@ def test_golden_jaccard_sparse(z, sparse_by_backend, backend):
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_golden_jaccard_dense(z, backend):
-    if backend == "faiss" and not nb.faiss_available():
+    if backend == "faiss" and not kn.faiss_available():
         pytest.skip("faiss is not importable")
     for p in _cases(z):
         jd = jaccard_distance(torch.from_numpy(z[p + "features"]), int(z[p + "k1"]), int(z[p + "k2"]),

@@ -1,9 +1,9 @@
 """The paper profiles carry the specs' checklist values (spec hhcl §10, dgl-sysu30k appendix)."""
 
-import pytest
-
 import dataclasses
 import typing
+
+import pytest
 
 from reidkit.config import DGL_ERASING_FILL, PROFILES, Profile, dgl_input_size, get_profile
 

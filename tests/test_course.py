@@ -6,11 +6,10 @@ import json
 import re
 
 import pytest
-
-from reidkit.course import notebook_stats, prose_words
-from reidkit.reproduce import list_notebooks
-
 from conftest import SOLUTIONS
+
+from reidkit.course.lesson_rules import notebook_stats, prose_words
+from reidkit.course.reproduce import list_notebooks
 
 NOTEBOOKS = list_notebooks()
 

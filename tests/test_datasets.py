@@ -16,20 +16,10 @@ import numpy as np
 import pytest
 
 from reidkit.data import datasets as D
-from reidkit.data.datasets import (
-    Bag,
-    CorruptImageError,
-    LayoutError,
-    Record,
-    ReIDDataset,
-    check_images,
-    iter_sysu_train,
-    load_dataset,
-    read_bag_level_labels,
-    register,
-    relabel,
-    sysu_consecutive_bags,
-)
+from reidkit.data import sysu30k
+from reidkit.data.datasets import load_dataset, register
+from reidkit.data.records import CorruptImageError, LayoutError, Record, ReIDDataset, check_images, relabel
+from reidkit.data.sysu30k import Bag, iter_sysu_train, read_bag_level_labels, sysu_consecutive_bags
 
 
 def touch(path: Path, data: bytes = b"") -> Path:
@@ -544,7 +534,7 @@ def test_sysu30k_layout(tmp_path, meta):
     assert names(ds.query) == ["000028311_c2_2.jpg", "000028312_c2_2.jpg"]
     assert Counter(r.pid for r in ds.gallery) == {28311: 1, 28312: 1, -1000: 3}
     assert {r.camid for r in ds.gallery} == {0}
-    assert by_name(ds.gallery)["0000others_c1_5.jpg"].pid == D.SYSU_DISTRACTOR_LABEL == -1000
+    assert by_name(ds.gallery)["0000others_c1_5.jpg"].pid == sysu30k.SYSU_DISTRACTOR_LABEL == -1000
     # train: one label per folder, camera unknown
     assert [r.pid for r in ds.train] == [1, 2, 2, 3, 4, 4, 5]
     assert {r.camid for r in ds.train} == {-1}
@@ -578,12 +568,12 @@ def test_sysu30k_missing_gallery_and_bad_folder(tmp_path):
 
 
 def test_sysu_test_name_parser():
-    assert D.parse_sysu_test_name("000028311_c2_2.jpg") == (28311, 1)
-    assert D.parse_sysu_test_name("0000others_c1_7.jpg") == (-1000, 0)
+    assert sysu30k.parse_sysu_test_name("000028311_c2_2.jpg") == (28311, 1)
+    assert sysu30k.parse_sysu_test_name("0000others_c1_7.jpg") == (-1000, 0)
     with pytest.raises(LayoutError):
-        D.parse_sysu_test_name("000028311.jpg")
+        sysu30k.parse_sysu_test_name("000028311.jpg")
     with pytest.raises(LayoutError):
-        D.parse_sysu_test_name("someone_c1_7.jpg")
+        sysu30k.parse_sysu_test_name("someone_c1_7.jpg")
 
 
 def test_iter_sysu_train_streams(tmp_path):

@@ -15,10 +15,11 @@ import pytest
 import torch
 
 from reidkit.config import get_profile
-from reidkit.data.datasets import BatchFillError, CorruptImageError, ReIDDataset, Record, load_dataset
-from reidkit.dgl import train_dgl
-from reidkit.hhcl import HHCL, train_hhcl
-from reidkit.utils import torch_load
+from reidkit.core.io import torch_load
+from reidkit.data.datasets import load_dataset
+from reidkit.data.records import BatchFillError, CorruptImageError, Record, ReIDDataset
+from reidkit.dgl.method import train_dgl
+from reidkit.hhcl.method import HHCL, train_hhcl
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conftest)
 

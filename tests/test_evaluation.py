@@ -1,17 +1,17 @@
-"""Tests of reidkit.evaluation against the golden reference outputs (tests/golden/README.md
+"""Tests of reidkit.retrieval.market against the golden reference outputs (tests/golden/README.md
 sections 2 and 4) and against brute-force re-implementations on small random data with ties."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-
-from reidkit import evaluation as ev
-from reidkit.evaluation import evaluate_rank, pairwise_distance, sysu30k_evaluate
-
 from _golden import load_golden
+
+from reidkit.retrieval import market as ev
+from reidkit.retrieval.distances import pairwise_distance
+from reidkit.retrieval.market import evaluate_rank
+from reidkit.retrieval.sysu import sysu30k_evaluate
 
 
 @pytest.fixture(scope="module")

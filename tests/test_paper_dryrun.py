@@ -21,9 +21,9 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from reidkit.utils import torch_load
 from trees import PAPER_TREES, build_tree
+
+from reidkit.core.io import torch_load
 
 ROOT = Path(__file__).resolve().parents[1]
 

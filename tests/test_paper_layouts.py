@@ -6,10 +6,11 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-
-from reidkit.data.datasets import (LayoutError, check_sysu_tree, iter_sysu_bags, load_dataset,
-                                   read_bag_level_labels, sysu_num_classes)
 from trees import PAPER_TREES, build_tree, market1501_tree, msmt17_tree, sysu30k_tree
+
+from reidkit.data.datasets import load_dataset
+from reidkit.data.records import LayoutError
+from reidkit.data.sysu30k import check_sysu_tree, iter_sysu_bags, read_bag_level_labels, sysu_num_classes
 
 
 @pytest.mark.parametrize("key", list(PAPER_TREES))
@@ -138,7 +139,7 @@ def test_sysu_root_without_any_part(tmp_path):
 
 
 def test_a_batch_the_tree_cannot_fill_is_named_at_start(tmp_path):
-    from reidkit.data.datasets import BatchFillError, check_batch_fill
+    from reidkit.data.records import BatchFillError, check_batch_fill
 
     ds = load_dataset("market1501", market1501_tree(tmp_path))          # 10 ids x 6 images
     check_batch_fill(ds.train, 4, 4, "market1501 train")                 # 16 = 4 x 4: fine

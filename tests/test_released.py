@@ -1,4 +1,4 @@
-"""Released and kit checkpoints through ``reidkit.models.load_released`` and the ``evaluate`` /
+"""Released and kit checkpoints through ``reidkit.nets.backbones.load_released`` and the ``evaluate`` /
 ``extract`` commands (golden case ``checkpoints.npz``, tests/golden/README.md section 7)."""
 
 import json
@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _golden import load_golden
+
 from reidkit.cli import main
-from reidkit.models import ReIDNet, load_released
-from reidkit.weights import CheckpointError
+from reidkit.core.io import CheckpointError
+from reidkit.nets.backbones import ReIDNet
+from reidkit.nets.released import load_released
 
 TOL = 1e-5
 
@@ -75,7 +76,7 @@ def _kit_model(num_classes: int = 0) -> ReIDNet:
 
 @pytest.fixture(scope="module")
 def kit_file(tmp_path_factory):
-    """A kit ``model_best.pt`` of a fresh smoke-profile network (what ``reidkit.hhcl`` saves)."""
+    """A kit ``model_best.pt`` of a fresh smoke-profile network (what ``reidkit.hhcl.method`` saves)."""
     path = tmp_path_factory.mktemp("kit") / "model_best.pt"
     torch.save({"model": _kit_model().state_dict(), "epoch": 1, "profile": "smoke", "arch": "mobilenetv2",
                 "pooling": "avg", "selection": "last"}, path)
@@ -134,7 +135,7 @@ def test_kit_checkpoints_load_with_their_test_feature(kit_file, tmp_path):
 
 
 def test_kit_weak_checkpoint_loads(tmp_path):
-    from reidkit.weak_models import build_weak_model
+    from reidkit.nets.weak import build_weak_model
 
     torch.manual_seed(0)
     net = build_weak_model("smoke", "full", 5, device="cpu", pretrained=False).eval()
@@ -217,7 +218,7 @@ def _run(capsys, *argv):
 def test_cli_evaluate_on_sample_matches_kit_evaluation(kit_file, capsys):
     from reidkit.config import get_profile
     from reidkit.data.datasets import load_dataset
-    from reidkit.hhcl import evaluate_model
+    from reidkit.retrieval.protocol import evaluate_model
 
     rc, out, _ = _run(capsys, "evaluate", "--weights", str(kit_file), "--dataset", "mini-mars", "--json",
                       "--device", "cpu")

@@ -9,8 +9,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from reidkit import reproduce
-from reidkit.reproduce import NotebookFailed, list_notebooks, run_notebooks
+from reidkit.course.reproduce import NotebookFailed, list_notebooks, run_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -82,8 +81,8 @@ def _png(path: Path) -> Path:
 def test_report_embeds_key_figures_overrides_subset_and_device(tmp_path):
     """A run folder written by hand: report.md shows each notebook's key figures (relative links
     beside its tables), the overrides, the identity subset and the device actually used."""
-    from reidkit.reproduce import write_report
-    from reidkit.runctx import RunContext
+    from reidkit.course.report import write_report
+    from reidkit.course.runctx import RunContext
 
     run = tmp_path / "run"
     run.mkdir()
@@ -131,7 +130,7 @@ def test_report_embeds_key_figures_overrides_subset_and_device(tmp_path):
 
 
 def test_report_resolves_auto_device_of_older_runs(tmp_path):
-    from reidkit.reproduce import write_report
+    from reidkit.course.report import write_report
 
     (tmp_path / "run.json").write_text(json.dumps({"parameters": {"PROFILE": "smoke", "DEVICE": "auto", "SEED": 1},
                                                    "profile": {"data": {"dataset": "mini-mars"}}}))
@@ -145,7 +144,7 @@ def test_report_resolves_auto_device_of_older_runs(tmp_path):
 
 def _paper_run(tmp_path, profile, overrides=None, env=True, histories=None):
     from reidkit.config import apply_overrides
-    from reidkit.reproduce import environment
+    from reidkit.course.report import environment
 
     run = tmp_path / "run"
     run.mkdir()
@@ -165,8 +164,8 @@ def _paper_run(tmp_path, profile, overrides=None, env=True, histories=None):
 def test_report_sets_the_measured_row_beside_hhcls_table(tmp_path):
     import torch
 
-    from reidkit.gpu_cost import gpu_cost
-    from reidkit.reproduce import write_report
+    from reidkit.course.report import write_report
+    from reidkit.train.gpu_cost import gpu_cost
 
     hist = [{"epoch": 0, "t_epoch": 3.0},
             {"epoch": 1, "t_epoch": 5.0, "test": {"mAP": 0.5, "rank1": 0.7, "rank5": 0.8, "rank10": 0.9}}]
@@ -195,7 +194,7 @@ def test_report_sets_the_measured_row_beside_hhcls_table(tmp_path):
 
 
 def test_report_of_sysu30k_shows_the_leaderboard_and_dgls_difference(tmp_path):
-    from reidkit.reproduce import write_report
+    from reidkit.course.report import write_report
 
     hist = [{"epoch": 0, "t_epoch": 60.0, "test": {"rank1": 0.1, "rank5": 0.2, "rank10": 0.3, "mAP": 0.05}}]
     run = _paper_run(tmp_path, "sysu30k", histories={"05_weak_graphical/full": hist})
@@ -210,7 +209,7 @@ def test_report_of_sysu30k_shows_the_leaderboard_and_dgls_difference(tmp_path):
 
 
 def test_report_without_recorded_environment_or_runs_says_so(tmp_path):
-    from reidkit.reproduce import write_report
+    from reidkit.course.report import write_report
 
     run = _paper_run(tmp_path, "dukemtmcreid", env=False)
     text = write_report(run).read_text()
@@ -236,7 +235,7 @@ def test_reproduce_stops_before_any_notebook_on_an_incomplete_sysu_tree(tmp_path
 
     from trees import sysu30k_tree
 
-    from reidkit.reproduce import RunSetupError, check_run, main_reproduce
+    from reidkit.course.reproduce import RunSetupError, check_run, main_reproduce
 
     base = sysu30k_tree(tmp_path / "data", others=False)
     with pytest.raises(RunSetupError) as info:
@@ -253,7 +252,7 @@ def test_reproduce_stops_before_any_notebook_on_an_incomplete_sysu_tree(tmp_path
 def test_reproduce_stops_when_required_weights_are_missing(tmp_path, monkeypatch):
     from trees import market1501_tree
 
-    from reidkit.reproduce import RunSetupError, check_run
+    from reidkit.course.reproduce import RunSetupError, check_run
 
     monkeypatch.setenv("REIDKIT_OFFLINE", "1")
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))

@@ -1,16 +1,14 @@
-"""Tests for reidkit.neighbors.re_ranking: golden parity with torchreid's ``re_ranking``
+"""Tests for reidkit.retrieval.rerank.re_ranking: golden parity with torchreid's ``re_ranking``
 (tests/golden/rerank.npz, README §3) and an independent naive re-implementation."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
-
-from reidkit.neighbors import re_ranking
-
 from _golden import case_prefixes, load_golden
+
+from reidkit.retrieval.rerank import re_ranking
 
 ATOL = 1e-5
 

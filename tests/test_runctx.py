@@ -11,10 +11,10 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from reidkit.clustering import dbscan_labels  # noqa: E402
-from reidkit.evaluation import ranked_gallery  # noqa: E402
-from reidkit.neighbors import jaccard_distance  # noqa: E402
-from reidkit.runctx import RunContext  # noqa: E402
+from reidkit.course.runctx import RunContext  # noqa: E402
+from reidkit.hhcl.clustering import dbscan_labels  # noqa: E402
+from reidkit.retrieval.inspect import ranked_gallery  # noqa: E402
+from reidkit.retrieval.jaccard import jaccard_distance  # noqa: E402
 
 
 def test_features_come_from_notebook_02_when_it_ran(smoke_ctx):

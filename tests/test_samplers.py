@@ -9,13 +9,13 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from reidkit import weak
 from reidkit.data.samplers import (
     CameraAwarePKSampler,
     ConsecutiveBagSampler,
     PKBagSampler,
 )
 from reidkit.data.sysu import bag_slots
+from reidkit.dgl import graphical as weak
 
 
 def chunks(sampler: CameraAwarePKSampler, stream: list[int]) -> list[list[int]]:

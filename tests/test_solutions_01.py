@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 
 from reidkit.data import stats
-from reidkit.data.datasets import Record, relabel
+from reidkit.data.records import Record, relabel
 from reidkit.data.samplers import CameraAwarePKSampler
-
 
 SOLUTION = "01_data_prep"  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>.py
 

@@ -10,10 +10,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from reidkit import viz  # noqa: E402
-from reidkit.evaluation import camera_share_by_rank  # noqa: E402
-from reidkit.features import pixel_features  # noqa: E402
-from reidkit.models import GeneralizedMeanPooling  # noqa: E402
-
+from reidkit.nets.backbones import GeneralizedMeanPooling  # noqa: E402
+from reidkit.nets.features import pixel_features  # noqa: E402
+from reidkit.retrieval.inspect import camera_share_by_rank  # noqa: E402
 
 SOLUTION = "02_backbone"  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>.py
 
@@ -48,7 +47,8 @@ def test_exercise_2_worst_query(sol, smoke_ctx):
     assert out["camera"] not in out["match_cameras"]               # junk removed: matches from other cameras
     # it is the worst: no valid query has a lower AP
     ds = smoke_ctx.dataset()
-    from reidkit.evaluation import evaluate_rank, pairwise_distance
+    from reidkit.retrieval.distances import pairwise_distance
+    from reidkit.retrieval.market import evaluate_rank
     q_pids, q_cams = sol.ids_and_cams(ds.query)
     g_pids, g_cams = sol.ids_and_cams(ds.gallery)
     res = evaluate_rank(pairwise_distance(smoke_ctx.features("query"), smoke_ctx.features("gallery")),
@@ -129,7 +129,7 @@ def test_pixel_features_and_figures(smoke_ctx):
             viz.gem_figure(path, fmap, 4.0, size=(128, 64)),
             viz.baseline_figure({"x": {"mAP": 0.2, "rank1": 0.3}, "y": {"mAP": 0.1, "rank1": 0.2}}, {"x": 2_000_000})]
     feats = np.asarray(smoke_ctx.features("query"))[:40], np.asarray(smoke_ctx.features("gallery"))[:60]
-    from reidkit.evaluation import pairwise_distance
+    from reidkit.retrieval.distances import pairwise_distance
     q_pids, q_cams = np.array([r.pid for r in ds.query[:40]]), np.array([r.camid for r in ds.query[:40]])
     g_pids, g_cams = np.array([r.pid for r in ds.gallery[:60]]), np.array([r.camid for r in ds.gallery[:60]])
     figs.append(viz.pair_distance_figure(pairwise_distance(*feats), q_pids, g_pids, q_cams, g_cams, title="t"))

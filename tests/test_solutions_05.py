@@ -1,5 +1,5 @@
-"""Notebook 05's worked solutions and its library helpers (reidkit.weak teaching helpers,
-reidkit.weak_course tables, reidkit.viz.bags figures), on the embedded sample (smoke profile)."""
+"""Notebook 05's worked solutions and its library helpers (reidkit.dgl.graphical teaching helpers,
+reidkit.course.weak_lesson tables, reidkit.viz.bags figures), on the embedded sample (smoke profile)."""
 
 import itertools
 from pathlib import Path
@@ -11,7 +11,6 @@ matplotlib.use("Agg")
 import numpy as np
 import pytest
 import torch
-
 from conftest import ROOT
 
 NB = "05_weak_graphical"
@@ -21,7 +20,7 @@ NB = "05_weak_graphical"
 def ctx05(smoke_ctx):
     """The smoke run folder with notebook 05's full and unary-only networks trained for two iterations
     (what the solutions load instead of training the profile's epochs)."""
-    from reidkit.dgl import train_dgl
+    from reidkit.dgl.method import train_dgl
 
     ds = smoke_ctx.dataset()
     for variant in ("full", "unary_only"):
@@ -38,7 +37,7 @@ SOLUTION = NB  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>
 # library helpers
 
 def test_appearance_kernel_matches_graph_loss_kernel_and_plain_numpy():
-    from reidkit.weak import appearance_kernel
+    from reidkit.dgl.graphical import appearance_kernel
 
     g = np.random.default_rng(0).normal(size=(6, 4))
     plain = np.exp(-((g[:, None] - g[None]) ** 2).sum(-1) / 0.7)
@@ -50,7 +49,7 @@ def test_appearance_kernel_matches_graph_loss_kernel_and_plain_numpy():
 
 
 def test_simulated_bags_layout():
-    from reidkit.weak import simulated_bags
+    from reidkit.dgl.graphical import simulated_bags
 
     labels = np.repeat(np.arange(6), 5)
     bags = simulated_bags(labels, ids_per_bag=3, images_per_id=4, num_bags=10, seed=0)
@@ -63,7 +62,12 @@ def test_simulated_bags_layout():
 
 
 def test_compare_assignments_exact_never_costs_more_and_brute_force_agrees():
-    from reidkit.weak import assignment_cost, compare_assignments, exact_balanced_assignment, simulated_bags
+    from reidkit.dgl.graphical import (
+        assignment_cost,
+        compare_assignments,
+        exact_balanced_assignment,
+        simulated_bags,
+    )
 
     rng = np.random.default_rng(3)
     labels = np.repeat(np.arange(5), 6)
@@ -83,8 +87,8 @@ def test_compare_assignments_exact_never_costs_more_and_brute_force_agrees():
 
 
 def test_example_bag_and_forward_records(smoke_ctx):
-    from reidkit.weak_course import example_bag, forward_records
-    from reidkit.weak_models import build_weak_model
+    from reidkit.course.weak_lesson import example_bag, forward_records
+    from reidkit.nets.weak import build_weak_model
 
     prof = smoke_ctx.profile
     bag = example_bag(prof, smoke_ctx.dataset(), seed=1)
@@ -99,10 +103,18 @@ def test_example_bag_and_forward_records(smoke_ctx):
 
 
 def test_results_and_training_tables(ctx05, tmp_path):
-    from reidkit.weak_course import RESULT_COLUMNS, VARIANT_NAMES, evaluate_variants, results_table, training_table, variants_summary
-    from reidkit.weak_models import load_weak_model
-    from reidkit.runctx import RunContext
     from types import SimpleNamespace
+
+    from reidkit.course.runctx import RunContext
+    from reidkit.course.weak_lesson import (
+        RESULT_COLUMNS,
+        VARIANT_NAMES,
+        evaluate_variants,
+        results_table,
+        training_table,
+        variants_summary,
+    )
+    from reidkit.nets.weak import load_weak_model
 
     ds = ctx05.dataset()
     model = load_weak_model(ctx05.path(NB, "full", "model_best.pt"), "smoke", "cpu")
@@ -138,7 +150,7 @@ def test_bag_figures_and_committed_diagram(tmp_path):
 
     from reidkit import viz
     from reidkit.data.datasets import load_dataset
-    from reidkit.weak import appearance_kernel
+    from reidkit.dgl.graphical import appearance_kernel
 
     recs = load_dataset("mini-mars", None).train[:6]
     paths = [r.path for r in recs]

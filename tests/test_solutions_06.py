@@ -1,5 +1,5 @@
 """Notebook 06 (evaluation): the worked solutions on the smoke sample, the functions the notebook
-added to ``reidkit.evaluation`` (one query's precision-recall, outcome groups, plain vs re-ranked
+added to ``reidkit.retrieval.market`` (one query's precision-recall, outcome groups, plain vs re-ranked
 comparison), and the query browser and figures of ``reidkit.viz``."""
 
 from __future__ import annotations
@@ -13,9 +13,8 @@ matplotlib.use("Agg")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from reidkit.evaluation import (compare_rankings, evaluate_rank, precision_recall,  # noqa: E402
-                                queries_by_outcome)
-
+from reidkit.retrieval.inspect import compare_rankings, precision_recall, queries_by_outcome
+from reidkit.retrieval.market import evaluate_rank
 
 SOLUTION = "06_evaluation"  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>.py
 
@@ -28,7 +27,7 @@ def _random_case(seed=0, nq=12, ng=60, ids=6, cams=3):
     return dist, q_pids, g_pids, q_cams, g_cams
 
 
-# -- reidkit.evaluation additions ------------------------------------------------------------------
+# -- reidkit.retrieval.market additions ------------------------------------------------------------------
 
 
 def test_precision_recall_matches_evaluate_rank():
@@ -100,7 +99,8 @@ def test_compare_rankings_counts_and_examples():
 
 @pytest.fixture(scope="module")
 def smoke_eval(smoke_ctx):
-    from reidkit.evaluation import pairwise_distance, re_ranking
+    from reidkit.retrieval.distances import pairwise_distance
+    from reidkit.retrieval.rerank import re_ranking
 
     ds = smoke_ctx.dataset()
     f = smoke_ctx.eval_features()["direct transfer"]

@@ -13,14 +13,14 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from test_datasets import make_market, make_mars_info, make_mars_json, make_msmt_original, make_sysu, touch
 
 from reidkit.config import get_profile
-from reidkit.data.datasets import ReIDDataset, load_dataset
+from reidkit.course.runctx import RunContext
+from reidkit.data.datasets import load_dataset
 from reidkit.data.market_tree import sample_as_market, synthetic_market_tree
+from reidkit.data.records import ReIDDataset
 from reidkit.data.subset import choose_ids, is_distractor, load_profile_dataset, subset_identities
-from reidkit.runctx import RunContext
-from test_datasets import (make_market, make_mars_info, make_mars_json, make_msmt_original, make_sysu,
-                           touch)
 
 
 def ids(records) -> set[int]:
@@ -312,7 +312,7 @@ def test_cli_bad_overrides_one_line_exit_2(tmp_path, argv, message):
 
 
 def test_digest_changes_with_overrides(tmp_path):
-    from reidkit.reproduce import params_digest
+    from reidkit.course.reproduce import params_digest
 
     nb = tmp_path / "01_x.ipynb"
     nb.write_text("{}")
@@ -342,8 +342,8 @@ FAST = ["data.height=128", "data.width=64", "data.test_batch_size=64", "hhcl.epo
 
 @pytest.mark.slow
 def test_reproduce_laptop_on_a_sample_market_tree(tmp_path):
-    from reidkit.reproduce import run_notebooks
     from reidkit.config import parse_set
+    from reidkit.course.reproduce import run_notebooks
 
     data_root = tmp_path / "data"
     sample_as_market(data_root / "Market-1501-v15.09.15")

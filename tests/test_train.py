@@ -8,12 +8,12 @@ import torch
 from torch import nn
 
 from reidkit.config import get_profile
-from reidkit.data.datasets import ReIDDataset, load_dataset
-from reidkit.engine import make_val_split
-from reidkit.ghost_bn import GhostBatchNorm2d, apply_ghost_bn
-from reidkit.hhcl import train_hhcl
-from reidkit.utils import torch_load
-
+from reidkit.core.io import torch_load
+from reidkit.data.datasets import load_dataset
+from reidkit.data.records import ReIDDataset
+from reidkit.hhcl.method import train_hhcl
+from reidkit.nets.ghost_bn import GhostBatchNorm2d, apply_ghost_bn
+from reidkit.train.engine import make_val_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conftest)
 

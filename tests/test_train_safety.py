@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from reidkit.config import get_profile
-from reidkit.data.datasets import ReIDDataset, load_dataset
-from reidkit.checkpoints import read_train_checkpoint
-from reidkit.engine import make_val_split
-from reidkit.hhcl import train_hhcl
-from reidkit.utils import torch_load
-from reidkit.weights import CheckpointError
+from reidkit.core.io import CheckpointError, read_train_checkpoint, torch_load
+from reidkit.data.datasets import load_dataset
+from reidkit.data.records import ReIDDataset
+from reidkit.hhcl.method import train_hhcl
+from reidkit.train.engine import make_val_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conftest)
 
@@ -167,7 +166,7 @@ def test_epochs_below_the_epochs_done_is_an_error(one_epoch, tmp_path):
 def test_dgl_refuses_a_damaged_checkpoint_and_records_its_settings(tmp_path):
     """A 0-byte DGL checkpoint is refused naming the file; a finished one records its variant and
     settings, and resuming it under other settings is refused."""
-    from reidkit.dgl import train_dgl
+    from reidkit.dgl.method import train_dgl
 
     sample = load_dataset("mini-mars")
     (tmp_path / "checkpoint.pt").write_bytes(b"")
@@ -187,7 +186,7 @@ def test_dgl_refuses_a_damaged_checkpoint_and_records_its_settings(tmp_path):
 def test_resume_ignores_the_other_methods_settings():
     """An HHCL checkpoint records only the sections that shape HHCL's training; a change to
     ``dgl.*`` (notebook 05's overrides in the same run folder) does not block its resume."""
-    from reidkit.checkpoints import run_settings
+    from reidkit.train.checkpoints import run_settings
 
     base = _tiny_profile()
     hhcl = run_settings(base.replace(dgl__uo_batch_size=30), "hhcl", memory="CMhybrid")

@@ -11,13 +11,19 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from reidkit.data.datasets import (LayoutError, ReIDDataset, iter_sysu_bags, load_dataset, sysu_consecutive_bags,
-                                   sysu_num_classes, sysu_train_folders)
-from reidkit.data.sysu import SYSUBagStream
-from reidkit.dgl import train_dgl
-from reidkit.weak_eval import evaluate_sysu30k
-from reidkit.weak_losses import bag_matrix, batch_hard_triplet_loss
-from reidkit.weak_models import build_weak_model, load_weak_model
+from reidkit.data.datasets import load_dataset
+from reidkit.data.records import LayoutError, ReIDDataset
+from reidkit.data.sysu30k import (
+    SYSUBagStream,
+    iter_sysu_bags,
+    sysu_consecutive_bags,
+    sysu_num_classes,
+    sysu_train_folders,
+)
+from reidkit.dgl.evaluate import evaluate_sysu30k
+from reidkit.dgl.method import train_dgl
+from reidkit.dgl.objectives import bag_matrix, batch_hard_triplet_loss
+from reidkit.nets.weak import build_weak_model, load_weak_model
 
 torch.set_num_threads(1)
 
@@ -132,9 +138,9 @@ def test_full_loss_on_mgn_matches_the_spec_formula():
     """L = ce_w * mean_h [CE_h + pw * pair_h] + tri_w * mean_k wtri_k over MGN's 8 heads / 3 embeddings;
     the gradient reaches every classifier and, through the kernel, layer1."""
     from reidkit.config import get_profile
-    from reidkit.weak_losses import full_dgl_loss
-    from reidkit.weak_models import forward_heads
-    from reidkit.weak import bag_label_vectors, graph_loss, weak_triplet_loss
+    from reidkit.dgl.graphical import bag_label_vectors, graph_loss, weak_triplet_loss
+    from reidkit.dgl.objectives import full_dgl_loss
+    from reidkit.nets.weak import forward_heads
 
     cfg = get_profile("sysu30k").dgl
     torch.manual_seed(0)
@@ -292,8 +298,8 @@ def test_unary_only_trains_on_the_sysu_stream(sysu_tree, tmp_path):
 @pytest.mark.parametrize("feature", ["embedding", "logits"])
 def test_evaluate_sysu30k_streams_exactly(sysu_tree, feature):
     from reidkit.data.transforms import ImageDataset, test_transform
-    from reidkit.evaluation import sysu30k_evaluate
-    from reidkit.features import extract_features
+    from reidkit.nets.features import extract_features
+    from reidkit.retrieval.sysu import sysu30k_evaluate
 
     ds = load_dataset("sysu30k", sysu_tree, load_train=False)
     assert len(ds.gallery) == 23

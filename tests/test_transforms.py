@@ -367,7 +367,7 @@ def test_normalize_uint8_is_totensor_then_normalize_bit_for_bit():
 
 
 def test_image_dataset_decodes_for_the_backend_and_reports_corrupt_files(tmp_path):
-    from reidkit.data.datasets import CorruptImageError, Record
+    from reidkit.data.records import CorruptImageError, Record
 
     path = sample_paths(1)[0]
     recs = [Record(path, 7, 2)]

@@ -1,4 +1,4 @@
-"""Tests for reidkit.weak: golden parity with the GraphReID reference + independent checks."""
+"""Tests for reidkit.dgl.graphical: golden parity with the GraphReID reference + independent checks."""
 
 from __future__ import annotations
 
@@ -7,10 +7,9 @@ import itertools
 import numpy as np
 import pytest
 import torch
-
-from reidkit import weak
-
 from _golden import load_golden
+
+from reidkit.dgl import graphical as weak
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +336,7 @@ def test_weak_triplet_leaves_out_anchors_without_a_negative():
     NaN, no stop); the others keep exactly the loss they have on their own."""
     import torch
 
-    from reidkit.weak import weak_triplet_loss
+    from reidkit.dgl.graphical import weak_triplet_loss
 
     g = torch.Generator().manual_seed(0)
     emb = torch.randn(6, 8, generator=g, requires_grad=True)

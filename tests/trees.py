@@ -242,7 +242,7 @@ def sysu30k_tree(root: str | Path, folders: int = 12, per_folder: int = 4, test_
             _, paths = spare[n % len(spare)]
             _copy(paths[(3 * n) % len(paths)], test / "gallery" / "0000others" / f"0000others_c1_{n + 1}.jpg")
     if bag_json:
-        from reidkit.data.datasets import sysu_consecutive_bags
+        from reidkit.data.sysu30k import sysu_consecutive_bags
 
         bags = [{"BagLabel": list(b.labels), "BagID": b.bag_id, "BagImages": [f"{x}/*" for x in b.folders]}
                 for b in sysu_consecutive_bags([f"{f:010d}" for f in range(1, folders + 1)])]

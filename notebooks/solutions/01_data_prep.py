@@ -1,7 +1,7 @@
 """Worked solutions to the exercises of notebook 01 (Data: what re-ID asks).
 
 Each ``exercise_K`` answers exercise K of ``notebooks/01_data_prep.ipynb`` on the run's dataset
-(a :class:`reidkit.runctx.RunContext`) and returns the numbers that answer it, with the written
+(a :class:`reidkit.course.runctx.RunContext`) and returns the numbers that answer it, with the written
 part of the answer in an ``explanation`` string. ``tests/test_solutions_01.py`` runs them all.
 """
 
@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from reidkit.data import stats
-from reidkit.data.datasets import parse_mars_name, relabel
+from reidkit.data.datasets import parse_mars_name
+from reidkit.data.records import relabel
 from reidkit.data.samplers import CameraAwarePKSampler, ConsecutiveBagSampler
-from reidkit.evaluation import evaluate_rank
+from reidkit.retrieval.market import evaluate_rank
 
 
 def exercise_1(ctx, file_name: str = "0004C2T0004F008.jpg") -> dict:

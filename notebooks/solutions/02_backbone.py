@@ -1,7 +1,7 @@
 """Worked solutions to the exercises of notebook 02 (The backbone: from pixels to a re-ID feature).
 
 Each ``exercise_K`` answers exercise K of ``notebooks/02_backbone.ipynb`` on the run's dataset
-(a :class:`reidkit.runctx.RunContext`; the direct-transfer features come from ``ctx.features``)
+(a :class:`reidkit.course.runctx.RunContext`; the direct-transfer features come from ``ctx.features``)
 and returns the numbers that answer it, with the written part of the answer in an
 ``explanation`` string. ``tests/test_solutions_02.py`` runs them all on the smoke profile.
 """
@@ -13,11 +13,14 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from reidkit.core.device import amp_dtype
 from reidkit.data.transforms import ImageDataset, test_transform
-from reidkit.evaluation import evaluate_rank, pairwise_distance, ranked_gallery
-from reidkit.features import extract_features
-from reidkit.models import GeneralizedMeanPooling, build_model
-from reidkit.hhcl import amp_dtype, extract_records
+from reidkit.nets.backbones import GeneralizedMeanPooling, build_model
+from reidkit.nets.features import extract_features
+from reidkit.retrieval.distances import pairwise_distance
+from reidkit.retrieval.inspect import ranked_gallery
+from reidkit.retrieval.market import evaluate_rank
+from reidkit.retrieval.protocol import extract_records
 
 
 # -- small helpers shared by the solutions -------------------------------------------------------
@@ -47,7 +50,7 @@ def gem(fmap, p=3.0, eps=1e-6):
 def exercise_1(ctx, p: float = 3.0) -> dict:
     """Implement GeM and compare it with average pooling on the sample.
 
-    Write ``gem(fmap, p)``, check it against ``reidkit.models.GeneralizedMeanPooling``, then pool the
+    Write ``gem(fmap, p)``, check it against ``reidkit.nets.backbones.GeneralizedMeanPooling``, then pool the
     final maps of the direct-transfer network with p = 1 (average pooling) and with p = 3, L2-
     normalise (the BN neck is the identity at the ImageNet start) and compare mAP and rank-1. Is the
     difference larger than one query's worth of rank-1?"""

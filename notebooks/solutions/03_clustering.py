@@ -1,6 +1,6 @@
 """Worked solutions to the exercises of notebook 03 (clustering: k-reciprocal Jaccard and DBSCAN).
 
-Each ``exercise_K(ctx)`` takes a :class:`reidkit.runctx.RunContext` (any profile; the tests use the
+Each ``exercise_K(ctx)`` takes a :class:`reidkit.course.runctx.RunContext` (any profile; the tests use the
 smoke profile on the embedded sample) and returns a dict with the measured numbers and, where the
 exercise asks for one, an ``"explanation"``. Nothing here is library code: it is what a student
 could have written in the notebook, calling reidkit.
@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from reidkit.clustering import (camera_split_purity, cluster_stats, dbscan_labels, eps_sweep,
-                                missed_cross_camera_pairs)
-from reidkit.neighbors import jaccard_distance
+from reidkit.hhcl.clustering import (
+    camera_split_purity,
+    cluster_stats,
+    dbscan_labels,
+    eps_sweep,
+    missed_cross_camera_pairs,
+)
+from reidkit.retrieval.jaccard import jaccard_distance
 
 
 def _truth(ctx):

@@ -10,8 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from reidkit import memory as mm
-from reidkit.memory import ClusterMemory
+from reidkit.hhcl.memory import ClusterMemory
+from reidkit.hhcl import memory as hmem
+from reidkit.hhcl import memory_probe as mm
 
 
 def _train_data(ctx):
@@ -119,7 +120,7 @@ def exercise_3(ctx, steps=40):
     keep = labels >= 0
     x_all = torch.from_numpy(np.ascontiguousarray(feats)).float()
     y_all = torch.as_tensor(labels).long()
-    cent = mm.cluster_centroids(x_all, labels)
+    cent = hmem.cluster_centroids(x_all, labels)
     batches = mm.pk_batches(labels, cams, 8, 4, steps, seed=ctx.seed)
 
     # the hand-written released rule equals the library's CMhybrid hard rows on the first batch

@@ -9,13 +9,18 @@ notebook, so the notebook then resumes from them).
 
 import numpy as np
 
-from reidkit.data.datasets import relabel
-from reidkit.dgl import train_dgl
-from reidkit.weak_course import example_bag, forward_records
-from reidkit.weak_eval import bag_inference
-from reidkit.weak_models import build_weak_model, load_weak_model
-from reidkit.weak import (assignment_cost, compare_assignments, exact_balanced_assignment,
-                          greedy_balanced_assignment, simulated_bags)
+from reidkit.course.weak_lesson import example_bag, forward_records
+from reidkit.data.records import relabel
+from reidkit.dgl.evaluate import bag_inference
+from reidkit.dgl.graphical import (
+    assignment_cost,
+    compare_assignments,
+    exact_balanced_assignment,
+    greedy_balanced_assignment,
+    simulated_bags,
+)
+from reidkit.dgl.method import train_dgl
+from reidkit.nets.weak import build_weak_model, load_weak_model
 from reidkit.viz import kernel_contrast
 
 NOTEBOOK = "05_weak_graphical"

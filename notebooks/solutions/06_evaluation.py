@@ -1,7 +1,7 @@
 """Worked solutions to the exercises of notebook 06 (evaluation: CMC, AP, mINP, re-ranking and the
 SYSU-30k protocol).
 
-Each ``exercise_K(ctx, ...)`` takes a :class:`reidkit.runctx.RunContext` and scores the first model
+Each ``exercise_K(ctx, ...)`` takes a :class:`reidkit.course.runctx.RunContext` and scores the first model
 of the run folder (``ctx.eval_features()``, notebook 02's direct transfer when it ran), like the
 notebook does. The values returned answer the question; written answers are in ``explanation``.
 """
@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from reidkit.evaluation import (compare_rankings, evaluate_rank, pairwise_distance, precision_recall,
-                                ranked_gallery, re_ranking, sysu30k_evaluate)
+from reidkit.retrieval.distances import pairwise_distance
+from reidkit.retrieval.inspect import compare_rankings, precision_recall, ranked_gallery
+from reidkit.retrieval.market import evaluate_rank
+from reidkit.retrieval.rerank import re_ranking
+from reidkit.retrieval.sysu import sysu30k_evaluate
 
 
 def _setup(ctx):

@@ -17,11 +17,15 @@ downloading anything, and timing the ``laptop`` profile on a tree of realistic s
 
 from __future__ import annotations
 
+import argparse
 import shutil
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageEnhance, ImageOps
+
+from reidkit.data.datasets import load_dataset, parse_mars_name
 
 SPLIT_DIRS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
@@ -38,7 +42,6 @@ def sample_as_market(dest: str | Path, distractors: int = 16, junk: int = 4) -> 
     the frame number encodes the tracklet and frame, so names are unique. ``distractors`` gallery
     images (pid 0000) and ``junk`` images (pid -1, in the gallery) are copies of training crops of
     people who are not in the test split."""
-    from reidkit.data.datasets import load_dataset, parse_mars_name
 
     dest = Path(dest)
     ds = load_dataset("mini-mars")
@@ -59,7 +62,6 @@ def sample_as_market(dest: str | Path, distractors: int = 16, junk: int = 4) -> 
 
 def _jitter(img, variant: int, rng: np.random.Generator):
     """A fixed look per variant (colour saturation, brightness, mirror) and a small random crop plus a little per-image noise."""
-    from PIL import Image, ImageEnhance, ImageOps
 
     vr = np.random.default_rng(1000 + variant)
     w, h = img.size
@@ -78,9 +80,6 @@ def synthetic_market_tree(dest: str | Path, train_ids: int = 150, test_ids: int 
                           distractors: int = 560, seed: int = 0, quality: int = 90) -> dict:
     """A Market-1501 tree of synthetic identities over the sample's real crops (see the module
     docstring). Defaults: the size of a 150-identity Market subset. Returns the image counts."""
-    from PIL import Image
-
-    from reidkit.data.datasets import load_dataset
 
     dest = Path(dest)
     for sub in SPLIT_DIRS.values():
@@ -128,7 +127,6 @@ def synthetic_market_tree(dest: str | Path, train_ids: int = 150, test_ids: int 
 
 def main(argv=None) -> int:
     """``python -m reidkit.data.market_tree DEST [--synthetic --ids 150]``: write a tree and print its counts."""
-    import argparse
 
     ap = argparse.ArgumentParser(prog="python -m reidkit.data.market_tree", description=main.__doc__)
     ap.add_argument("dest", help="folder to create (the Market-1501-v15.09.15 folder itself)")

@@ -3,7 +3,7 @@ matches left after same-camera junk is removed, the rules a PK batch keeps, and 
 are each other's nearest neighbour.
 
 These are the counts notebook 01 teaches from; they work on any parsed dataset (plain
-:class:`reidkit.data.datasets.Record` lists), the embedded sample or a real one.
+:class:`reidkit.data.records.Record` lists), the embedded sample or a real one.
 """
 
 from __future__ import annotations
@@ -12,8 +12,10 @@ from collections import defaultdict
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
-from reidkit.data.datasets import Record
+from reidkit.data.records import Record
+from reidkit.data.transforms import load_image
 
 
 def cameras_per_identity(records: Sequence[Record]) -> dict[int, int]:
@@ -152,9 +154,6 @@ def cross_camera_share(stream: Sequence[int], labels: Sequence[int], camids: Seq
 def pixel_vectors(records: Sequence[Record], size: tuple[int, int] = (16, 8)) -> np.ndarray:
     """Each image shrunk to ``size`` (height, width) RGB pixels, flattened, centred and
     L2-normalised: the crudest possible "feature", float32 ``(n, 3*h*w)``."""
-    from PIL import Image
-
-    from reidkit.data.transforms import load_image
 
     h, w = size
     out = np.empty((len(records), 3 * h * w), dtype=np.float32)

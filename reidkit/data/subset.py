@@ -27,10 +27,13 @@ subset; records are not relabelled.
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import PurePath
 from typing import Sequence
 
-from reidkit.data.datasets import ReIDDataset, Record
+from reidkit.data.datasets import ALIASES, load_dataset
+from reidkit.data.records import IMAGE_SUFFIXES, Record, ReIDDataset
+from reidkit.data.sysu30k import check_sysu_tree, sysu_train_folders
 
 # datasets in which pid 0 marks a distractor (MSMT17 and plain folders use 0 as a real identity)
 ZERO_IS_DISTRACTOR = {"market1501", "dukemtmcreid", "mars", "mini-mars"}
@@ -121,7 +124,6 @@ def subset_identities(ds: ReIDDataset, n: int, seed: int = 0) -> ReIDDataset:
 
 def load_subset(name: str, root=None, subset_ids: int | None = None, seed: int = 0, **kwargs) -> ReIDDataset:
     """``load_dataset(name, root, **kwargs)``, then :func:`subset_identities` when ``subset_ids`` is set."""
-    from reidkit.data.datasets import ALIASES, load_dataset
 
     key = ALIASES.get(name.lower(), name.lower())
     if key == "sysu30k" and subset_ids is not None and kwargs.get("load_train", True):
@@ -134,9 +136,6 @@ def _sysu_subset(root, n: int, seed: int) -> ReIDDataset:
     """SYSU-30k's subset without listing its 29.6M training images: the test split is read, the
     ``n`` training folders are chosen from the folder names alone (the same choice as
     :func:`subset_identities` makes on the full listing), and only their images are listed."""
-    import os
-
-    from reidkit.data.datasets import IMAGE_SUFFIXES, load_dataset, sysu_train_folders
 
     ds = subset_identities(load_dataset("sysu30k", root, load_train=False), n, seed)
     train_dir = ds.root / "sysu_train_set_all"
@@ -154,8 +153,18 @@ def _sysu_subset(root, n: int, seed: int) -> ReIDDataset:
     return ReIDDataset(ds.name, ds.root, train, ds.query, ds.gallery, notes=notes)
 
 
+def streams_sysu30k(profile) -> bool:
+    """Whether a run of ``profile`` trains on SYSU-30k, whose 29.6M training images are streamed from
+    their folders and never listed (the one place this is decided)."""
+    return ALIASES.get(profile.data.dataset.lower(), profile.data.dataset.lower()) == "sysu30k"
+
+
 def load_profile_dataset(profile, root=None, **kwargs) -> ReIDDataset:
-    """The dataset a profile names (``profile.data.dataset`` under ``root``), cut to
-    ``profile.data.subset_ids`` identities when that is set."""
+    """The dataset a run of ``profile`` reads: ``profile.data.dataset`` under ``root``, cut to
+    ``profile.data.subset_ids`` identities when that is set. SYSU-30k's tree is checked and loaded
+    without its training listing (its bags are streamed)."""
     d = profile.data
+    if streams_sysu30k(profile):
+        check_sysu_tree(root)
+        return load_dataset("sysu30k", root, load_train=False)
     return load_subset(d.dataset, root, d.subset_ids, d.subset_seed, **kwargs)

@@ -31,7 +31,13 @@ import warnings
 from typing import Any, Callable, Sequence
 
 import torch
+import torchvision.transforms as T
+import torchvision.transforms.v2 as v2
+from PIL import Image
 from torch.utils.data import Dataset
+from torchvision.transforms.v2.functional import pil_to_tensor
+
+from reidkit.data.records import CorruptImageError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -47,7 +53,7 @@ class RandomErasing:
 
     Area fraction ~ U[sl, sh], aspect ratio ~ U[r1, 1/r1]; up to ``attempts`` draws until the
     rectangle fits; filled per channel with ``fill``. Uses Python's ``random`` (seeded by
-    ``reidkit.utils.seed_everything`` and per DataLoader worker by torch)."""
+    ``reidkit.core.device.seed_everything`` and per DataLoader worker by torch)."""
 
     def __init__(self, p: float = 0.5, sl: float = 0.02, sh: float = 0.4, r1: float = 0.3,
                  fill: Sequence[float] = REFERENCE_ERASING_FILL, attempts: int = 100, inplace: bool = False):
@@ -91,7 +97,6 @@ class ToUint8:
                 raise TypeError(f"the tensor pipeline wants a uint8 (C, H, W) tensor, got {img.dtype} "
                                 f"{tuple(img.shape)}")
             return img
-        from torchvision.transforms.v2.functional import pil_to_tensor
 
         return pil_to_tensor(img.convert("RGB"))
 
@@ -174,13 +179,11 @@ def _backend(backend: str | None) -> str:
 def _tensor_resize(height: int, width: int):
     """Bicubic resize of a uint8 tensor *with antialias*: PIL's bicubic kernel (a = -0.5, widened
     when shrinking), so the result stays within a few uint8 levels of the PIL path's."""
-    import torchvision.transforms.v2 as v2
 
     return v2.Resize((height, width), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)
 
 
 def _tensor_train(height, width, flip, pad, erasing_p, erasing_fill, color_jitter) -> TensorPipeline:
-    import torchvision.transforms.v2 as v2
 
     steps: list = [ToUint8()]
     if color_jitter:  # v2's tensor colour ops: same draws, not pixel-identical to PIL's
@@ -203,7 +206,6 @@ def train_transform(height: int = 256, width: int = 128, flip: bool = True, pad:
 
     ``backend``: "tensor" (default, :data:`DEFAULT_BACKEND`) or "pil" (the references' v1 steps);
     with ``color_jitter`` the default stays "pil", whose colour ops the references use."""
-    import torchvision.transforms as T
 
     if backend is None and color_jitter:
         backend = "pil"
@@ -225,7 +227,6 @@ def train_transform(height: int = 256, width: int = 128, flip: bool = True, pad:
 
 def test_transform(height: int = 256, width: int = 128, backend: str | None = None):
     """Feature extraction for clustering and evaluation: bicubic resize, ToTensor, normalise."""
-    import torchvision.transforms as T
 
     if _backend(backend) == "tensor":
         return TensorPipeline([ToUint8(), _tensor_resize(height, width), NormalizeUint8(IMAGENET_MEAN, IMAGENET_STD)])
@@ -242,9 +243,6 @@ def denormalize(img: torch.Tensor) -> torch.Tensor:
 
 def load_image(path: str):
     """Open an image as RGB; a file that cannot be decoded raises ``CorruptImageError`` naming it."""
-    from PIL import Image
-
-    from reidkit.data.datasets import CorruptImageError
 
     try:
         with Image.open(path) as im:
@@ -270,9 +268,8 @@ def decode_image_uint8(path: str) -> torch.Tensor:
     (libjpeg-turbo, the same pixels as PIL on JPEGs); undecodable files, truncated JPEGs included,
     raise ``CorruptImageError`` naming the file. Without torchvision's decoders (a future
     torchvision), PIL decodes."""
-    from reidkit.data.datasets import CorruptImageError
 
-    try:
+    try:  # optional: torchvision's decoders may leave a future torchvision; PIL decodes then
         from torchvision.io import ImageReadMode, decode_image, read_file
     except ImportError:
         from torchvision.transforms.v2.functional import pil_to_tensor

@@ -4,15 +4,18 @@ pair distances of direct-transfer features, and the baselines a re-ID model must
 
 Small helpers feed them: :func:`gem_share` and :func:`gem_values` (which cells of the map a GeM
 pool draws on, and what it gives per channel). The computations behind the figures live where they
-belong: :func:`reidkit.evaluation.camera_share_by_rank` and :func:`reidkit.features.pixel_features`."""
+belong: :func:`reidkit.retrieval.inspect.camera_share_by_rank` and :func:`reidkit.nets.features.pixel_features`."""
 
 from __future__ import annotations
 
 from typing import Mapping, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
+import torch
+from matplotlib.patches import FancyBboxPatch
 
-from reidkit.evaluation import camera_share_by_rank
+from reidkit.retrieval.inspect import camera_share_by_rank
 from reidkit.viz.base import GREEN, GREY, RED, _thumb
 
 
@@ -27,7 +30,6 @@ def gem_share(fmap, p: float, eps: float = 1e-6) -> np.ndarray:
     (channels that are zero everywhere are left out): an (h, w) array that sums to 1. At p = 1
     the cells share in proportion to their activation, and as p grows the share concentrates on
     each channel's strongest cell (max pooling)."""
-    import torch
 
     x = torch.as_tensor(fmap).float()
     if x.ndim != 3:
@@ -44,7 +46,6 @@ def gem_share(fmap, p: float, eps: float = 1e-6) -> np.ndarray:
 def gem_values(fmap, ps: Sequence[float], eps: float = 1e-6) -> np.ndarray:
     """GeM of every channel of a (C, h, w) map for each power in ``ps``: a (len(ps), C) array
     (p = inf gives max pooling)."""
-    import torch
 
     x = torch.as_tensor(fmap).double().clamp(min=eps).flatten(1)
     rows = [x.amax(dim=1) if np.isinf(p) else x.pow(p).mean(dim=1).pow(1.0 / p) for p in ps]
@@ -74,8 +75,6 @@ def _overlay(ax, image_path: str, heat: np.ndarray, size, title: str, grid: bool
 def pipeline_diagram(arch: str, image_hw: tuple[int, int], map_shape: Sequence[int], pooling: str = "avg"):
     """The re-ID network as boxes: image -> backbone (last stride 1) -> C x h x w map -> pooling ->
     BN neck -> L2 normalisation -> a point on the unit sphere."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyBboxPatch
 
     c, h, w = (int(v) for v in map_shape)
     H, W = image_hw
@@ -110,7 +109,6 @@ def pipeline_diagram(arch: str, image_hw: tuple[int, int], map_shape: Sequence[i
 def stride_maps_figure(image_path: str, maps: Mapping[str, object], size=(256, 128)):
     """One image and, for each named (C, h, w) final map, the channel-mean activation stretched
     over the image with the map's cell grid: the same weights at last stride 2 and 1."""
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 1 + len(maps), figsize=(2.0 * (1 + len(maps)), 3.6))
     axes[0].imshow(_thumb(image_path, size))
@@ -130,7 +128,6 @@ def gem_figure(image_path: str, fmap, p: float = 3.0, size=(256, 128), top: int 
     Left: the image. Middle: :func:`gem_share` over the image, with the effective number of cells
     it draws on (1 / sum share^2). Right: GeM of the ``top`` strongest channels as p goes from 1
     (average) towards max pooling (dashed lines), with the chosen p marked."""
-    import matplotlib.pyplot as plt
 
     fmap = np.asarray(fmap, dtype=np.float32)
     share = gem_share(fmap, p)
@@ -164,8 +161,7 @@ def gem_figure(image_path: str, fmap, p: float = 3.0, size=(256, 128), top: int 
 def gem_widget(image_path: str, fmap, p: float = 3.0, size=(256, 128), p_max: float = 20.0):
     """A slider over GeM's power p (1 = average pooling) that redraws :func:`gem_figure`:
     watch the share of the cells move from the whole person onto a few peaks."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
+    import ipywidgets as widgets  # optional: needs a notebook front end (the GPU machine has none)
     from IPython.display import display
 
     fmap = np.asarray(fmap, dtype=np.float32)
@@ -191,7 +187,6 @@ def pair_distance_figure(dist, q_pids, g_pids, q_cams, g_cams, title: str = "", 
     query's camera, other person from another camera; the top axis reads them as cosine similarity,
     ``cos = 1 - d / 2``, and the medians are marked. Right: :func:`camera_share_by_rank`, the share
     of the query's camera among its k nearest other-person images, against chance."""
-    import matplotlib.pyplot as plt
 
     d = np.asarray(dist, dtype=np.float64)
     same_id = np.asarray(q_pids)[:, None] == np.asarray(g_pids)[None, :]
@@ -232,7 +227,6 @@ def baseline_figure(scores: Mapping[str, Mapping[str, float]], params: Mapping[s
                     title: str = ""):
     """Horizontal bars of mAP and rank-1 (in %) per feature, labelled with the network's number of
     parameters: what a network gives without re-ID training."""
-    import matplotlib.pyplot as plt
 
     names = list(scores)
     params = params or {}

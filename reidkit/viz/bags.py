@@ -6,8 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.offsetbox import AnnotationBbox, OffsetImage
+from matplotlib.patches import FancyBboxPatch, Rectangle
 
+from reidkit.dgl.graphical import appearance_kernel
 from reidkit.viz.base import GREEN, GREY, RED, _thumb, image_grid
 
 PALETTE = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"]
@@ -26,8 +30,6 @@ def dgl_graph_diagram(n_images: int = 6, bag_labels: Sequence[str] = ("a", "b"),
     width stands for ``k_ij``; the bag's label set ``L_b`` on the right, with a unary edge from
     every image to every label in ``L_b`` (cost ``-log p(c|x_i)``); labels outside ``L_b`` are
     struck out (the bag constraint, cost ``+inf``). Returns the figure."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyBboxPatch
 
     rng = np.random.default_rng(seed)
     fig, ax = plt.subplots(figsize=(9, 5.2))
@@ -78,7 +80,6 @@ def dgl_graph_diagram(n_images: int = 6, bag_labels: Sequence[str] = ("a", "b"),
 
 def save_dgl_graph_diagram(path: str | Path) -> Path:
     """Draw :func:`dgl_graph_diagram` and save it as a PNG (the notebook's committed figure)."""
-    import matplotlib.pyplot as plt
 
     fig = dgl_graph_diagram()
     path = Path(path)
@@ -93,8 +94,6 @@ def bag_graph(paths: Sequence[str], kernel, true_cls: Sequence[int], bag_classes
     """One real bag drawn as DGL's graph: image thumbnails on a circle (frame colour = the true
     identity, which the model never sees), edges whose width and darkness are ``kernel[i, j]``, the
     bag constraint in the middle. Returns the figure."""
-    import matplotlib.pyplot as plt
-    from matplotlib.offsetbox import AnnotationBbox, OffsetImage
 
     kernel = np.asarray(kernel, dtype=float)
     n = len(paths)
@@ -128,8 +127,6 @@ def bag_graph(paths: Sequence[str], kernel, true_cls: Sequence[int], bag_classes
 def kernel_matrix(kernel, true_cls: Sequence[int], title: str | None = None, ax=None):
     """The kernel as a heat map, images ordered as given, with the true-identity blocks outlined
     (the diagonal blocks are same-person pairs). Returns the figure."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Rectangle
 
     kernel = np.asarray(kernel, dtype=float)
     if ax is None:
@@ -172,9 +169,6 @@ def kernel_contrast(kernel, true_cls: Sequence[int]) -> dict:
 
 def kernel_sigma_figure(g, true_cls: Sequence[int], sigmas: Sequence[float]):
     """The kernel of one bag for several sigmas side by side (the widget's static version)."""
-    import matplotlib.pyplot as plt
-
-    from reidkit.weak import appearance_kernel
 
     fig, axes = plt.subplots(1, len(sigmas), figsize=(3.6 * len(sigmas), 3.4), squeeze=False)
     for ax, s in zip(axes[0], sigmas):
@@ -186,9 +180,6 @@ def kernel_sigma_figure(g, true_cls: Sequence[int], sigmas: Sequence[float]):
 
 
 def _sigma_view(g, paths, true_cls, bag_classes, sigma):
-    import matplotlib.pyplot as plt
-
-    from reidkit.weak import appearance_kernel
 
     K = appearance_kernel(np.asarray(g), sigma)
     c = kernel_contrast(K, true_cls)
@@ -204,8 +195,7 @@ def kernel_widget(g, paths: Sequence[str], true_cls: Sequence[int], bag_classes:
                   sigma: float = 1.0, sigma_min: float = 0.01, sigma_max: float = 100.0):
     """A sigma slider (log scale) over one bag: the graph and the kernel matrix redrawn for
     ``k_ij = exp(-||g_i - g_j||^2 / sigma)``. Small sigma cuts every edge, large sigma joins all."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
+    import ipywidgets as widgets  # optional: needs a notebook front end (the GPU machine has none)
     from IPython.display import display
 
     lo, hi = np.log10(sigma_min), np.log10(sigma_max)
@@ -241,7 +231,6 @@ def bag_inference_figure(paths: Sequence[str], true_cls: Sequence[int], pseudo: 
 
 def weak_triplet_figure(emb, bag_of: Sequence[int], title: str = "weak triplet: median in-bag vs nearest out-of-bag"):
     """2-D embeddings coloured by bag, each point numbered. Returns the figure."""
-    import matplotlib.pyplot as plt
 
     emb = np.asarray(emb, dtype=float)
     bag_of = np.asarray(bag_of)
@@ -257,7 +246,6 @@ def weak_triplet_figure(emb, bag_of: Sequence[int], title: str = "weak triplet: 
 
 def weak_training_curves(histories: dict):
     """Loss and pseudo-label accuracy per epoch for every variant (``{variant: history}``)."""
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(9, 3))
     for variant, hist in histories.items():
@@ -278,8 +266,7 @@ def weak_training_curves(histories: dict):
 
 def assignment_survey_figure(survey: dict, title: str = "greedy vs exact balanced assignment"):
     """Per bag: greedy cost minus exact cost (never below 0) and the pseudo-label accuracy of MAP,
-    greedy and exact (from ``reidkit.weak.compare_assignments``). Returns the figure."""
-    import matplotlib.pyplot as plt
+    greedy and exact (from ``reidkit.dgl.graphical.compare_assignments``). Returns the figure."""
 
     gap = survey["greedy_cost"] - survey["exact_cost"]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3))

@@ -5,13 +5,15 @@ from __future__ import annotations
 from collections import Counter
 from typing import Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
+
+from reidkit.data.transforms import denormalize, load_image
 
 GREEN, RED, GREY = "#1a9850", "#d73027", "#999999"
 
 
 def _thumb(path: str, size=(128, 64)):
-    from reidkit.data.transforms import load_image
 
     img = load_image(path).resize((size[1], size[0]))
     return np.asarray(img)
@@ -21,7 +23,6 @@ def image_grid(paths: Sequence[str], titles: Sequence[str] | None = None, ncols:
                border_colors: Sequence[str | None] | None = None, size=(128, 64), scale: float = 1.0,
                suptitle: str | None = None):
     """A grid of images with optional titles and coloured borders (green/red for right/wrong)."""
-    import matplotlib.pyplot as plt
 
     n = len(paths)
     ncols = max(1, min(ncols, n))
@@ -50,9 +51,6 @@ def image_grid(paths: Sequence[str], titles: Sequence[str] | None = None, ncols:
 
 def tensor_grid(images, titles: Sequence[str] | None = None, ncols: int = 8, suptitle: str | None = None):
     """Like ``image_grid`` for normalised CHW tensors (e.g. augmented training images)."""
-    import matplotlib.pyplot as plt
-
-    from reidkit.data.transforms import denormalize
 
     n = len(images)
     ncols = max(1, min(ncols, n))
@@ -73,7 +71,6 @@ def tensor_grid(images, titles: Sequence[str] | None = None, ncols: int = 8, sup
 
 def dataset_stats_figure(dataset):
     """Images per identity (histogram) and images per camera (bars), per split."""
-    import matplotlib.pyplot as plt
 
     splits = dataset.splits()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.2))
@@ -101,7 +98,6 @@ def dataset_stats_figure(dataset):
 
 def curves(history: Sequence[dict], keys: Sequence[str], xkey: str = "epoch", title: str | None = None):
     """One small panel per key of a per-epoch history (list of dicts)."""
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 2.8), squeeze=False)
     xs = [h.get(xkey) for h in history]
@@ -120,7 +116,6 @@ def curves(history: Sequence[dict], keys: Sequence[str], xkey: str = "epoch", ti
 def cmc_figure(cmcs: dict, max_rank: int = 20):
     """CMC curves (rank-k accuracy against k) of several models; a model's re-ranked curve
     (named ``<model> + re-rank``) is drawn dashed in the model's colour, the legend beside the plot."""
-    import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7.0, 3.4))
     colours = {}

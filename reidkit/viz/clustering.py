@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 
+from reidkit.hhcl.clustering import camera_split_purity, cluster_stats, dbscan_labels
 from reidkit.viz.base import GREEN, GREY, RED, image_grid
 
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
@@ -33,7 +35,6 @@ def distance_histograms(euclidean: np.ndarray, jaccard: np.ndarray, same_id: np.
     """Histograms of pair distances, same identity against different identity, for the squared
     Euclidean and the Jaccard distance (1-D arrays over the same pairs). With ``same_cam``, the
     same-identity pairs are split into within-camera and across-camera pairs."""
-    import matplotlib.pyplot as plt
 
     same_id = np.asarray(same_id, bool)
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.2))
@@ -62,9 +63,8 @@ def distance_histograms(euclidean: np.ndarray, jaccard: np.ndarray, same_id: np.
 def eps_sweep_figure(sweep: Sequence[dict], splits: Sequence[dict] | None = None,
                      eps: float | None = None, num_ids: int | None = None):
     """The eps sweep: clusters, outliers, NMI / ARI and, with ``splits`` (one
-    :func:`reidkit.clustering.camera_split_purity` per eps), the pair recall within a camera and
+    :func:`reidkit.hhcl.clustering.camera_split_purity` per eps), the pair recall within a camera and
     across cameras. ``eps`` draws the profile's value, ``num_ids`` the true number of identities."""
-    import matplotlib.pyplot as plt
 
     e = [s["eps"] for s in sweep]
     n = 4 if splits is not None else 3
@@ -103,7 +103,6 @@ def contingency_figure(labels: np.ndarray, pids: np.ndarray, camids: np.ndarray,
     """Tracklets (rows: identity, camera, tracklet) against clusters (columns, outliers last):
     each cell counts the images of that tracklet in that cluster. Rows of one identity share a
     colour on the left; a person seen by two cameras has its rows marked in red."""
-    import matplotlib.pyplot as plt
 
     lab = np.asarray(labels).astype(np.int64)
     pid = np.asarray(pids).astype(np.int64)
@@ -170,11 +169,8 @@ def eps_widget(dist: Any, eps_grid: Sequence[float], pids: np.ndarray, camids: n
     the precomputed Jaccard matrix ``dist`` and shows the counts, NMI / ARI, the within- and
     across-camera pair recall and the tracklet x cluster table. Each eps is clustered once and
     cached; the Jaccard matrix is never recomputed."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
+    import ipywidgets as widgets  # optional: needs a notebook front end (the GPU machine has none)
     from IPython.display import display
-
-    from reidkit.clustering import camera_split_purity, cluster_stats, dbscan_labels
 
     grid = [round(float(e), 4) for e in eps_grid]
     start = min(grid, key=lambda e: abs(e - (value if value is not None else grid[len(grid) // 2])))

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 
+from reidkit.data.stats import identity_camera_counts
 from reidkit.viz.base import GREEN, GREY, image_grid
 
 BLUE = "#4575b4"
@@ -64,9 +66,6 @@ def camera_grid(records: Sequence, camid: int, max_images: int = 8):
 def camera_map_figure(dataset):
     """Per split, an identity x camera map of image counts: a row with one lit cell is a person
     that only one camera saw."""
-    import matplotlib.pyplot as plt
-
-    from reidkit.data.stats import identity_camera_counts
 
     splits = {k: v for k, v in dataset.splits().items() if v}
     all_cams = sorted({r.camid for recs in splits.values() for r in recs})
@@ -134,8 +133,7 @@ def bag_figure(records: Sequence, indices: Sequence[int], bag_ids: Sequence[int]
 def identity_browser(records: Sequence, max_images: int = 8):
     """An ipywidgets browser over the identities of ``records``: a slider picks one, the figure
     shows its images spread over cameras and tracklets (one update re-draws one small grid)."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
+    import ipywidgets as widgets  # optional: needs a notebook front end (the GPU machine has none)
     from IPython.display import display
 
     pids = sorted({r.pid for r in records})

@@ -7,15 +7,20 @@
 - :func:`memories_figure`, :func:`temperature_figure`, :func:`probe_figure`,
   :func:`hardest_members_figure`: the notebook's measurements drawn.
 
-Every number drawn here is computed by :mod:`reidkit.memory`; nothing is recomputed by hand.
+Every number drawn here is computed by :mod:`reidkit.hhcl.memory`; nothing is recomputed by hand.
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
+import torch
+from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
+from reidkit.hhcl.memory import ClusterMemory
+from reidkit.hhcl.memory_probe import infonce_gradient, typical_and_hardest
 from reidkit.viz.base import GREEN, GREY, RED, image_grid
 
 BLUE, ORANGE = "#4575b4", "#f46d43"
@@ -26,8 +31,6 @@ BLUE, ORANGE = "#4575b4", "#f46d43"
 
 def hhcl_loop_figure():
     """One HHCL epoch as a cycle of boxes, with the inner loop of training iterations."""
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import FancyArrowPatch, FancyBboxPatch
 
     fig, ax = plt.subplots(figsize=(11, 6.2))
     ax.set_xlim(0, 11)
@@ -85,9 +88,6 @@ def memory_2d_step(temp: float = 0.05, momentum: float = 0.1) -> dict:
     """The 2-D example as numbers: a ``CMhybrid`` memory of three clusters, one batch of the four
     members of cluster 0, one backward. Returns the proxies before and after, the members, the
     loss, and the softmax and gradient of the member at 1.1 rad (the hardest) over the hard proxies."""
-    import torch
-
-    from reidkit.memory import ClusterMemory, infonce_gradient
 
     members = _unit(_OWN_ANGLES)
     proxies = _unit(_PROXY_ANGLES)
@@ -108,7 +108,6 @@ def memory_2d_figure(temp: float = 0.05, momentum: float = 0.1):
     descent direction of the hardest member's loss (arrow, longer for a larger gradient), and the
     hard and mean proxy of cluster 0 after one backward (hollow markers). Right: that member's
     softmax over the three proxies."""
-    import matplotlib.pyplot as plt
 
     s = memory_2d_step(temp, momentum)
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(9.5, 4.2), gridspec_kw={"width_ratios": [1.25, 1]})
@@ -150,8 +149,7 @@ def memory_widget(temp: float = 0.05, momentum: float = 0.1):
     """Sliders for the temperature (log scale, 0.01-1) and the momentum (0-0.99) that redraw
     :func:`memory_2d_figure`. Both visibly change the figure: the temperature the softmax bars,
     the gradient arrow and the title; the momentum where the two proxies land."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
+    import ipywidgets as widgets  # optional: needs a notebook front end (the GPU machine has none)
     from IPython.display import display
 
     t_slider = widgets.FloatLogSlider(value=temp, base=10, min=-2, max=0, step=0.05, description="temperature τ",
@@ -178,8 +176,7 @@ def memory_widget(temp: float = 0.05, momentum: float = 0.1):
 # measurements drawn
 
 def memories_figure(rows: Sequence[dict]):
-    """The three memories on one batch (rows of :func:`reidkit.memory.compare_memories`)."""
-    import matplotlib.pyplot as plt
+    """The three memories on one batch (rows of :func:`reidkit.hhcl.memory_probe.compare_memories`)."""
 
     keys = [("loss", "loss"), ("rows_updated", "rows updated by one backward"),
             ("largest_move", "largest move of a row"), ("grad_norm", "gradient norm |dL/dx|")]
@@ -195,8 +192,7 @@ def memories_figure(rows: Sequence[dict]):
 
 def temperature_figure(rows: Sequence[dict]):
     """Loss, gradient norm and effective number of negatives against the temperature
-    (rows of :func:`reidkit.memory.temperature_table`)."""
-    import matplotlib.pyplot as plt
+    (rows of :func:`reidkit.hhcl.memory_probe.temperature_table`)."""
 
     t = [r["temp"] for r in rows]
     fig, axes = plt.subplots(1, 3, figsize=(11, 2.9))
@@ -217,9 +213,8 @@ def temperature_figure(rows: Sequence[dict]):
 
 
 def probe_figure(histories: dict):
-    """Loss and proxy lag per iteration of one or more :func:`reidkit.memory.train_probe` runs
+    """Loss and proxy lag per iteration of one or more :func:`reidkit.hhcl.memory_probe.train_probe` runs
     (``{label: history}``); dotted lines mark where the memory is rebuilt from centroids."""
-    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 3))
     for label, h in histories.items():
@@ -243,7 +238,6 @@ def probe_figure(histories: dict):
 def hardest_members_figure(records, features, labels, n: int = 4):
     """For the first ``n`` clusters: the most typical member (green) and the hardest one (red,
     least similar to the cluster mean), with the true identity and camera under each image."""
-    from reidkit.memory import typical_and_hardest
 
     paths, titles, colors = [], [], []
     for row in typical_and_hardest(features, labels, n=n):

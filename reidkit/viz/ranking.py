@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import matplotlib.pyplot as plt
 import numpy as np
 
-from reidkit.evaluation import evaluate_rank, precision_recall, queries_by_outcome, ranked_gallery
+from reidkit.retrieval.inspect import precision_recall, queries_by_outcome, ranked_gallery
+from reidkit.retrieval.market import evaluate_rank
 from reidkit.viz.base import GREEN, RED, image_grid
 
 
@@ -77,8 +79,7 @@ def ranked_browser(dist, query, gallery, topk: int = 10, title: str = "", rerank
     (a second (num_query, num_gallery) distance matrix) is given, a plain / re-ranked switch.
     Under the figure, one line lists the positions of every true match of the query (what a
     student needs to compute its AP by hand). Each move re-renders one :func:`ranked_list`."""
-    import ipywidgets as widgets
-    import matplotlib.pyplot as plt
+    import ipywidgets as widgets  # optional: needs a notebook front end (the GPU machine has none)
     from IPython.display import display
 
     dists = {"plain": np.asarray(dist)}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import matplotlib.pyplot as plt
 import numpy as np
 
 from reidkit.viz.base import GREEN, GREY, RED
@@ -10,8 +11,7 @@ from reidkit.viz.base import GREEN, GREY, RED
 def precision_recall_figure(pr: dict, title: str = "", show: int = 60):
     """Left: the first ``show`` positions of one ranked list (green = true match, red = not) with
     the precision after each position. Right: precision against recall as a step curve; the
-    shaded area under it is the AP. ``pr`` is :func:`reidkit.evaluation.precision_recall`."""
-    import matplotlib.pyplot as plt
+    shaded area under it is the AP. ``pr`` is :func:`reidkit.retrieval.inspect.precision_recall`."""
 
     hits, prec, rec = pr["hits"], pr["precision"], pr["recall"]
     n = min(show, len(hits))
@@ -39,11 +39,10 @@ def precision_recall_figure(pr: dict, title: str = "", show: int = 60):
 
 
 def rank_shift_figure(cmp: dict, labels=("plain", "re-ranked"), max_rank: int = 20):
-    """What re-ranking moves, from :func:`reidkit.evaluation.compare_rankings`. Left: where the
+    """What re-ranking moves, from :func:`reidkit.retrieval.inspect.compare_rankings`. Left: where the
     first true match lands (1-based position, the last bar gathers everything beyond
     ``max_rank``), before and after. Right: each valid query's AP before against after; points
     above the diagonal gained."""
-    import matplotlib.pyplot as plt
 
     fb, fa = cmp["first_before"], cmp["first_after"]
     valid = fb >= 0

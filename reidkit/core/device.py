@@ -1,0 +1,142 @@
+"""Small shared helpers: device choice, seeding, atomic writes, progress bars."""
+
+from __future__ import annotations
+
+import random
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def resolve_device(device: str | None = "auto"):
+    """Return a ``torch.device``: "auto" picks CUDA when available, else CPU."""
+
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def activate_device(device: Any = "auto"):
+    """Resolve ``device`` and make an indexed CUDA device (``cuda:1``) the current one, so that
+    code which allocates on "cuda" (cuDNN workspaces, faiss, ``torch.cuda.mem_get_info``) uses the
+    same GPU in a single process too, not GPU 0. Returns the device, with its index when CUDA."""
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        torch.cuda.set_device(dev)
+    return dev
+
+
+def bf16_native(device: Any) -> bool:
+    """True when ``device`` computes bf16 natively: a CUDA GPU of compute capability >= 8 (Ampere
+    and later) whose bf16 support is not emulated (T4, V100 and P100 only emulate it, without cuDNN
+    bf16 convolutions: slower than fp32), or a CPU with AVX512-BF16 / AMX."""
+
+    dev = resolve_device(device)
+    if dev.type == "cuda":
+        try:
+            major, _ = torch.cuda.get_device_capability(dev)
+        except Exception:
+            return False
+        if major < 8:
+            return False
+        try:
+            return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+        except TypeError:  # torch < 2.4: no including_emulation argument (and no emulation check)
+            return bool(torch.cuda.is_bf16_supported())
+    if dev.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def _new_api_matmul_backends() -> list:
+    """The matmul backends of torch's per-backend precision API (``fp32_precision``), if present."""
+
+    out = []
+    for mod in (getattr(torch.backends, "cuda", None), getattr(torch.backends, "mkldnn", None)):
+        mm = getattr(mod, "matmul", None) if mod is not None else None
+        if mm is not None and hasattr(mm, "fp32_precision"):
+            out.append(mm)
+    return out
+
+
+@contextmanager
+def exact_fp32_matmul():
+    """Exact float32 matrix products inside the block (no TF32 / bf16 shortcuts a caller may have
+    enabled), with either of torch's precision APIs, restoring the caller's setting afterwards.
+
+    The legacy ``torch.set_float32_matmul_precision`` is used when the caller used it (or nothing);
+    after the new ``torch.backends.cuda.matmul.fp32_precision = "tf32"`` the legacy getter raises
+    ("mix of the legacy and new APIs"), so the per-backend ``fp32_precision`` flags are set to
+    ``"ieee"`` and restored instead."""
+
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:
+        legacy = None
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(legacy)
+        return
+    saved = [(mm, mm.fp32_precision) for mm in _new_api_matmul_backends()]
+    for mm, _ in saved:
+        mm.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for mm, prev in saved:
+            mm.fp32_precision = prev
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (CPU and CUDA) for repeatable runs."""
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def optimizer_steps_to_cpu(optimizer) -> int:
+    """Put the ``step`` counters of a loaded optimizer state back on the CPU.
+
+    ``torch.load(..., map_location=cuda)`` moves Adam's per-parameter ``step`` tensors to the GPU,
+    and ``Optimizer.load_state_dict`` keeps them there unless the group is ``capturable`` or
+    ``fused``; a non-capturable Adam then syncs on every parameter of every step. Returns the number
+    of counters moved (float32 CPU scalars, as torch creates them)."""
+
+    moved = 0
+    for group in optimizer.param_groups:
+        if group.get("capturable") or group.get("fused"):
+            continue  # these expect the counters on the parameters' device
+        for p in group["params"]:
+            st = optimizer.state.get(p)
+            if not st:
+                continue
+            step = st.get("step")
+            if torch.is_tensor(step) and step.device.type != "cpu":
+                st["step"] = torch.tensor(float(step.item()), dtype=torch.float32)
+                moved += 1
+    return moved
+
+
+def amp_dtype(profile: Any, device: Any) -> torch.dtype | None:
+    """Autocast dtype of a run: None (fp32, as the papers) unless the profile asks for mixed precision;
+    then bf16 where the device computes it natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX,
+    where it roughly halves the workshop's training time), else fp32."""
+    if not profile.hhcl.amp:
+        return None
+    # native only: GPUs of compute capability < 8 (T4, V100, P100) emulate bf16 without cuDNN
+    # bf16 convolutions, slower than fp32
+    return torch.bfloat16 if bf16_native(device) else None

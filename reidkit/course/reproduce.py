@@ -1,0 +1,289 @@
+"""The reproduction driver: run the notebooks in order with papermill, headless.
+
+``python -m reidkit reproduce --profile P [--data-root D] [--run-dir R] [--subset-ids N] [--set S.F=V]``:
+- applies the overrides (``--subset-ids N`` is ``--set data.subset_ids=N``), checked against the
+  profile's field types before any work, and records them in ``RUN_DIR/run.json`` ("overrides"),
+  where ``RunContext.open`` finds them, so every notebook (and one opened by hand on the run
+  folder) sees the same profile;
+- injects PROFILE, DATA_ROOT, RUN_DIR, DEVICE, SEED, INTERACTIVE=False into each notebook's
+  ``parameters`` cell and saves the executed notebook as ``RUN_DIR/notebooks/<name>.ipynb``;
+- stops at the first failing cell and names it (notebook, cell number, error);
+- on a rerun with the same RUN_DIR skips the notebooks already completed with the same parameters
+  (``RUN_DIR/<name>/done.json``);
+- writes ``RUN_DIR/report.md`` gathering every ``metrics.json``;
+- holds ``RUN_DIR``'s run lock (``reidkit.train.run_lock``) throughout, so a second reproduction on
+  the same folder stops at once; the notebooks' training runs lock their own subfolders
+  (``RUN_DIR/04_hybrid_contrast/<memory>``, ``RUN_DIR/05_weak_graphical/<variant>``), not ``RUN_DIR``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Sequence
+
+import nbformat
+
+from reidkit.config import OverrideError, apply_overrides, get_profile, parse_set, validate_overrides
+from reidkit.core.device import resolve_device
+from reidkit.core.io import atomic_write_json
+from reidkit.course.report import environment, write_report
+from reidkit.course.runctx import project_root
+from reidkit.data.datasets import ALIASES, PARSERS
+from reidkit.data.records import LayoutError
+from reidkit.data.sysu30k import check_sysu_tree
+from reidkit.nets.imagenet import REQUIRED, MissingWeightsError, resolve_weights
+from reidkit.train.run_lock import RunLock, RunLockedError
+
+
+class NotebookFailed(RuntimeError):
+    def __init__(self, notebook: str, cell: str | None, ename: str, evalue: str, executed: Path):
+        self.notebook, self.cell, self.ename, self.evalue, self.executed = notebook, cell, ename, evalue, executed
+        where = f"cell {cell}" if cell is not None else "an unknown cell"
+        super().__init__(f"{notebook} failed at {where}: {ename}: {evalue}\n  executed notebook: {executed}")
+
+
+def notebooks_dir() -> Path:
+    return Path(os.environ.get("REIDKIT_NOTEBOOKS", project_root() / "notebooks"))
+
+
+def list_notebooks(folder: Path | None = None) -> list[Path]:
+    folder = folder or notebooks_dir()
+    nbs = sorted(p for p in folder.glob("[0-9][0-9]_*.ipynb"))
+    if not nbs:
+        raise FileNotFoundError(f"no notebooks NN_name.ipynb in {folder}")
+    return nbs
+
+
+def params_digest(params: dict, notebook: Path, overrides: dict | None = None) -> str:
+    """Digest of a notebook's inputs: the injected parameters, the profile overrides and the
+    notebook's content. Not the run folder's path (``RUN_DIR``): a moved run folder is not redone."""
+    payload = {k: v for k, v in params.items() if k != "RUN_DIR"}
+    if overrides:
+        payload["__overrides__"] = overrides
+    h = hashlib.sha256(json.dumps(payload, sort_keys=True, default=list).encode())
+    h.update(notebook.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _done_file(run_dir: Path, stem: str) -> Path:
+    return run_dir / stem / "done.json"
+
+
+def is_complete(run_dir: Path, notebook: Path, digest: str) -> bool:
+    done = _done_file(run_dir, notebook.stem)
+    if not done.is_file() or not (run_dir / notebook.stem / "metrics.json").is_file():
+        return False
+    try:
+        return json.loads(done.read_text()).get("digest") == digest
+    except json.JSONDecodeError:
+        return False
+
+
+def _failing_cell(executed: Path) -> str | None:
+    """Describe the cell that raised (its execution count and first source line), read from the
+    executed notebook."""
+
+    try:
+        nb = nbformat.read(executed, as_version=4)
+    except Exception:
+        return None
+    for cell in nb.cells:
+        if any(out.get("output_type") == "error" for out in cell.get("outputs", [])):
+            first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
+            return f"In [{cell.get('execution_count')}] `{first.strip()[:80]}`"
+    return None
+
+
+@dataclass
+class NotebookResult:
+    name: str
+    status: str          # ran | skipped
+    seconds: float
+
+
+class RunSetupError(ValueError):
+    """The run cannot start: an override or the data root does not fit the profile."""
+
+
+def check_run(profile: str = "workshop", data_root: str | None = None, overrides: dict | None = None):
+    """The profile with ``overrides`` applied, after the checks that need no work: every override
+    names a field and fits its type, the dataset is known, and a real dataset has a data root.
+    Raises ``RunSetupError`` (or ``KeyError`` for an unknown profile) with a one-line message."""
+
+    base = get_profile(profile)
+    try:
+        prof = apply_overrides(base, overrides)
+    except (OverrideError, KeyError, TypeError) as exc:
+        raise RunSetupError(str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc)) from None
+    key = ALIASES.get(prof.data.dataset.lower(), prof.data.dataset.lower())
+    if key not in PARSERS:
+        raise RunSetupError(f"data.dataset={prof.data.dataset!r} is not a known dataset; known: "
+                            f"{', '.join(sorted(PARSERS))}")
+    if key != "mini-mars" and not data_root:
+        raise RunSetupError(f"profile {prof.name} reads {prof.data.dataset} from disk: give --data-root "
+                            f"(the folder holding the dataset)")
+    if data_root and not Path(data_root).expanduser().exists():
+        raise RunSetupError(f"--data-root {data_root} does not exist")
+    n = prof.data.subset_ids
+    if n is not None and n < 1:
+        raise RunSetupError(f"data.subset_ids must be a positive number of identities, got {n}")
+    _check_inputs(prof, key, data_root)
+    return prof
+
+
+def _check_inputs(prof, dataset: str, data_root: str | None) -> None:
+    """The checks that read a little from disk, before any notebook: a SYSU-30k tree complete
+    (``check_sysu_tree``), and ImageNet weights present where the profile requires them."""
+
+    if dataset == "sysu30k" and data_root:
+        try:
+            check_sysu_tree(data_root)
+        except LayoutError as exc:
+            raise RunSetupError(str(exc)) from None
+    if isinstance(prof.model.pretrained, str) and prof.model.pretrained.strip().lower() == REQUIRED:
+        try:
+            resolve_weights(prof.model.arch, REQUIRED)
+        except MissingWeightsError as exc:
+            raise RunSetupError(str(exc)) from None
+
+
+#: the notebooks a weakly supervised profile (SYSU-30k: bag labels, no cameras) does not run, and why
+WEAK_SKIPS = {
+    "01_data_prep": "the data lesson's statistics, junk rule and PK batches need camera-labelled training "
+                    "identities; SYSU-30k's training images carry bag labels only (its bags are shown in "
+                    "05_weak_graphical)",
+    "02_backbone": "its dense query x gallery matrices, feature plots and training-set features are sized for "
+                   "Market-scale data; SYSU-30k's 479k-image gallery is scored by the streamed protocol in "
+                   "05_weak_graphical",
+    "03_clustering": "HHCL's clustering is judged by cameras and identities that SYSU-30k's training set "
+                     "does not have",
+    "04_hybrid_contrast": "HHCL's camera-aware memory needs camera-labelled training images, which SYSU-30k's "
+                          "training set does not have",
+    "06_evaluation": "it compares the features of notebooks 02, 04 and 05 under the Market protocol, with the "
+                     "training images as SYSU-style distractors; SYSU-30k's own protocol over its real "
+                     "gallery runs, streamed, in 05_weak_graphical and in `reidkit evaluate`",
+}
+
+
+def skipped_notebooks(prof, notebooks: Sequence[Path]) -> dict[str, str]:
+    """``{stem: reason}`` of the notebooks a profile's method does not run."""
+    if prof.method != "dgl":
+        return {}
+    return {nb.stem: f"skipped for profile {prof.name} (method DGL): {WEAK_SKIPS[nb.stem]}; run it with an "
+                     f"HHCL profile, e.g. --profile workshop" for nb in notebooks if nb.stem in WEAK_SKIPS}
+
+
+def run_notebooks(profile: str = "workshop", data_root: str | None = None, run_dir: str | Path | None = None,
+                  device: str = "auto", seed: int = 1, notebooks: Sequence[str] | None = None,
+                  timeout: int | None = None, force: bool = False, log=print,
+                  overrides: dict | None = None) -> tuple[Path, list[NotebookResult]]:
+    """Run the notebooks in order; returns the run folder and what happened to each notebook.
+    ``overrides``: ``{"section.field": value}`` applied to the profile in every notebook."""
+    import papermill as pm  # run time only: the library imports without papermill (the GPU machine has none)
+
+    prof = check_run(profile, data_root, overrides)
+    overrides = validate_overrides(overrides or {})
+    if run_dir is None:
+        stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = project_root() / "runs" / f"{prof.name}-{stamp}"
+    run_dir = Path(run_dir).resolve()
+    with RunLock(run_dir):
+        results = _run_locked(pm, prof, data_root, run_dir, device, seed, notebooks, timeout, force, log,
+                              overrides)
+    return run_dir, results
+
+
+def _run_locked(pm, prof, data_root, run_dir: Path, device, seed, notebooks, timeout, force, log,
+                overrides: dict) -> list[NotebookResult]:
+    """The body of :func:`run_notebooks`, run while ``run_dir`` is locked."""
+
+    nbs = list_notebooks()
+    if notebooks:
+        wanted = set(notebooks)
+        nbs = [p for p in nbs if p.stem in wanted or p.stem[:2] in wanted]
+    params = {"PROFILE": prof.name, "DATA_ROOT": str(data_root) if data_root else "",
+              "RUN_DIR": str(run_dir), "DEVICE": device, "SEED": int(seed), "INTERACTIVE": False}
+    skip = skipped_notebooks(prof, nbs)
+    atomic_write_json(run_dir / "run.json", {"parameters": params, "overrides": overrides, "skipped": skip,
+                                             "device": str(resolve_device(device)),
+                                             "profile": prof.to_dict(),
+                                             "environment": environment(prof, device),
+                                             "notebooks": [p.name for p in nbs]})
+    log(f"reidkit reproduce: profile {prof.name}, run folder {run_dir}"
+        + (", overrides " + " ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else ""))
+    results: list[NotebookResult] = []
+    env_progress = os.environ.get("REIDKIT_PROGRESS")
+    os.environ["REIDKIT_PROGRESS"] = "0"   # kernels inherit: no widget progress bars in saved notebooks
+    try:
+        for k, nb in enumerate(nbs, 1):
+            digest = params_digest(params, nb, overrides)
+            tag = f"[{k}/{len(nbs)}] {nb.stem}"
+            if nb.stem in skip:
+                log(f"{tag}: {skip[nb.stem]}")
+                results.append(NotebookResult(nb.stem, "skipped", 0.0))
+                continue
+            if not force and is_complete(run_dir, nb, digest):
+                log(f"{tag}: already complete with these parameters, skipped")
+                results.append(NotebookResult(nb.stem, "skipped", 0.0))
+                continue
+            executed = run_dir / "notebooks" / nb.name
+            executed.parent.mkdir(parents=True, exist_ok=True)
+            log(f"{tag}: running ...")
+            t0 = time.time()
+            try:
+                pm.execute_notebook(str(nb), str(executed), parameters=params, kernel_name="python3",
+                                    cwd=str(nb.parent), progress_bar=False, execution_timeout=timeout,
+                                    log_output=False)
+            except pm.PapermillExecutionError as exc:
+                cell = _failing_cell(executed)
+                raise NotebookFailed(nb.stem, cell, exc.ename, exc.evalue, executed) from None
+            seconds = time.time() - t0
+            atomic_write_json(_done_file(run_dir, nb.stem), {"digest": digest, "seconds": round(seconds, 2),
+                                                             "finished": datetime.now().isoformat()})
+            log(f"{tag}: done in {seconds:.1f} s")
+            results.append(NotebookResult(nb.stem, "ran", seconds))
+    finally:
+        if env_progress is None:
+            os.environ.pop("REIDKIT_PROGRESS", None)
+        else:
+            os.environ["REIDKIT_PROGRESS"] = env_progress
+    write_report(run_dir)
+    return results
+
+
+def overrides_from_args(args) -> dict:
+    """``--set`` pairs and ``--subset-ids`` of a command line as ``{"section.field": value}``
+    (validated; raises ``OverrideError``)."""
+
+    overrides = parse_set(getattr(args, "set", None))
+    if getattr(args, "subset_ids", None) is not None:
+        overrides.update(parse_set([f"data.subset_ids={int(args.subset_ids)}"]))
+    return overrides
+
+
+def main_reproduce(args) -> int:
+
+    try:
+        overrides = overrides_from_args(args)
+        check_run(args.profile, args.data_root, overrides)
+        run_dir, results = run_notebooks(args.profile, args.data_root, args.run_dir, args.device, args.seed,
+                                         args.notebooks, args.timeout, args.force, overrides=overrides)
+    except NotebookFailed as exc:
+        print(f"reproduction stopped: {exc}", file=sys.stderr)
+        return 1
+    except (OverrideError, RunSetupError, RunLockedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (KeyError, FileNotFoundError) as exc:
+        print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return 2
+    total = sum(r.seconds for r in results)
+    print(f"report: {run_dir / 'report.md'}  ({total:.1f} s of notebooks)")
+    return 0

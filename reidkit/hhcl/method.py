@@ -1,0 +1,246 @@
+"""HHCL / Cluster-Contrast (unsupervised): what is the method's own on the shared engine.
+
+Each epoch (spec hhcl §0, §3, §5):
+1. extract L2-normalised features of every training image (eval mode, test transform);
+2. k-reciprocal Jaccard distance (k1, k2) and DBSCAN (eps, min_samples) -> pseudo-labels;
+   outliers (-1) are dropped for the epoch;
+3. a new cluster memory is built from the centroids (``CM``, ``CMhybrid`` or ``CMhybrid_v2``);
+4. exactly ``iters`` iterations of camera-aware PK batches (the sampler restarts when exhausted);
+   Adam (lr, coupled weight decay, the frozen BN-neck bias excluded), StepLR per epoch.
+
+Seeding, DDP, checkpoints, evaluation cadence and model selection are the engine's
+(``reidkit.train.engine``). Under DDP every rank extracts its shard with rank 0's BN statistics, rank 0
+clusters and broadcasts the pseudo-labels, and the memory sees the whole global batch.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import BatchSampler, DataLoader
+
+from reidkit.config import Profile, get_profile
+from reidkit.core.device import amp_dtype
+from reidkit.data.records import ReIDDataset
+from reidkit.data.samplers import CameraAwarePKSampler
+from reidkit.data.subset import load_profile_dataset
+from reidkit.data.transforms import ImageDataset, train_transform
+from reidkit.hhcl.clustering import dbscan_labels
+from reidkit.hhcl.memory import ClusterMemory
+from reidkit.nets.backbones import build_model
+from reidkit.retrieval.jaccard import jaccard_distance
+from reidkit.retrieval.protocol import evaluate_model, extract_records
+from reidkit.train.checkpoints import run_settings
+from reidkit.train.distributed import (
+    RankSlice,
+    broadcast_labels,
+    dist_info,
+    extract_sharded,
+    gather_batch,
+    mean_over_ranks,
+    sync_buffers,
+)
+from reidkit.train.engine import Method, TrainResult, fit, make_val_split
+
+
+def slim(res: dict) -> dict:
+    """An evaluation result with its CMC cut to 20 ranks (what history.json keeps)."""
+    return {k: v for k, v in res.items() if k != "cmc"} | {"cmc": res["cmc"][:20]}
+
+
+def cluster(features: np.ndarray, profile: Profile, device) -> tuple[np.ndarray, dict]:
+    """Pseudo-labels of one epoch: Jaccard distance, then DBSCAN; with the time of each."""
+
+    t0 = time.time()
+    dist = jaccard_distance(features, k1=profile.cluster.k1, k2=profile.cluster.k2, device=device)
+    t1 = time.time()
+    labels = np.asarray(dbscan_labels(dist, eps=profile.cluster.eps, min_samples=profile.cluster.min_samples))
+    return labels, {"t_jaccard": t1 - t0, "t_dbscan": time.time() - t1}
+
+
+def _restarting(loader, iters: int) -> Iterator:
+    """Exactly ``iters`` batches of ``loader``, starting a new pass when the sampler is exhausted (as
+    the reference does)."""
+    it = iter(loader)
+    for _ in range(iters):
+        batch = next(it, None)
+        if batch is None:
+            it = iter(loader)
+            batch = next(it, None)
+            if batch is None:
+                raise ValueError("the sampler yields no full batch: too few pseudo-identities x instances "
+                                 "for the batch size")
+        yield batch
+
+
+class HHCL(Method):
+    """The unsupervised method on the engine: cluster, build the memory, contrast against it."""
+
+    name = "hhcl"
+
+    def __init__(self, profile: str | Profile, dataset: ReIDDataset | None = None, memory: str | None = None,
+                 epochs: int | None = None, data_root: str | None = None):
+        prof = get_profile(profile)
+        if memory is not None:
+            prof = prof.replace(hhcl__memory=memory)
+        if epochs is not None:
+            prof = prof.replace(hhcl__epochs=int(epochs))
+        self.prof, self.cfg = prof, prof.hhcl
+        self.dataset, self.data_root = dataset, data_root
+        self.epochs, self.eval_every = self.cfg.epochs, self.cfg.eval_step
+        self.batch_size, self.ghost_bn = self.cfg.batch_size, self.cfg.ghost_bn
+        self.label = self.cfg.memory
+        self.mem = None
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"HHCL ({c.memory}) | profile {self.prof.name} | {self.prof.model.arch} | batch {c.batch_size} = "
+                f"{c.batch_size // c.num_instances} x {c.num_instances} | {c.epochs} epochs x {c.iters} iterations")
+
+    def settings(self) -> dict:
+
+        return run_settings(self.prof, "hhcl", memory=self.cfg.memory)
+
+    def checkpoint_info(self) -> dict:
+        return {"memory": self.cfg.memory}
+
+    def prepare(self, dev, selection: str, seed: int, log) -> None:
+
+        self.ds = self.dataset if self.dataset is not None else load_profile_dataset(self.prof, self.data_root)
+        self.train_recs, self.val_q, self.val_g = list(self.ds.train), [], []
+        if selection == "val":
+            self.train_recs, self.val_q, self.val_g = make_val_split(self.train_recs, seed=seed)
+        self.camids = np.array([r.camid for r in self.train_recs])
+        self.train_tf = self._train_transform()
+
+    def _train_transform(self):
+
+        d = self.prof.data
+        return train_transform(d.height, d.width, flip=d.flip, pad=d.pad, erasing_p=d.erasing_p,
+                               erasing_fill=d.erasing_fill)
+
+    def build_model(self, dev) -> nn.Module:
+
+        m = self.prof.model
+        return build_model(m.arch, m.pooling, m.pretrained, last_stride=m.last_stride, device=dev)
+
+    def optimizer(self, model):
+        params = [p for p in model.parameters() if p.requires_grad]  # the frozen neck bias is left out
+        opt = torch.optim.Adam(params, lr=self.cfg.lr, weight_decay=self.cfg.weight_decay)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=self.cfg.step_size, gamma=self.cfg.gamma)
+
+    def _features_and_labels(self, model, dev, epoch: int, entry: dict) -> tuple[np.ndarray, np.ndarray]:
+        """Every rank extracts its shard with rank 0's BN statistics; rank 0 clusters and broadcasts."""
+
+        rank, world = dist_info()
+        t0 = time.time()
+        if world > 1:
+            before, after = sync_buffers(model)
+            entry.update(buffer_spread_unsynced=before, buffer_spread=after)
+        feats = extract_sharded(extract_records, model, self.train_recs, self.prof, dev, f"epoch {epoch} features")
+        entry["t_extract"] = time.time() - t0
+        labels, times = cluster(feats, self.prof, dev) if rank == 0 else (None, {})
+        entry.update(times)
+        return feats, broadcast_labels(labels, len(feats), dev)
+
+    def begin_epoch(self, epoch: int, eseed: int, model, dev, entry: dict, log) -> tuple[Any, int | None]:
+        """Cluster, build the memory, and the epoch's loader; (None, None) when nothing can train."""
+
+        feats, labels = self._features_and_labels(model, dev, epoch, entry)
+        keep = np.flatnonzero(labels >= 0)
+        n_clusters = int(labels.max()) + 1 if len(keep) else 0
+        entry.update(clusters=n_clusters, outliers=int((labels < 0).sum()))
+        if n_clusters < 2:
+            log(f"epoch {epoch}: {n_clusters} clusters, nothing to train on; skipping the epoch's iterations")
+            entry.update(loss=None, t_train=0.0)
+            return None, None
+        c = self.cfg
+        if n_clusters * c.num_instances < c.batch_size:
+            raise ValueError(f"epoch {epoch}: {n_clusters} clusters x {c.num_instances} instances = "
+                             f"{n_clusters * c.num_instances} images per pass, fewer than the batch size "
+                             f"{c.batch_size}: no batch can be filled (lower hhcl.batch_size or "
+                             f"hhcl.num_instances, or loosen the clustering)")
+        self.mem = self._memory(feats, labels, eseed, dev)
+        if dist_info()[1] > 1:  # the memory is updated with the whole global batch
+            self.mem.gather = gather_batch
+        self.use_amp = amp_dtype(self.prof, dev)
+        return _restarting(self._loader(labels, keep, eseed, dev), c.iters), c.iters
+
+    def _memory(self, feats: np.ndarray, labels: np.ndarray, eseed: int, dev):
+
+        c = self.cfg
+        gen = torch.Generator().manual_seed(eseed)
+        return ClusterMemory.from_features(torch.from_numpy(np.ascontiguousarray(feats)).to(dev), labels,
+                                           mode=c.memory, temp=c.temp, momentum=c.momentum,
+                                           hard_weight=c.hard_weight, num_instances=c.num_instances, generator=gen)
+
+    def _loader(self, labels: np.ndarray, keep: np.ndarray, eseed: int, dev):
+        """Camera-aware PK batches of the kept images; each rank takes its contiguous slice."""
+
+        rank, world = dist_info()
+        c = self.cfg
+        sampler = CameraAwarePKSampler(labels[keep], self.camids[keep], num_instances=c.num_instances, seed=eseed,
+                                       camera_aware=c.camera_aware)
+        batches = RankSlice(BatchSampler(sampler, c.batch_size, drop_last=True), rank, world)
+        sub = [self.train_recs[i] for i in keep]
+        return DataLoader(ImageDataset(sub, self.train_tf, labels=labels[keep].tolist()), batch_sampler=batches,
+                          num_workers=self.prof.data.workers, pin_memory=dev.type == "cuda",
+                          generator=torch.Generator().manual_seed(eseed + 7919 * rank))
+
+    def step(self, net, batch, opt, dev) -> dict:
+        """One iteration: features of the batch, the memory's contrastive loss, one Adam step."""
+        x = batch["img"].to(dev, non_blocking=True)
+        y = torch.as_tensor(batch["label"]).to(dev)
+        if dev.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        use_amp = self.use_amp
+        with torch.autocast(dev.type, dtype=use_amp or torch.bfloat16, enabled=use_amp is not None):
+            feat = net(x)
+        loss = self.mem(feat.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach(), "images": int(x.shape[0])}
+
+    def end_epoch(self, steps: list[dict]) -> dict:
+        """The epoch's losses; under DDP the global-batch loss (the mean of the ranks' losses)."""
+
+        losses = mean_over_ranks([s["loss"] for s in steps])
+        return {"loss": float(torch.stack(losses).mean()) if losses else None,
+                "losses": [float(v) for v in losses], "iters": len(steps)}
+
+    def evaluate(self, model, dev, split: str, log) -> dict:
+        q, g = (self.val_q, self.val_g) if split == "val" else (self.ds.query, self.ds.gallery)
+        return slim(evaluate_model(model, q, g, self.prof, dev))
+
+    @staticmethod
+    def epoch_line(e: dict) -> str:
+        parts = [f"epoch {e['epoch']:3d}", f"clusters {e['clusters']:5d}", f"outliers {e['outliers']:5d}"]
+        if e.get("loss") is not None:
+            parts.append(f"loss {e['loss']:.3f}")
+        for split in ("val", "test"):
+            if split in e:
+                parts.append(f"{split} mAP {100 * e[split]['mAP']:.1f} r1 {100 * e[split]['rank1']:.1f}")
+        parts.append("time " + " ".join(f"{k[2:]} {e[k]:.1f}s" for k in
+                                         ("t_extract", "t_jaccard", "t_dbscan", "t_train", "t_eval") if k in e))
+        return " | ".join(parts)
+
+
+def train_hhcl(profile: str | Profile = "workshop", dataset: ReIDDataset | None = None,
+               out_dir: str | Path = "runs/train", device: Any = "auto", memory: str | None = None,
+               seed: int | None = None, selection: str = "val", resume: bool = True,
+               epochs: int | None = None, stop_after: int | None = None,
+               log: Callable[[str], None] | None = None, data_root: str | None = None) -> TrainResult:
+    """Train HHCL (or Cluster-Contrast with ``memory="CM"``) on the engine and return the result.
+
+    ``memory`` overrides the profile's memory mode; ``epochs`` its epoch count; ``stop_after``
+    stops after that many epochs of this call (to test resuming). Writes ``out_dir/checkpoint.pt``,
+    ``model_best.pt``, ``history.json`` and ``train.log``."""
+    method = HHCL(profile, dataset, memory=memory, epochs=epochs, data_root=data_root)
+    return fit(method, out_dir, device=device, seed=seed, selection=selection, resume=resume,
+               stop_after=stop_after, log=log)
