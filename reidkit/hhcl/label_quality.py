@@ -1,0 +1,87 @@
+"""How good a set of pseudo-labels is, scored against the true identities (diagnostic only).
+
+:func:`pseudo_label_quality` turns one epoch's DBSCAN labels into a flat dict of plain ints and
+floats, ready for ``history.json``: counts, ARI / NMI, purity, and how well the clusters join one
+person's images across cameras. Everything is counted from group sizes and contingency tables, so
+memory is O(N); no N x N pair matrix is ever formed. It never feeds training or model selection.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from reidkit.hhcl.clustering import _as_singletons, camera_split_purity, cluster_stats
+
+__all__ = ["pseudo_label_quality"]
+
+
+def _none_if_nan(v: float) -> float | None:
+    return None if v is None or not np.isfinite(v) else float(v)
+
+
+def _ids_all_cameras_joined(lab: np.ndarray, pid: np.ndarray, cam: np.ndarray) -> int:
+    """Identities seen by 2+ cameras that have images from every one of those cameras in one
+    cluster (outliers join nothing)."""
+    ids, cams_of_id = np.unique(np.unique(np.stack([pid, cam], 1), axis=0)[:, 0], return_counts=True)
+    c = lab >= 0
+    if not c.any():
+        return 0
+    present = np.unique(np.stack([pid[c], lab[c], cam[c]], 1), axis=0)  # (pid, cluster, camera) seen
+    pl, cams_in = np.unique(present[:, :2], axis=0, return_counts=True)  # cameras per (pid, cluster)
+    best = np.zeros(ids.size, dtype=np.int64)
+    np.maximum.at(best, np.searchsorted(ids, pl[:, 0]), cams_in)  # most cameras one cluster holds
+    return int(((cams_of_id > 1) & (best == cams_of_id)).sum())
+
+
+def pseudo_label_quality(labels: Any, pids: Any, cams: Any) -> dict:
+    """Quality of pseudo-labels ``labels`` (``-1`` = DBSCAN outlier) against true ``pids``.
+
+    A negative true identity is a person of its own. Returned keys (ints, floats, or ``None``
+    where a score is undefined, e.g. no cross-camera pair exists; the dict is strict JSON):
+
+    * ``num_points``, ``num_ids`` (true identities), ``num_clusters``, ``num_outliers``,
+      ``outlier_share``, ``largest_cluster``;
+    * ``ari``, ``nmi`` -- scikit-learn's adjusted Rand index and NMI over **all** points, each
+      outlier counted as a cluster of its own (a singleton);
+    * ``ari_clustered``, ``nmi_clustered``, ``purity`` -- over the clustered points only, the
+      ones training uses; purity is the share of them whose cluster's majority identity is theirs;
+    * ``cross_camera_pairs`` -- pairs of one person's images from two different cameras;
+      ``cross_camera_joined`` -- those that share a cluster; ``cross_camera_join_rate`` -- their
+      ratio; ``within_camera_join_rate`` -- the same for same-camera pairs; ``pair_precision`` --
+      the share of the pairs the clusters join that are one person;
+    * ``ids_multi_camera`` -- identities seen by 2+ cameras; ``ids_joined_across_share`` -- the
+      share of those with images from 2+ cameras in one cluster; ``ids_all_cameras_joined_share``
+      -- with images from every camera that sees them in one cluster (equal for two cameras).
+    """
+    lab = np.asarray(labels).astype(np.int64).ravel()
+    pid = np.asarray(pids).astype(np.int64).ravel()
+    cam = np.asarray(cams).astype(np.int64).ravel()
+    if not lab.size == pid.size == cam.size:
+        raise ValueError(f"sizes differ: labels {lab.size}, pids {pid.size}, cams {cam.size}")
+    if lab.size == 0:
+        raise ValueError("no labels")
+    pid = _as_singletons(pid)
+    st = cluster_stats(lab, pid)
+    split = camera_split_purity(lab, pid, cam)
+    across, within = split["across_cameras"], split["within_camera"]
+    multi = int(split["ids_multi_camera"])
+    pairs_joined = across["joined_same_id"] + within["joined_same_id"]
+    pairs_clustered = across["clustered_pairs"] + within["clustered_pairs"]
+    return {
+        "num_points": int(st["num_points"]), "num_ids": int(st["num_gt_ids"]),
+        "num_clusters": int(st["num_clusters"]), "num_outliers": int(st["num_outliers"]),
+        "outlier_share": float(st["outlier_fraction"]), "largest_cluster": int(st["largest_cluster"]),
+        "ari": float(st["ari_all"]), "nmi": float(st["nmi_all"]),
+        "ari_clustered": _none_if_nan(st["ari"]), "nmi_clustered": _none_if_nan(st["nmi"]),
+        "purity": _none_if_nan(st["purity"]),
+        "cross_camera_pairs": int(across["same_id_pairs"]),
+        "cross_camera_joined": int(across["joined_same_id"]),
+        "cross_camera_join_rate": _none_if_nan(across["recall"]),
+        "within_camera_join_rate": _none_if_nan(within["recall"]),
+        "pair_precision": float(pairs_joined / pairs_clustered) if pairs_clustered else None,
+        "ids_multi_camera": multi,
+        "ids_joined_across_share": split["ids_joined_across"] / multi if multi else None,
+        "ids_all_cameras_joined_share": _ids_all_cameras_joined(lab, pid, cam) / multi if multi else None,
+    }
