@@ -155,16 +155,18 @@ def _sysu_subset(root, n: int, seed: int) -> ReIDDataset:
 
 def streams_sysu30k(profile) -> bool:
     """Whether a run of ``profile`` trains on SYSU-30k, whose 29.6M training images are streamed from
-    their folders and never listed (the one place this is decided)."""
+    their folders and never listed unless an identity subset is asked for (the one place this is
+    decided)."""
     return ALIASES.get(profile.data.dataset.lower(), profile.data.dataset.lower()) == "sysu30k"
 
 
 def load_profile_dataset(profile, root=None, **kwargs) -> ReIDDataset:
     """The dataset a run of ``profile`` reads: ``profile.data.dataset`` under ``root``, cut to
-    ``profile.data.subset_ids`` identities when that is set. SYSU-30k's tree is checked and loaded
-    without its training listing (its bags are streamed)."""
+    ``profile.data.subset_ids`` identities when that is set. The whole of SYSU-30k is checked and
+    loaded without its training listing (its bags are streamed); a SYSU-30k subset lists the images
+    of its kept training folders only."""
     d = profile.data
-    if streams_sysu30k(profile):
+    if streams_sysu30k(profile) and d.subset_ids is None:
         check_sysu_tree(root)
         return load_dataset("sysu30k", root, load_train=False)
     return load_subset(d.dataset, root, d.subset_ids, d.subset_seed, **kwargs)
