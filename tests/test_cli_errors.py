@@ -13,6 +13,7 @@ import types
 from pathlib import Path
 
 import pytest
+from _cli import one_line_error
 
 from reidkit import cli
 from reidkit.config import OverrideError, parse_set, validate_overrides
@@ -31,14 +32,6 @@ def no_training(monkeypatch):
     monkeypatch.setattr("reidkit.dgl.method.fit", fit)
 
 
-def _one_line_error(capsys, rc) -> str:
-    out = capsys.readouterr()
-    assert rc == 2, out
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
-    return lines[0]
-
-
 @pytest.mark.parametrize("extra, expect", [
     (["--profile", "nope"], "unknown profile 'nope'"),
     (["--set", "foo.bar=1"], "--set foo.bar"),
@@ -52,18 +45,18 @@ def _one_line_error(capsys, rc) -> str:
 ])
 def test_train_user_errors_exit_2_in_one_line(extra, expect, tmp_path, capsys, no_training):
     rc = cli.main(["train", "--profile", "smoke", "--out", str(tmp_path / "out"), *extra])
-    assert expect in _one_line_error(capsys, rc)
+    assert expect in one_line_error(capsys, rc)
     assert not (tmp_path / "out").exists()
 
 
 def test_train_bad_data_root_exits_2(tmp_path, capsys, no_training):
     missing = tmp_path / "missing"
     rc = cli.main(["train", "--profile", "smoke", "--out", str(tmp_path / "o"), "--data-root", str(missing)])
-    assert str(missing) in _one_line_error(capsys, rc)
+    assert str(missing) in one_line_error(capsys, rc)
     empty = tmp_path / "empty"
     empty.mkdir()
     rc = cli.main(["train", "--profile", "smoke", "--out", str(tmp_path / "o"), "--data-root", str(empty)])
-    assert str(empty) in _one_line_error(capsys, rc)
+    assert str(empty) in one_line_error(capsys, rc)
 
 
 def test_train_cuda_without_cuda_exits_2(tmp_path, capsys, no_training, monkeypatch):
@@ -71,7 +64,7 @@ def test_train_cuda_without_cuda_exits_2(tmp_path, capsys, no_training, monkeypa
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     rc = cli.main(["train", "--profile", "smoke", "--out", str(tmp_path / "o"), "--device", "cuda"])
-    assert "CUDA is not available" in _one_line_error(capsys, rc)
+    assert "CUDA is not available" in one_line_error(capsys, rc)
 
 
 def test_enumerated_fields_are_checked_in_config():
@@ -122,7 +115,7 @@ def test_reproduce_digest_ignores_the_run_folder(tmp_path):
 def test_report_on_a_typo_exits_2_and_creates_nothing(tmp_path, capsys):
     typo = tmp_path / "typo"
     rc = cli.main(["report", str(typo)])
-    assert str(typo) in _one_line_error(capsys, rc)
+    assert str(typo) in one_line_error(capsys, rc)
     assert not typo.exists()
     plain = tmp_path / "plain"      # an existing folder that holds no run
     plain.mkdir()
@@ -169,7 +162,7 @@ def test_text_file_as_weights_exits_2_in_one_line(command, tmp_path, capsys):
     weights.write_text("epoch 12: mAP 81.3\nthis is a log, not a checkpoint\n")
     extra = ["--split", "query", "--out", str(tmp_path / "q.npz")] if command == "extract" else []
     rc = cli.main([command, "--weights", str(weights), "--dataset", "mini-mars", "--device", "cpu", *extra])
-    line = _one_line_error(capsys, rc)
+    line = one_line_error(capsys, rc)
     assert line.startswith(f"error: {weights}: a text file (starting 'epoch 12: mAP 81.3'), not a torch checkpoint")
     assert "expected a file written by torch.save" in line and "[kit]" in line
     assert not (tmp_path / "q.npz").exists()

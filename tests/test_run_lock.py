@@ -15,6 +15,7 @@ import types
 from pathlib import Path
 
 import pytest
+from _cli import one_line_error
 
 from reidkit import cli
 from reidkit.train.engine import fit
@@ -27,14 +28,6 @@ HOST = socket.gethostname()
 def _env() -> dict:
     return {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
             "REIDKIT_OFFLINE": "1", "REIDKIT_PROGRESS": "0"}
-
-
-def _one_line_error(capsys, rc) -> str:
-    out = capsys.readouterr()
-    assert rc == 2, out
-    lines = out.err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), out.err
-    return lines[0]
 
 
 class _Stop(Exception):
@@ -219,6 +212,6 @@ def test_reproduce_on_a_held_run_dir_exits_2(tmp_path, capsys):
     run_dir = tmp_path / "run"
     with RunLock(run_dir):
         rc = cli.main(["reproduce", "--profile", "smoke", "--run-dir", str(run_dir), "--notebooks", "01"])
-    line = _one_line_error(capsys, rc)
+    line = one_line_error(capsys, rc)
     assert f"{run_dir.resolve()} is in use by another run: pid {os.getpid()} on host {HOST}" in line
     assert sorted(p.name for p in run_dir.iterdir()) == []  # no run.json, no notebook ran

@@ -40,13 +40,12 @@ from reidkit.core.device import resolve_device
 from reidkit.core.progress import progress
 from reidkit.retrieval.exact import _default_block, _full_fp32_matmul, _screen_tile, _to_float_tensor
 from reidkit.retrieval.jaccard import (
-    _jaccard_assemble,
-    _jaccard_minsum,
     _knn_pair_dist,
     _kreciprocal_encoding,
     _pattern,
     _reciprocal,
     _segment_reduce,
+    jaccard_from_encoding,
 )
 from reidkit.retrieval.knn import _merge_topk, knn
 
@@ -313,11 +312,7 @@ def ca_jaccard_distance(
         v = _query_expand(v, rows_table)
     t_enc = time.perf_counter()
 
-    ur, uc, um = _jaccard_minsum(v, n, dev, max_triples)
-    diag_m = _segment_reduce(np.add, v.data, v.indptr, 0.0)
-    t_min = time.perf_counter()
-    result, stored = _jaccard_assemble(ur, uc, um, diag_m, n, dense)
-    t_end = time.perf_counter()
+    result, stored, t_min, t_end = jaccard_from_encoding(v, n, dev, max_triples, dense)
     if not return_info:
         return result
     info = {

@@ -418,6 +418,18 @@ def _jaccard_assemble(ur: np.ndarray, uc: np.ndarray, um: np.ndarray, diag_m: np
     return result, int(2 * len(ud) + n)
 
 
+def jaccard_from_encoding(v: sp.csr_matrix, n: int, dev: torch.device, max_triples: int | None,
+                          dense: bool) -> tuple[Any, int, float, float]:
+    """Steps 6-7 on an encoding ``V`` (after query expansion): the min-sum ``m_ij``, then
+    ``d = 1 - m/(2 - m)`` assembled. Returns the distance, the stored pairs, and the clock after the
+    min-sum and after the assembly (``time.perf_counter``)."""
+    ur, uc, um = _jaccard_minsum(v, n, dev, max_triples)
+    diag_m = _segment_reduce(np.add, v.data, v.indptr, 0.0)  # m_ii = sum_k V_ik (~1)
+    t_min = time.perf_counter()
+    result, stored = _jaccard_assemble(ur, uc, um, diag_m, n, dense)
+    return result, stored, t_min, time.perf_counter()
+
+
 def jaccard_distance(
     features: ArrayLike,
     k1: int = 30,
@@ -475,11 +487,7 @@ def jaccard_distance(
     v = _kreciprocal_encoding(res.indices, n_full, n_half, n_qe,  # steps 2-5
                               _knn_pair_dist(x, sqnorm, res.indices, res.sq_dists))
     t_enc = time.perf_counter()
-    ur, uc, um = _jaccard_minsum(v, n, dev, max_triples)
-    diag_m = _segment_reduce(np.add, v.data, v.indptr, 0.0)  # m_ii = sum_k V_ik (~1)
-    t_min = time.perf_counter()
-    result, stored = _jaccard_assemble(ur, uc, um, diag_m, n, dense)
-    t_end = time.perf_counter()
+    result, stored, t_min, t_end = jaccard_from_encoding(v, n, dev, max_triples, dense)
     if not return_info:
         return result
     info = {
