@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from reidkit import __version__
-from reidkit.config import PROFILES, OverrideError, apply_overrides, get_profile
+from reidkit.config import METHODS, PROFILES, CameraConfig, OverrideError, apply_overrides, get_profile
 from reidkit.core.device import resolve_device
 from reidkit.core.io import CheckpointError, atomic_write_file
 from reidkit.course.report import write_report
@@ -24,6 +24,7 @@ from reidkit.data.subset import load_profile_dataset, streams_sysu30k, subset_id
 from reidkit.data.transforms import ImageDataset
 from reidkit.dgl.method import train_dgl
 from reidkit.hhcl.method import train_hhcl
+from reidkit.hhcl.supervised import train_supervised
 from reidkit.nets.features import extract_features, iter_features
 from reidkit.nets.imagenet import REQUIRED, resolve_weights
 from reidkit.nets.released import load_released
@@ -100,8 +101,10 @@ def _prepare_train(args):
     method = args.method or prof.method
     if args.variant and method != "dgl":
         raise _UserError(f"--variant is DGL's (full | unary_only | supervised); this run's method is {method}")
-    if args.memory and method != "hhcl":
+    if args.memory and method == "dgl":
         raise _UserError(f"--memory is HHCL's (CM | CMhybrid | CMhybrid_v2); this run's method is {method}")
+    if prof.camera != CameraConfig() and method == "dgl":
+        raise _UserError("--camera-aware and camera.* are HHCL's; this run's method is dgl")
     _check_device(args.device)
     _check_weights(prof)
     return prof, method, _train_dataset(prof, method, args.data_root)
@@ -136,6 +139,8 @@ def _cmd_train(args) -> int:
         if method == "dgl":
             res = train_dgl(prof, ds, variant=prof.dgl.variant, iters=args.iters, selection=args.selection or "last",
                             **common)
+        elif method == "supervised":
+            res = train_supervised(prof, ds, selection=args.selection or "last", **common)
         else:
             res = train_hhcl(prof, ds, selection=args.selection or "val", **common)
     except user_errors as exc:  # bad input found at start: the run stops before it trains
@@ -396,6 +401,41 @@ EXAMPLES = """examples, one per command:
 Errors in the arguments or the data exit with status 2 and one line naming what is wrong."""
 
 
+def _add_train_parser(sub) -> None:
+
+    p = sub.add_parser("train", help="train HHCL (unsupervised) or DGL (weak bag labels); under torchrun, one "
+                       "process per device", epilog="examples: reidkit train --profile workshop --out runs/hhcl | "
+                       "reidkit train --method dgl --variant full --profile smoke --out runs/dgl | "
+                       "reidkit train --profile sysu30k --data-root /data/SYSU-30k --out runs/sysu")
+    p.add_argument("--profile", default="workshop")
+    p.add_argument("--method", choices=list(METHODS), default=None,
+                   help="the method to train (default: the profile's; sysu30k is dgl, the others hhcl); "
+                        "supervised: HHCL's recipe with the true labels, the upper bound")
+    p.add_argument("--variant", choices=["full", "unary_only", "supervised"], default=None,
+                   help="DGL's variant (default: the profile's dgl.variant, full)")
+    p.add_argument("--iters", type=int, default=None, help="DGL: at most N iterations per epoch")
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--dataset", default=None, help="override the profile's dataset")
+    p.add_argument("--out", required=True,
+                   help="output folder (checkpoint.pt, model_best.pt, history.json, train.log)")
+    p.add_argument("--memory", choices=["CM", "CMhybrid", "CMhybrid_v2"], default=None)
+    p.add_argument("--camera-aware", action="store_true",
+                   help="HHCL's camera-aware recipe (camera centring, CA-Jaccard, camera proxies, balanced "
+                        "sampler); each part alone with --set camera.<part>=...; recorded in the checkpoint")
+    p.add_argument("--selection", choices=["val", "test", "last"], default=None,
+                   help="model selection: a validation split of the training ids (HHCL's default), the test "
+                        "set (the papers' practice) or the last epoch (DGL's default, as its reference)")
+    p.add_argument("--epochs", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--no-resume", action="store_true")
+    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
+                   help="override a profile value, e.g. --set hhcl.iters=400 (JSON values)")
+    p.add_argument("--subset-ids", type=int, default=None, metavar="N",
+                   help="keep N training and N test identities (same as --set data.subset_ids=N)")
+    p.set_defaults(func=_cmd_train)
+
+
 def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="reidkit", description=__doc__, epilog=EXAMPLES,
@@ -437,35 +477,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep N training and N test identities of the dataset (same as --set data.subset_ids=N)")
     p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
                    help="override a profile value, e.g. --set hhcl.epochs=2 (JSON values); recorded in run.json")
+    p.add_argument("--camera-aware", action="store_true",
+                   help="HHCL's camera-aware recipe (docs/cameras.md); recorded in run.json and report.md")
     p.set_defaults(func=_cmd_reproduce)
 
-    p = sub.add_parser("train", help="train HHCL (unsupervised) or DGL (weak bag labels); under torchrun, one "
-                       "process per device", epilog="examples: reidkit train --profile workshop --out runs/hhcl | "
-                       "reidkit train --method dgl --variant full --profile smoke --out runs/dgl | "
-                       "reidkit train --profile sysu30k --data-root /data/SYSU-30k --out runs/sysu")
-    p.add_argument("--profile", default="workshop")
-    p.add_argument("--method", choices=["hhcl", "dgl"], default=None,
-                   help="the method to train (default: the profile's; sysu30k is dgl, the others hhcl)")
-    p.add_argument("--variant", choices=["full", "unary_only", "supervised"], default=None,
-                   help="DGL's variant (default: the profile's dgl.variant, full)")
-    p.add_argument("--iters", type=int, default=None, help="DGL: at most N iterations per epoch")
-    p.add_argument("--data-root", default=None)
-    p.add_argument("--dataset", default=None, help="override the profile's dataset")
-    p.add_argument("--out", required=True,
-                   help="output folder (checkpoint.pt, model_best.pt, history.json, train.log)")
-    p.add_argument("--memory", choices=["CM", "CMhybrid", "CMhybrid_v2"], default=None)
-    p.add_argument("--selection", choices=["val", "test", "last"], default=None,
-                   help="model selection: a validation split of the training ids (HHCL's default), the test "
-                        "set (the papers' practice) or the last epoch (DGL's default, as its reference)")
-    p.add_argument("--epochs", type=int, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--no-resume", action="store_true")
-    p.add_argument("--set", action="append", metavar="SECTION.FIELD=VALUE",
-                   help="override a profile value, e.g. --set hhcl.iters=400 (JSON values)")
-    p.add_argument("--subset-ids", type=int, default=None, metavar="N",
-                   help="keep N training and N test identities (same as --set data.subset_ids=N)")
-    p.set_defaults(func=_cmd_train)
+    _add_train_parser(sub)
 
     p = sub.add_parser("report", help="(re)write report.md of a run folder",
                        epilog="example: reidkit report runs/workshop-20261130-120000")

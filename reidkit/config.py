@@ -89,6 +89,27 @@ class HHCLConfig:
 
 
 @dataclass(frozen=True)
+class CameraConfig:
+    """Camera-aware HHCL: each part can be turned on alone (``--set camera.<part>=...``);
+    ``--camera-aware`` turns on :data:`CAMERA_AWARE_RECIPE`. All off: HHCL as released."""
+
+    centre: bool = False              # subtract each camera's mean feature (then re-normalise) before clustering
+    jaccard: str = "plain"            # plain | ca: the CA-Jaccard distance (CKRNNs + CLQE, Chen et al. CVPR 2024)
+    k1_intra: int = 5                 # CA-Jaccard: reciprocal neighbours in the same-camera list
+    k1_inter: int = 20                # ... and in the other-camera list
+    k2_intra: int = 2                 # CLQE rows from the same-camera list
+    k2_inter: int = 4                 # ... and from the other-camera list
+    proxies: bool = False             # CAP: one proxy per (cluster, camera) beside the cluster memory
+    proxy_weight: float = 1.0         # weight of the CAP loss added to the memory's loss
+    proxy_temp: float = 0.07
+    proxy_momentum: float = 0.2       # weight of the OLD proxy
+    crosscam_epoch: int = 5           # first epoch of the inter-camera association loss
+    bg_knn: int = 50                  # hard negative proxies of the association loss
+    cross_weight: float = 0.5
+    balanced: bool = False            # CAP's camera-balanced sampler: every (cluster, camera) drawn equally
+
+
+@dataclass(frozen=True)
 class DGLConfig:
     """The full DGL model (unary + pairwise + weak triplet) and the unary-only variant."""
 
@@ -131,10 +152,13 @@ class DGLConfig:
 #: profile; ``data.erasing_fill`` is HHCL's constant fill (spec hhcl §1.4)
 DGL_ERASING_FILL: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
-#: the two methods a profile can name: unsupervised HHCL, weakly supervised DGL
-METHODS = ("hhcl", "dgl")
+#: the methods a profile can name: unsupervised HHCL, weakly supervised DGL, and HHCL's recipe trained
+#: with the true labels (the supervised upper bound)
+METHODS = ("hhcl", "dgl", "supervised")
 #: the cluster memories (HHCL's ``hhcl.memory``): Cluster-Contrast, HHCL as released, HHCL as in the paper
 MEMORY_MODES = ("CM", "CMhybrid", "CMhybrid_v2")
+#: the Jaccard distances of camera-aware clustering (``camera.jaccard``)
+JACCARD_MODES = ("plain", "ca")
 #: the backbones (``model.arch``)
 ARCHS = ("resnet50", "resnet_ibn50a", "mobilenetv2")
 #: DGL's variants (``dgl.variant``)
@@ -145,11 +169,12 @@ DGL_VARIANTS = ("full", "unary_only", "supervised")
 class Profile:
     name: str
     description: str
-    method: str = "hhcl"                           # what train / reproduce run: hhcl | dgl
+    method: str = "hhcl"                           # what train / reproduce run: hhcl | dgl | supervised
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     hhcl: HHCLConfig = field(default_factory=HHCLConfig)
+    camera: CameraConfig = field(default_factory=CameraConfig)
     dgl: DGLConfig = field(default_factory=DGLConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 1
@@ -307,6 +332,20 @@ def list_profiles() -> list[str]:
     return list(PROFILES)
 
 
+#: what ``--camera-aware`` turns on (``reidkit train`` / ``reproduce``): the camera-aware recipe
+#: that measured best on a real two-camera set (docs/cameras.md). Each part also works alone.
+CAMERA_AWARE_RECIPE: dict[str, Any] = {"camera.centre": True, "camera.jaccard": "ca", "camera.proxies": True,
+                                       "camera.balanced": True}
+
+
+def camera_parts(profile: "Profile | str") -> list[str]:
+    """The camera-aware parts a profile turns on, by name (``[]``: HHCL as released)."""
+    cam = get_profile(profile).camera
+    parts = [("centre", cam.centre), ("ca-jaccard", cam.jaccard == "ca"),
+             (f"proxies x{cam.proxy_weight:g}", cam.proxies), ("balanced-sampler", cam.balanced)]
+    return [name for name, on in parts if on]
+
+
 # --------------------------------------------------------------------------------------------
 # overrides: ``--set section.field=value`` on the command line, ``"overrides"`` in run.json
 
@@ -314,7 +353,7 @@ class OverrideError(ValueError):
     """An override names no field of the profile, or its value does not fit the field's type."""
 
 
-_SECTIONS = ("data", "model", "cluster", "hhcl", "dgl", "eval")
+_SECTIONS = ("data", "model", "cluster", "hhcl", "camera", "dgl", "eval")
 _TOP_LEVEL = ("seed", "method")
 
 
@@ -387,7 +426,7 @@ def _coerce(key: str, value: Any, hint) -> Any:
 
 #: string fields that take one of a fixed set of values; the modules that implement them import
 #: these tuples from here, so the config never imports upward
-_CHOICES = {"hhcl.memory": MEMORY_MODES, "model.arch": ARCHS, "dgl.variant": DGL_VARIANTS, "method": METHODS}
+_CHOICES = {"hhcl.memory": MEMORY_MODES, "camera.jaccard": JACCARD_MODES, "model.arch": ARCHS, "dgl.variant": DGL_VARIANTS, "method": METHODS}
 
 
 def _check_choice(key: str, value: Any) -> Any:

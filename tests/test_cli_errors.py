@@ -30,6 +30,7 @@ def no_training(monkeypatch):
 
     monkeypatch.setattr("reidkit.hhcl.method.fit", fit)
     monkeypatch.setattr("reidkit.dgl.method.fit", fit)
+    monkeypatch.setattr("reidkit.hhcl.supervised.fit", fit)
 
 
 @pytest.mark.parametrize("extra, expect", [
@@ -39,6 +40,9 @@ def no_training(monkeypatch):
     (["--set", "hhcl.iters=abc"], "expected an integer, got 'abc'"),
     (["--set", "hhcl.memory=CMX"], "'CMX' is not one of CM, CMhybrid, CMhybrid_v2"),
     (["--set", "model.arch=vgg16"], "'vgg16' is not one of"),
+    (["--set", "camera.jaccard=xx"], "'xx' is not one of plain, ca"),
+    (["--method", "dgl", "--camera-aware"], "camera.* are HHCL's"),
+    (["--method", "dgl", "--memory", "CM"], "--memory is HHCL's"),
     (["--set", "hhcl.iters"], "SECTION.FIELD=VALUE"),
     (["--device", "gpu"], "bad --device 'gpu'"),
     (["--dataset", "nosuchset"], "unknown dataset 'nosuchset'"),

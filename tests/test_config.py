@@ -85,7 +85,7 @@ def test_dgl_input_follows_data_overrides():
 def test_no_field_is_repeated_across_sections():
     hints = typing.get_type_hints(Profile)
     sections = [f.name for f in dataclasses.fields(Profile) if dataclasses.is_dataclass(hints[f.name])]
-    assert set(sections) == {"data", "model", "cluster", "hhcl", "dgl", "eval"}
+    assert set(sections) == {"data", "model", "cluster", "hhcl", "camera", "dgl", "eval"}
     where: dict[str, list[str]] = {}
     for section in sections:
         for f in dataclasses.fields(hints[section]):

@@ -12,37 +12,17 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from _tiny import QUIET, tiny_dataset, tiny_hhcl_profile
 
 from reidkit.config import get_profile
 from reidkit.core.io import torch_load
-from reidkit.data.datasets import load_dataset
-from reidkit.data.records import BatchFillError, CorruptImageError, Record, ReIDDataset
+from reidkit.data.records import BatchFillError, CorruptImageError
 from reidkit.dgl.method import train_dgl
 from reidkit.hhcl.method import HHCL, train_hhcl
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conftest)
 
 ROOT = Path(__file__).resolve().parents[1]
-QUIET = dict(log=lambda *_: None, selection="last", device="cpu")
-
-
-def _tiny_dataset(gallery_paths=None):
-    ds = load_dataset("mini-mars")
-    pids = sorted({r.pid for r in ds.train})[:8]
-    tr = [r for r in ds.train if r.pid in pids]
-    qp = sorted({r.pid for r in ds.query})[:4]
-    gallery = [r for r in ds.gallery if r.pid in qp][::2]
-    if gallery_paths:
-        gallery = [r._replace(path=str(p)) for r, p in zip(gallery, gallery_paths)] + gallery[len(gallery_paths):]
-    return ReIDDataset("tiny", ds.root, tr, [r for r in ds.query if r.pid in qp][::2], gallery)
-
-
-def _hhcl_profile(**kw):
-    return get_profile("smoke").replace(**{"hhcl__iters": 1, "hhcl__batch_size": 16, "hhcl__num_instances": 4,
-                                           "hhcl__epochs": 2, "hhcl__eval_step": 1, "data__test_batch_size": 64,
-                                           "data__workers": 0, "cluster__k1": 10, "cluster__k2": 3,
-                                           "cluster__eps": 0.6, **kw})
 
 
 def _env():
@@ -55,9 +35,9 @@ def _env():
 @pytest.mark.parametrize("method", ["hhcl", "dgl"])
 def test_both_methods_write_the_same_files_and_history_every_epoch(tmp_path, method):
     if method == "hhcl":
-        res = train_hhcl(_hhcl_profile(), _tiny_dataset(), out_dir=tmp_path, stop_after=1, **QUIET)
+        res = train_hhcl(tiny_hhcl_profile(), tiny_dataset(), out_dir=tmp_path, stop_after=1, **QUIET)
     else:
-        res = train_dgl("smoke", _tiny_dataset(), tmp_path, variant="full", epochs=2, iters=1, stop_after=1,
+        res = train_dgl("smoke", tiny_dataset(), tmp_path, variant="full", epochs=2, iters=1, stop_after=1,
                         **QUIET)
     assert not res.finished and res.method == method
     for name in ("checkpoint.pt", "model_best.pt", "history.json", "train.log"):
@@ -73,7 +53,7 @@ def test_both_methods_write_the_same_files_and_history_every_epoch(tmp_path, met
 
 def test_periodic_progress_lines_reach_the_log_file(tmp_path, monkeypatch):
     monkeypatch.setenv("REIDKIT_LOG_EVERY", "0")
-    train_dgl("smoke", _tiny_dataset(), tmp_path, variant="unary_only", epochs=1, iters=2, evaluate=False,
+    train_dgl("smoke", tiny_dataset(), tmp_path, variant="unary_only", epochs=1, iters=2, evaluate=False,
               **QUIET)
     lines = [ln for ln in (tmp_path / "train.log").read_text().splitlines() if "iteration" in ln]
     assert len(lines) == 2 and "iteration 2/2" in lines[-1] and "img/s" in lines[-1]
@@ -86,7 +66,7 @@ def test_a_corrupt_gallery_image_stops_the_run_before_training(tmp_path):
     bad = tmp_path / "broken.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     with pytest.raises(CorruptImageError, match="broken.jpg"):
-        train_hhcl(_hhcl_profile(), _tiny_dataset([bad]), out_dir=tmp_path / "run", **QUIET)
+        train_hhcl(tiny_hhcl_profile(), tiny_dataset([bad]), out_dir=tmp_path / "run", **QUIET)
     assert not (tmp_path / "run" / "checkpoint.pt").exists()  # no epoch was trained
 
 
@@ -100,12 +80,12 @@ def test_the_epoch_is_checkpointed_before_it_is_evaluated(tmp_path, monkeypatch)
 
     monkeypatch.setattr(HHCL, "evaluate", crash)
     with pytest.raises(RuntimeError, match="evaluation died"):
-        train_hhcl(_hhcl_profile(), _tiny_dataset(), out_dir=tmp_path, **QUIET)
+        train_hhcl(tiny_hhcl_profile(), tiny_dataset(), out_dir=tmp_path, **QUIET)
     ck = torch_load(tmp_path / "checkpoint.pt")
     assert ck["epoch"] == 1 and ck["eval_pending"] is True
     monkeypatch.setattr(HHCL, "evaluate", real)
     logs = []
-    res = train_hhcl(_hhcl_profile(), _tiny_dataset(), out_dir=tmp_path, **(QUIET | {"log": logs.append}))
+    res = train_hhcl(tiny_hhcl_profile(), tiny_dataset(), out_dir=tmp_path, **(QUIET | {"log": logs.append}))
     assert res.finished and [("test" in h) for h in res.history] == [True, True]
     assert any("resumed" in line and "epoch 1" in line for line in logs)
     assert torch_load(tmp_path / "checkpoint.pt")["eval_pending"] is False
@@ -116,9 +96,9 @@ def test_the_epoch_is_checkpointed_before_it_is_evaluated(tmp_path, monkeypatch)
 
 def test_dgl_no_resume_moves_old_files_aside(tmp_path):
     kw = dict(variant="unary_only", epochs=1, iters=1, evaluate=False, **QUIET)
-    train_dgl("smoke", _tiny_dataset(), tmp_path, **kw)
+    train_dgl("smoke", tiny_dataset(), tmp_path, **kw)
     before = (tmp_path / "model_best.pt").read_bytes()
-    train_dgl("smoke", _tiny_dataset(), tmp_path, resume=False, **kw)
+    train_dgl("smoke", tiny_dataset(), tmp_path, resume=False, **kw)
     backups = sorted(p.name for p in tmp_path.glob("*.bak"))
     assert any(n.startswith("checkpoint.pt.") for n in backups)
     assert any(n.startswith("model_best.pt.") for n in backups)
@@ -130,7 +110,7 @@ def test_dgl_batch_that_cannot_be_filled_is_refused_at_start(tmp_path):
     prof = get_profile("smoke").replace(dgl__ids_per_batch=64)
     with pytest.raises(BatchFillError, match=r"training split cannot fill a batch: 8 identities, and a batch "
                                              r"takes 64 \(64 x 4 = 256 images\).*Lower dgl.ids_per_batch"):
-        train_dgl(prof, _tiny_dataset(), tmp_path, variant="full", epochs=1, iters=1, **QUIET)
+        train_dgl(prof, tiny_dataset(), tmp_path, variant="full", epochs=1, iters=1, **QUIET)
     assert not (tmp_path / "checkpoint.pt").exists()
 
 

@@ -52,7 +52,8 @@ def test_one_training_loop_for_both_methods():
 FLOORS = {"core": 0, "config": 0, "data": 1, "nets": 2, "retrieval": 2, "train": 4, "course": 6, "viz": 6,
           "cli": 7, "__main__": 7, "__init__": 0}
 #: inside hhcl/ and dgl/, the kernels stand on floor 3 and the methods on floor 5
-METHOD_MODULES = {"reidkit.hhcl.method": 5, "reidkit.dgl.method": 5, "reidkit.dgl.evaluate": 5}
+METHOD_MODULES = {"reidkit.hhcl.method": 5, "reidkit.hhcl.supervised": 5, "reidkit.dgl.method": 5,
+                  "reidkit.dgl.evaluate": 5}
 #: function-level imports allowed, each an optional or run-time-only dependency (see the architecture page)
 OPTIONAL = {"faiss", "papermill", "IPython", "ipywidgets", "torchvision"}
 

@@ -5,12 +5,11 @@ import json
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny_dataset, tiny_hhcl_profile
 from torch import nn
 
-from reidkit.config import get_profile
 from reidkit.core.io import torch_load
 from reidkit.data.datasets import load_dataset
-from reidkit.data.records import ReIDDataset
 from reidkit.hhcl.method import train_hhcl
 from reidkit.nets.ghost_bn import GhostBatchNorm2d, apply_ghost_bn
 from reidkit.train.engine import make_val_split
@@ -46,24 +45,12 @@ def test_val_split_holds_out_multi_camera_identities():
     assert all(any(qq.pid == gg.pid and qq.camid != gg.camid for gg in g) for qq in q)
 
 
-def _tiny_dataset():
-    ds = load_dataset("mini-mars")
-    pids = sorted({r.pid for r in ds.train})[:8]
-    tr = [r for r in ds.train if r.pid in pids]
-    qp = sorted({r.pid for r in ds.query})[:4]
-    q = [r for r in ds.query if r.pid in qp][::2]
-    g = [r for r in ds.gallery if r.pid in qp][::2]
-    return ReIDDataset("tiny", ds.root, tr, q, g)
-
-
 def _tiny_profile():
-    return get_profile("smoke").replace(hhcl__iters=2, hhcl__batch_size=16, hhcl__num_instances=4,
-                                        hhcl__epochs=2, hhcl__eval_step=2, data__test_batch_size=64,
-                                        cluster__k1=10, cluster__k2=3, cluster__eps=0.6)
+    return tiny_hhcl_profile(hhcl__iters=2, hhcl__eval_step=2)
 
 
 def test_resume_reproduces_the_uninterrupted_run_exactly(tmp_path):
-    ds, prof = _tiny_dataset(), _tiny_profile()
+    ds, prof = tiny_dataset(), _tiny_profile()
     full = train_hhcl(prof, ds, out_dir=tmp_path / "full", selection="last", log=lambda *_: None)
     assert [h["epoch"] for h in full.history] == [0, 1]
     part = train_hhcl(prof, ds, out_dir=tmp_path / "part", selection="last", stop_after=1, log=lambda *_: None)
@@ -124,7 +111,7 @@ def _torchrun_and_one_process(tmp_path, common, sets_ddp, sets_one, port):
 def test_ddp_two_cpu_processes_match_one_process_with_ghost_bn(tmp_path):
     """torchrun with 2 gloo processes (each a contiguous half of every global batch, the memory
     updated with the gathered batch) trains like one process whose BN normalises the same halves."""
-    root = _folder_tree(tmp_path / "data", _tiny_dataset())
+    root = _folder_tree(tmp_path / "data", tiny_dataset())
     sets = ["data.flip=false", "data.pad=0", "data.erasing_p=0", "data.workers=0", "hhcl.amp=false", "hhcl.iters=2",
             "hhcl.batch_size=16", "hhcl.num_instances=4", "hhcl.epochs=1", "hhcl.eval_step=1",
             "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.6"]
@@ -141,7 +128,7 @@ def test_dgl_ddp_two_cpu_processes_match_one_process(tmp_path):
     """DGL under torchrun with 2 gloo processes: each rank forwards half of every global batch, the
     outputs are gathered with their gradients, and every rank computes the bag loss over the whole
     batch, so training follows one process whose BN normalises the same halves (ghost BN)."""
-    root = _folder_tree(tmp_path / "data", _tiny_dataset())
+    root = _folder_tree(tmp_path / "data", tiny_dataset())
     sets = ["data.flip=false", "data.erasing_p=0", "data.workers=0", "dgl.amp=false", "dgl.epochs=1",
             "dgl.ids_per_batch=4", "dgl.images_per_id=4", "dgl.ids_per_bag=2"]
     common = ["--method", "dgl", "--variant", "full", "--profile", "smoke", "--dataset", "folder", "--data-root",

@@ -4,36 +4,20 @@ The validation split follows the test protocol; a damaged or mismatched checkpoi
 one line naming the file; too few pseudo-identities for a batch, ``resume=False`` and an ``epochs``
 below the epochs already done are each handled in the open."""
 
-import numpy as np
 import pytest
 import torch
+from _tiny import QUIET, tiny_dataset, tiny_hhcl_profile
 
 from reidkit.config import get_profile
 from reidkit.core.io import CheckpointError, read_train_checkpoint, torch_load
 from reidkit.data.datasets import load_dataset
-from reidkit.data.records import ReIDDataset
 from reidkit.hhcl.method import train_hhcl
 from reidkit.train.engine import make_val_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conftest)
 
-QUIET = dict(log=lambda *_: None, selection="last", device="cpu")
-
-
-def _tiny_dataset():
-    ds = load_dataset("mini-mars")
-    pids = sorted({r.pid for r in ds.train})[:8]
-    tr = [r for r in ds.train if r.pid in pids]
-    qp = sorted({r.pid for r in ds.query})[:4]
-    return ReIDDataset("tiny", ds.root, tr, [r for r in ds.query if r.pid in qp][::2],
-                       [r for r in ds.gallery if r.pid in qp][::2])
-
-
 def _tiny_profile(**kw):
-    return get_profile("smoke").replace(**{"hhcl__iters": 1, "hhcl__batch_size": 16, "hhcl__num_instances": 4,
-                                           "hhcl__epochs": 1, "hhcl__eval_step": 1, "data__test_batch_size": 64,
-                                           "data__workers": 0, "cluster__k1": 10, "cluster__k2": 3,
-                                           "cluster__eps": 0.6, **kw})
+    return tiny_hhcl_profile(**{"hhcl__epochs": 1, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +27,7 @@ def one_epoch(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train_hhcl(_tiny_profile(), _tiny_dataset(), out_dir=out, **QUIET)
+        train_hhcl(_tiny_profile(), tiny_dataset(), out_dir=out, **QUIET)
     finally:
         torch.set_num_threads(n)
     return out
@@ -88,7 +72,7 @@ def test_damaged_checkpoint_is_refused_naming_the_file(one_epoch, tmp_path, dama
     msg = str(exc.value)
     assert str(ck) in msg and "\n" not in msg and "damaged" in msg
     with pytest.raises(CheckpointError, match="damaged"):
-        train_hhcl(_tiny_profile(hhcl__epochs=2), _tiny_dataset(), out_dir=out, **QUIET)
+        train_hhcl(_tiny_profile(hhcl__epochs=2), tiny_dataset(), out_dir=out, **QUIET)
 
 
 # 3. a checkpoint records its settings; resuming under others is refused -----------------------
@@ -115,7 +99,7 @@ def test_resume_under_other_settings_is_refused_naming_both_sides(one_epoch, tmp
     out = _copy_run(one_epoch, tmp_path / "r")
     prof = _tiny_profile(hhcl__epochs=2, **change.get("prof_kw", {}))
     with pytest.raises(CheckpointError) as exc:
-        train_hhcl(prof, _tiny_dataset(), out_dir=out, memory=change.get("memory"), **QUIET)
+        train_hhcl(prof, tiny_dataset(), out_dir=out, memory=change.get("memory"), **QUIET)
     msg = str(exc.value)
     assert str(out / "checkpoint.pt") in msg and "checkpoint" in msg and "now" in msg and "\n" not in msg
     for w in words:
@@ -127,7 +111,7 @@ def test_resume_under_another_profile_is_refused(one_epoch, tmp_path):
     other = _tiny_profile(hhcl__epochs=2)
     other = other.replace(name="workshop")
     with pytest.raises(CheckpointError, match="profile: checkpoint 'smoke' vs now 'workshop'"):
-        train_hhcl(other, _tiny_dataset(), out_dir=out, **QUIET)
+        train_hhcl(other, tiny_dataset(), out_dir=out, **QUIET)
 
 
 # 4. too few pseudo-identities for a batch ----------------------------------------------------
@@ -135,7 +119,7 @@ def test_resume_under_another_profile_is_refused(one_epoch, tmp_path):
 def test_too_few_clusters_for_a_batch_is_a_clear_error(tmp_path):
     prof = _tiny_profile(hhcl__batch_size=256, hhcl__num_instances=4)
     with pytest.raises(ValueError, match=r"clusters x 4 instances = \d+ .*batch size 256"):
-        train_hhcl(prof, _tiny_dataset(), out_dir=tmp_path, **QUIET)
+        train_hhcl(prof, tiny_dataset(), out_dir=tmp_path, **QUIET)
 
 
 # 5. resume=False moves old files aside --------------------------------------------------------
@@ -145,7 +129,7 @@ def test_no_resume_moves_old_checkpoints_aside(one_epoch, tmp_path):
     (out / "model_best.pt").write_bytes((one_epoch / "model_best.pt").read_bytes())
     old = (out / "checkpoint.pt").read_bytes()
     logs = []
-    train_hhcl(_tiny_profile(hhcl__iters=0), _tiny_dataset(), out_dir=out, resume=False,
+    train_hhcl(_tiny_profile(hhcl__iters=0), tiny_dataset(), out_dir=out, resume=False,
                **{**QUIET, "log": logs.append})
     baks = sorted(p.name for p in out.glob("*.bak"))
     assert len(baks) == 2 and baks[0].startswith("checkpoint.pt.") and baks[1].startswith("model_best.pt.")
@@ -158,7 +142,7 @@ def test_no_resume_moves_old_checkpoints_aside(one_epoch, tmp_path):
 def test_epochs_below_the_epochs_done_is_an_error(one_epoch, tmp_path):
     out = _copy_run(one_epoch, tmp_path / "e")
     with pytest.raises(ValueError, match=r"1 epochs done.*0 asked"):
-        train_hhcl(_tiny_profile(), _tiny_dataset(), out_dir=out, epochs=0, **QUIET)
+        train_hhcl(_tiny_profile(), tiny_dataset(), out_dir=out, epochs=0, **QUIET)
 
 
 # the DGL loop reads its checkpoint the same way --------------------------------------------------

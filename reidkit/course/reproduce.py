@@ -30,7 +30,14 @@ from typing import Sequence
 
 import nbformat
 
-from reidkit.config import OverrideError, apply_overrides, get_profile, parse_set, validate_overrides
+from reidkit.config import (
+    CAMERA_AWARE_RECIPE,
+    OverrideError,
+    apply_overrides,
+    get_profile,
+    parse_set,
+    validate_overrides,
+)
 from reidkit.core.device import resolve_device
 from reidkit.core.io import atomic_write_json
 from reidkit.course.report import environment, write_report
@@ -259,10 +266,12 @@ def _run_locked(pm, prof, data_root, run_dir: Path, device, seed, notebooks, tim
 
 
 def overrides_from_args(args) -> dict:
-    """``--set`` pairs and ``--subset-ids`` of a command line as ``{"section.field": value}``
-    (validated; raises ``OverrideError``)."""
+    """``--camera-aware``, ``--set`` pairs and ``--subset-ids`` of a command line as
+    ``{"section.field": value}`` (validated; raises ``OverrideError``). ``--set`` wins over the
+    camera-aware recipe, so one of its parts can be turned off."""
 
-    overrides = parse_set(getattr(args, "set", None))
+    overrides = dict(CAMERA_AWARE_RECIPE) if getattr(args, "camera_aware", False) else {}
+    overrides.update(parse_set(getattr(args, "set", None)))
     if getattr(args, "subset_ids", None) is not None:
         overrides.update(parse_set([f"data.subset_ids={int(args.subset_ids)}"]))
     return overrides

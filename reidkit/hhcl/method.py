@@ -8,6 +8,12 @@ Each epoch (spec hhcl §0, §3, §5):
 4. exactly ``iters`` iterations of camera-aware PK batches (the sampler restarts when exhausted);
    Adam (lr, coupled weight decay, the frozen BN-neck bias excluded), StepLR per epoch.
 
+The profile's ``camera`` section adds the camera-aware parts, each on its own: per-camera centring
+before the distance, the CA-Jaccard distance, CAP's per-(cluster, camera) proxies beside the memory
+and CAP's camera-balanced sampler (all off: HHCL as released). Where the training images carry
+true identities, every epoch's pseudo-labels are scored against them (:func:`pseudo_label_quality`,
+in ``history.json`` and ``train.log``); the score is diagnostic and never used in training.
+
 Seeding, DDP, checkpoints, evaluation cadence and model selection are the engine's
 (``reidkit.train.engine``). Under DDP every rank extracts its shard with rank 0's BN statistics, rank 0
 clusters and broadcasts the pseudo-labels, and the memory sees the whole global batch.
@@ -24,15 +30,19 @@ import torch
 from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 
-from reidkit.config import Profile, get_profile
+from reidkit.config import Profile, camera_parts, get_profile
 from reidkit.core.device import amp_dtype
 from reidkit.data.records import ReIDDataset
 from reidkit.data.samplers import CameraAwarePKSampler
 from reidkit.data.subset import load_profile_dataset
 from reidkit.data.transforms import ImageDataset, train_transform
+from reidkit.hhcl.cap import CameraBalancedSampler, CameraProxyMemory
 from reidkit.hhcl.clustering import dbscan_labels
+from reidkit.hhcl.label_quality import pseudo_label_quality
 from reidkit.hhcl.memory import ClusterMemory
 from reidkit.nets.backbones import build_model
+from reidkit.retrieval.ca_jaccard import ca_jaccard_distance
+from reidkit.retrieval.camera_bias import camera_centred
 from reidkit.retrieval.jaccard import jaccard_distance
 from reidkit.retrieval.protocol import evaluate_model, extract_records
 from reidkit.train.checkpoints import run_settings
@@ -53,14 +63,34 @@ def slim(res: dict) -> dict:
     return {k: v for k, v in res.items() if k != "cmc"} | {"cmc": res["cmc"][:20]}
 
 
-def cluster(features: np.ndarray, profile: Profile, device) -> tuple[np.ndarray, dict]:
-    """Pseudo-labels of one epoch: Jaccard distance, then DBSCAN; with the time of each."""
+def cluster(features: np.ndarray, profile: Profile, device, cams=None, epoch: int | None = None
+            ) -> tuple[np.ndarray, dict]:
+    """Pseudo-labels of one epoch: the Jaccard distance (plain, or camera-aware as the profile's
+    ``camera`` section says, which needs ``cams``), then DBSCAN; with the time of each."""
 
+    cam, k = profile.camera, profile.cluster
+    if (cam.centre or cam.jaccard == "ca") and cams is None:
+        raise ValueError("camera-aware clustering (camera.centre / camera.jaccard='ca') needs the cameras")
     t0 = time.time()
-    dist = jaccard_distance(features, k1=profile.cluster.k1, k2=profile.cluster.k2, device=device)
+    x = camera_centred(features, cams) if cam.centre else features
+    if cam.jaccard == "ca":
+        dist = ca_jaccard_distance(x, cams, k1=k.k1, k2=k.k2, k1_intra=cam.k1_intra, k1_inter=cam.k1_inter,
+                                   k2_intra=cam.k2_intra, k2_inter=cam.k2_inter, epoch=epoch, device=device)
+    else:
+        dist = jaccard_distance(x, k1=k.k1, k2=k.k2, device=device)
     t1 = time.time()
-    labels = np.asarray(dbscan_labels(dist, eps=profile.cluster.eps, min_samples=profile.cluster.min_samples))
+    labels = np.asarray(dbscan_labels(dist, eps=k.eps, min_samples=k.min_samples))
     return labels, {"t_jaccard": t1 - t0, "t_dbscan": time.time() - t1}
+
+
+def label_quality_line(q: dict) -> str:
+    """The ``train.log`` words of one epoch's pseudo-label quality."""
+    join = q.get("cross_camera_join_rate")
+    share = q.get("ids_joined_across_share")
+    purity = q.get("purity")
+    return (f"ARI {q['ari']:.3f} purity " + ("n/a" if purity is None else f"{purity:.2f}")
+            + " cross-cam pairs joined " + ("n/a" if join is None else f"{100 * join:.1f}%")
+            + " ids joined " + ("n/a" if share is None else f"{100 * share:.0f}%"))
 
 
 def _restarting(loader, iters: int) -> Iterator:
@@ -95,19 +125,20 @@ class HHCL(Method):
         self.epochs, self.eval_every = self.cfg.epochs, self.cfg.eval_step
         self.batch_size, self.ghost_bn = self.cfg.batch_size, self.cfg.ghost_bn
         self.label = self.cfg.memory
-        self.mem = None
+        self.mem = self.cap = None
 
     def describe(self) -> str:
         c = self.cfg
-        return (f"HHCL ({c.memory}) | profile {self.prof.name} | {self.prof.model.arch} | batch {c.batch_size} = "
+        cam = camera_parts(self.prof)
+        return (f"HHCL ({c.memory}{' + ' + ', '.join(cam) if cam else ''}) | profile {self.prof.name} | {self.prof.model.arch} | batch {c.batch_size} = "
                 f"{c.batch_size // c.num_instances} x {c.num_instances} | {c.epochs} epochs x {c.iters} iterations")
 
     def settings(self) -> dict:
 
-        return run_settings(self.prof, "hhcl", memory=self.cfg.memory)
+        return run_settings(self.prof, self.name, memory=self.cfg.memory, camera=camera_parts(self.prof))
 
     def checkpoint_info(self) -> dict:
-        return {"memory": self.cfg.memory}
+        return {"memory": self.cfg.memory, "camera": camera_parts(self.prof)}
 
     def prepare(self, dev, selection: str, seed: int, log) -> None:
 
@@ -116,6 +147,9 @@ class HHCL(Method):
         if selection == "val":
             self.train_recs, self.val_q, self.val_g = make_val_split(self.train_recs, seed=seed)
         self.camids = np.array([r.camid for r in self.train_recs])
+        self.pids = np.array([r.pid for r in self.train_recs])
+        # identities known (a labelled dataset read without its labels): score the pseudo-labels
+        self.score_labels = len(self.pids) > 0 and bool((self.pids >= 0).any())
         self.train_tf = self._train_transform()
 
     def _train_transform(self):
@@ -144,9 +178,13 @@ class HHCL(Method):
             entry.update(buffer_spread_unsynced=before, buffer_spread=after)
         feats = extract_sharded(extract_records, model, self.train_recs, self.prof, dev, f"epoch {epoch} features")
         entry["t_extract"] = time.time() - t0
-        labels, times = cluster(feats, self.prof, dev) if rank == 0 else (None, {})
+        labels, times = self.pseudo_labels(feats, epoch, dev) if rank == 0 else (None, {})
         entry.update(times)
         return feats, broadcast_labels(labels, len(feats), dev)
+
+    def pseudo_labels(self, feats: np.ndarray, epoch: int, dev) -> tuple[np.ndarray, dict]:
+        """The epoch's training labels (``-1``: left out) and timings: HHCL clusters the features."""
+        return cluster(feats, self.prof, dev, self.camids, epoch)
 
     def begin_epoch(self, epoch: int, eseed: int, model, dev, entry: dict, log) -> tuple[Any, int | None]:
         """Cluster, build the memory, and the epoch's loader; (None, None) when nothing can train."""
@@ -155,6 +193,8 @@ class HHCL(Method):
         keep = np.flatnonzero(labels >= 0)
         n_clusters = int(labels.max()) + 1 if len(keep) else 0
         entry.update(clusters=n_clusters, outliers=int((labels < 0).sum()))
+        if self.score_labels and dist_info()[0] == 0:  # diagnostic only: never read by training
+            entry["labels"] = pseudo_label_quality(labels, self.pids, self.camids)
         if n_clusters < 2:
             log(f"epoch {epoch}: {n_clusters} clusters, nothing to train on; skipping the epoch's iterations")
             entry.update(loss=None, t_train=0.0)
@@ -166,8 +206,12 @@ class HHCL(Method):
                              f"{c.batch_size}: no batch can be filled (lower hhcl.batch_size or "
                              f"hhcl.num_instances, or loosen the clustering)")
         self.mem = self._memory(feats, labels, eseed, dev)
-        if dist_info()[1] > 1:  # the memory is updated with the whole global batch
+        self.cap = self._proxies(feats, labels, keep, dev)
+        self.epoch = epoch
+        if dist_info()[1] > 1:  # the memories are updated with the whole global batch
             self.mem.gather = gather_batch
+            if self.cap is not None:
+                self.cap.gather = gather_batch
         self.use_amp = amp_dtype(self.prof, dev)
         return _restarting(self._loader(labels, keep, eseed, dev), c.iters), c.iters
 
@@ -179,13 +223,28 @@ class HHCL(Method):
                                            mode=c.memory, temp=c.temp, momentum=c.momentum,
                                            hard_weight=c.hard_weight, num_instances=c.num_instances, generator=gen)
 
+    def _proxies(self, feats: np.ndarray, labels: np.ndarray, keep: np.ndarray, dev):
+        """CAP's camera proxies of the kept images (indexed like the epoch's loader), or None."""
+
+        cam = self.prof.camera
+        if not cam.proxies:
+            return None
+        x = torch.from_numpy(np.ascontiguousarray(feats[keep])).to(dev)
+        return CameraProxyMemory.from_features(x, labels[keep], self.camids[keep], temp=cam.proxy_temp,
+                                               momentum=cam.proxy_momentum, crosscam_epoch=cam.crosscam_epoch,
+                                               bg_knn=cam.bg_knn, cross_weight=cam.cross_weight)
+
     def _loader(self, labels: np.ndarray, keep: np.ndarray, eseed: int, dev):
-        """Camera-aware PK batches of the kept images; each rank takes its contiguous slice."""
+        """PK batches of the kept images (camera-aware, or CAP's camera-balanced ones); each rank
+        takes its contiguous slice."""
 
         rank, world = dist_info()
         c = self.cfg
-        sampler = CameraAwarePKSampler(labels[keep], self.camids[keep], num_instances=c.num_instances, seed=eseed,
-                                       camera_aware=c.camera_aware)
+        if self.prof.camera.balanced:  # num_instances consecutive images of one (cluster, camera)
+            sampler = CameraBalancedSampler(labels[keep], self.camids[keep], k=c.num_instances, seed=eseed)
+        else:
+            sampler = CameraAwarePKSampler(labels[keep], self.camids[keep], num_instances=c.num_instances,
+                                           seed=eseed, camera_aware=c.camera_aware)
         batches = RankSlice(BatchSampler(sampler, c.batch_size, drop_last=True), rank, world)
         sub = [self.train_recs[i] for i in keep]
         return DataLoader(ImageDataset(sub, self.train_tf, labels=labels[keep].tolist()), batch_sampler=batches,
@@ -202,6 +261,9 @@ class HHCL(Method):
         with torch.autocast(dev.type, dtype=use_amp or torch.bfloat16, enabled=use_amp is not None):
             feat = net(x)
         loss = self.mem(feat.float(), y)
+        if self.cap is not None:  # both memories update themselves in the one backward
+            loss = loss + self.prof.camera.proxy_weight * self.cap(feat.float(), batch["index"].to(dev),
+                                                                   batch["camid"].to(dev), self.epoch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -221,6 +283,8 @@ class HHCL(Method):
     @staticmethod
     def epoch_line(e: dict) -> str:
         parts = [f"epoch {e['epoch']:3d}", f"clusters {e['clusters']:5d}", f"outliers {e['outliers']:5d}"]
+        if e.get("labels"):
+            parts.append(label_quality_line(e["labels"]))
         if e.get("loss") is not None:
             parts.append(f"loss {e['loss']:.3f}")
         for split in ("val", "test"):

@@ -40,7 +40,9 @@ def profile_overrides(prof: Profile) -> dict[str, Any]:
 
 
 #: the profile sections that shape each method's training (the others' overrides do not matter to it)
-METHOD_SECTIONS = {"hhcl": ("data", "model", "cluster", "hhcl", "seed"), "dgl": ("data", "model", "dgl", "seed")}
+METHOD_SECTIONS = {"hhcl": ("data", "model", "cluster", "hhcl", "camera", "seed"),
+                   "supervised": ("data", "model", "hhcl", "camera", "seed"),
+                   "dgl": ("data", "model", "dgl", "seed")}
 
 
 def run_settings(prof: Profile, method: str, **extra: Any) -> dict[str, Any]:

@@ -226,7 +226,7 @@ def gpu_cost(profile) -> dict[str, Any]:
         raise ValueError(f"gpu_cost covers the paper datasets ({', '.join(DATASET_SIZES)}); "
                          f"profile {prof.name} reads {prof.data.dataset}")
     method = _method(prof)
-    plan = _hhcl_plan(prof) if method == "hhcl" else _dgl_plan(prof)
+    plan = _dgl_plan(prof) if method == "dgl" else _hhcl_plan(prof)  # supervised: HHCL's recipe
     rate = _rate_tflops(plan["amp"]) * 1e3                # GFLOP/s
     train_s = plan["train_images"] * plan["train_gflop"] / rate
     epoch_s = train_s + plan["fwd_gflop_epoch"] / rate
