@@ -1,5 +1,5 @@
 """bf16 screening with an exact fp32 answer: the kNN / Jaccard distance and the SYSU-30k evaluation
-give identical outputs with ``precision="bf16"`` and ``precision="fp32"`` (issue 12), on random data
+give identical outputs with ``precision="bf16"`` and ``precision="fp32"``, on random data
 and on adversarial ties (duplicates, near-duplicates below bf16 resolution, orthogonal features).
 Both precisions run on any CPU (bf16 is emulated where it is not native: slower, same answer)."""
 

@@ -1,4 +1,4 @@
-"""Issue 10 item 5, the command line's side: user errors exit 2 in one line before any work,
+"""The command line's side of a run that tells the truth: user errors exit 2 in one line before any work,
 written files follow the umask, reproduce's completion digest ignores the run folder's path,
 ``report`` on a folder that is no run folder, and line-flushed stdout. No training here."""
 

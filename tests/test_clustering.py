@@ -12,6 +12,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 from _golden import case_prefixes, load_golden
+from _kreciprocal import jaccard_of, kreciprocal_encoding
 from sklearn.cluster import DBSCAN
 from sklearn.metrics import adjusted_rand_score
 
@@ -169,32 +170,13 @@ def test_knn_rejects_bad_k():
 
 # ------------------------------------------------------------------------------- independent reference
 def _naive_jaccard(x: np.ndarray, k1: int, k2: int) -> np.ndarray:
-    """Row-by-row dense re-implementation of the documented semantics (float64, small N only)."""
-    n = len(x)
-    d2 = ((x[:, None, :].astype(np.float64) - x[None]) ** 2).sum(-1)
+    """The documented semantics, dense (tests/_kreciprocal.py): ranking on squared distances cut
+    to k1 columns, weights on ``2 - 2 x.y``, float64."""
+    x64 = x.astype(np.float64)
+    d2 = ((x64[:, None, :] - x64[None]) ** 2).sum(-1)
     rank = np.argsort(d2, 1, kind="stable")[:, :k1]
-
-    def recip(i, k):
-        fwd = rank[i, : k + 1]
-        return np.array([j for j in fwd if i in rank[j, : k + 1]], dtype=np.int64)
-
-    h = int(np.around(k1 / 2))
-    v = np.zeros((n, n))
-    for i in range(n):
-        r = recip(i, k1)
-        e = r
-        for c in r:
-            rc = recip(c, h)
-            if len(np.intersect1d(rc, r)) > 2 / 3 * len(rc):
-                e = np.append(e, rc)
-        e = np.unique(e)
-        dist = 2 - 2 * x[i].astype(np.float64) @ x[e].T.astype(np.float64)
-        w = np.exp(-dist)
-        v[i, e] = w / w.sum()
-    if k2 != 1:
-        v = np.stack([v[rank[i, :k2]].mean(0) for i in range(n)])
-    m = np.minimum(v[:, None, :], v[None, :, :]).sum(-1)
-    return np.maximum(1 - m / (2 - m), 0)
+    v = kreciprocal_encoding(rank, 2 - 2 * x64 @ x64.T, k1, k2)
+    return np.maximum(jaccard_of(v, v), 0)
 
 
 @pytest.mark.parametrize("k1,k2", [(9, 3), (8, 1), (5, 5)])

@@ -1,4 +1,4 @@
-"""Issue 10: the engine shared by HHCL and DGL. One set of files for both methods, logs that
+"""The engine shared by HHCL and DGL. One set of files for both methods, logs that
 survive a killed run, a checkpoint before every evaluation, images checked before the first epoch,
 and the command line for both methods (``reidkit train --method hhcl|dgl``)."""
 

@@ -1,4 +1,4 @@
-"""Issue 17: the GPU check (``benchmarks/gpu_check.py``) runs its whole code on the CPU at tiny sizes
+"""The GPU check (``benchmarks/gpu_check.py``) runs its whole code on the CPU at tiny sizes
 (``--dry-run``), so that a broken check is found before device time is spent; and one item's
 failure or spent budget never loses the others' results."""
 

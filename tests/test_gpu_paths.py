@@ -1,5 +1,5 @@
-"""The CUDA-only branches, checked on the CPU with mocked CUDA capabilities (issue 11, the eight
-risks): native-bf16 choice, BN buffers across DDP ranks, the TF32 API guard, faiss-gpu resources /
+"""The CUDA-only branches, checked on the CPU with mocked CUDA capabilities (the eight
+known risks): native-bf16 choice, BN buffers across DDP ranks, the TF32 API guard, faiss-gpu resources /
 fallback / k limit, re-ranking's device choice, ``--device cuda:1``, the NCCL timeout, and Adam's
 step counters after a resume. No test needs a GPU."""
 

@@ -1,4 +1,4 @@
-"""Issue 11: a dry run of every paper profile on a small tree in its dataset's real layout.
+"""A dry run of every paper profile on a small tree in its dataset's real layout.
 
 Each run keeps the profile's own network (ResNet-50 with ghost BN for HHCL, MGN for DGL on
 SYSU-30k), input size, sampler, memory, loss and evaluation protocol. Only what a two-core machine

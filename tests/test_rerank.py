@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from _golden import case_prefixes, load_golden
+from _kreciprocal import jaccard_of, kreciprocal_encoding
 
 from reidkit.retrieval.rerank import re_ranking
 
@@ -47,34 +48,14 @@ def test_golden_rerank_torch_inputs_and_chunks(z):
 
 
 def _naive_rerank(qg, qq, gg, k1, k2, lam):
-    """Dense, row-by-row re-implementation of the documented semantics (small inputs only)."""
+    """The documented semantics, dense (tests/_kreciprocal.py): the squared distances scaled per
+    column, ranked in full, float64."""
     o = np.block([[qq, qg], [qg.T, gg]]).astype(np.float32)
     o = (o * o).astype(np.float32)
     o = (o / o.max(axis=0)).T.astype(np.float64)
-    n, q = o.shape[0], qg.shape[0]
-    rank = np.argsort(o, 1, kind="stable")
-
-    def recip(i, k):
-        fwd = rank[i, : k + 1]
-        return np.array([j for j in fwd if i in rank[j, : k + 1]], dtype=np.int64)
-
-    h = int(np.around(k1 / 2.0))
-    v = np.zeros((n, n))
-    for i in range(n):
-        r = recip(i, k1)
-        e = r
-        for c in r:
-            rc = recip(c, h)
-            if len(np.intersect1d(rc, r)) > 2.0 / 3 * len(rc):
-                e = np.append(e, rc)
-        e = np.unique(e)
-        w = np.exp(-o[i, e])
-        v[i, e] = w / w.sum()
-    if k2 != 1:
-        v = np.stack([v[rank[i, :k2]].mean(0) for i in range(n)])
-    m = np.minimum(v[:q, None, :], v[None, :, :]).sum(-1)
-    jac = 1 - m / (2 - m)
-    return ((1 - lam) * jac + lam * o[:q])[:, q:]
+    q = qg.shape[0]
+    v = kreciprocal_encoding(np.argsort(o, 1, kind="stable"), o, k1, k2)
+    return ((1 - lam) * jaccard_of(v[:q], v) + lam * o[:q])[:, q:]
 
 
 @pytest.mark.parametrize("k1,k2,lam", [(7, 3, 0.3), (6, 1, 0.5), (5, 4, 0.0)])

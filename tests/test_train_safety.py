@@ -1,4 +1,4 @@
-"""Issue 10: a training run that tells the truth and loses nothing (HHCL loop).
+"""A training run that tells the truth and loses nothing (HHCL loop).
 
 The validation split follows the test protocol; a damaged or mismatched checkpoint is refused in
 one line naming the file; too few pseudo-identities for a batch, ``resume=False`` and an ``epochs``
