@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from reidkit import __version__
-from reidkit.config import METHODS, PROFILES, CameraConfig, OverrideError, apply_overrides, get_profile
+from reidkit.config import PROFILES, CameraConfig, OverrideError, apply_overrides, get_profile
 from reidkit.core.device import resolve_device
 from reidkit.core.io import CheckpointError, atomic_write_file
 from reidkit.course.report import write_report
@@ -22,9 +22,7 @@ from reidkit.data.datasets import load_dataset
 from reidkit.data.records import CorruptImageError, LayoutError, check_images
 from reidkit.data.subset import load_profile_dataset, streams_sysu30k, subset_identities
 from reidkit.data.transforms import ImageDataset
-from reidkit.dgl.method import train_dgl
-from reidkit.hhcl.method import train_hhcl
-from reidkit.hhcl.supervised import train_supervised
+from reidkit.methods import REGISTRY, method_class
 from reidkit.nets.features import extract_features, iter_features
 from reidkit.nets.imagenet import REQUIRED, resolve_weights
 from reidkit.nets.released import load_released
@@ -32,6 +30,7 @@ from reidkit.retrieval.distances import pairwise_distance
 from reidkit.retrieval.market import evaluate_rank
 from reidkit.retrieval.rerank import re_ranking
 from reidkit.retrieval.sysu import sysu30k_evaluate
+from reidkit.train.engine import fit
 from reidkit.train.gpu_cost import format_cost
 from reidkit.train.run_lock import RunLockedError
 
@@ -133,16 +132,10 @@ def _cmd_train(args) -> int:
     if prof.data.subset_ids is not None:
         print(ds.notes[-1])
     _print_cost(prof)
-    common = dict(out_dir=args.out, device=args.device, seed=args.seed, resume=not args.no_resume,
-                  epochs=args.epochs)
+    cls = method_class(method)
     try:
-        if method == "dgl":
-            res = train_dgl(prof, ds, variant=prof.dgl.variant, iters=args.iters, selection=args.selection or "last",
-                            **common)
-        elif method == "supervised":
-            res = train_supervised(prof, ds, selection=args.selection or "last", **common)
-        else:
-            res = train_hhcl(prof, ds, selection=args.selection or "val", **common)
+        res = fit(cls.for_run(prof, ds, epochs=args.epochs, iters=args.iters), args.out, device=args.device,
+                  seed=args.seed, selection=args.selection or cls.default_selection, resume=not args.no_resume)
     except user_errors as exc:  # bad input found at start: the run stops before it trains
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
@@ -408,7 +401,7 @@ def _add_train_parser(sub) -> None:
                        "reidkit train --method dgl --variant full --profile smoke --out runs/dgl | "
                        "reidkit train --profile sysu30k --data-root /data/SYSU-30k --out runs/sysu")
     p.add_argument("--profile", default="workshop")
-    p.add_argument("--method", choices=list(METHODS), default=None,
+    p.add_argument("--method", choices=list(REGISTRY), default=None,
                    help="the method to train (default: the profile's; sysu30k is dgl, the others hhcl); "
                         "supervised: HHCL's recipe with the true labels, the upper bound")
     p.add_argument("--variant", choices=["full", "unary_only", "supervised"], default=None,

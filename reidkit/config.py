@@ -426,7 +426,8 @@ def _coerce(key: str, value: Any, hint) -> Any:
 
 #: string fields that take one of a fixed set of values; the modules that implement them import
 #: these tuples from here, so the config never imports upward
-_CHOICES = {"hhcl.memory": MEMORY_MODES, "camera.jaccard": JACCARD_MODES, "model.arch": ARCHS, "dgl.variant": DGL_VARIANTS, "method": METHODS}
+_CHOICES = {"hhcl.memory": MEMORY_MODES, "camera.jaccard": JACCARD_MODES, "model.arch": ARCHS,
+            "dgl.variant": DGL_VARIANTS, "method": METHODS}
 
 
 def _check_choice(key: str, value: Any) -> Any:

@@ -31,6 +31,7 @@ def no_training(monkeypatch):
     monkeypatch.setattr("reidkit.hhcl.method.fit", fit)
     monkeypatch.setattr("reidkit.dgl.method.fit", fit)
     monkeypatch.setattr("reidkit.hhcl.supervised.fit", fit)
+    monkeypatch.setattr("reidkit.cli.fit", fit)
 
 
 @pytest.mark.parametrize("extra, expect", [

@@ -115,6 +115,12 @@ class DGL(Method):
     """The weakly supervised method on the engine: bags of images labelled only with their ids."""
 
     name = "dgl"
+    sections = ("data", "model", "dgl", "seed")
+    default_selection = "last"  # the reference keeps the final model
+
+    @classmethod
+    def for_run(cls, prof, dataset, data_root=None, epochs: int | None = None, iters: int | None = None) -> "DGL":
+        return cls(prof, dataset, variant=prof.dgl.variant, epochs=epochs, iters=iters, data_root=data_root)
 
     def __init__(self, profile: str | Profile, dataset: ReIDDataset | None = None, variant: str | None = None,
                  epochs: int | None = None, iters: int | None = None, eval_every: int | None = None,
@@ -150,7 +156,7 @@ class DGL(Method):
 
     def settings(self) -> dict:
 
-        return run_settings(self.prof, "dgl", variant=self.variant, network=self.network,
+        return run_settings(self.prof, self.name, self.sections, variant=self.variant, network=self.network,
                             num_classes=self.num_classes)
 
     def checkpoint_info(self) -> dict:

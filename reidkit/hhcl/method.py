@@ -112,6 +112,8 @@ class HHCL(Method):
     """The unsupervised method on the engine: cluster, build the memory, contrast against it."""
 
     name = "hhcl"
+    sections = ("data", "model", "cluster", "hhcl", "camera", "seed")
+    default_selection = "val"
 
     def __init__(self, profile: str | Profile, dataset: ReIDDataset | None = None, memory: str | None = None,
                  epochs: int | None = None, data_root: str | None = None):
@@ -126,6 +128,7 @@ class HHCL(Method):
         self.batch_size, self.ghost_bn = self.cfg.batch_size, self.cfg.ghost_bn
         self.label = self.cfg.memory
         self.mem = self.cap = None
+        self.val_q, self.val_g = [], []
 
     def describe(self) -> str:
         c = self.cfg
@@ -135,7 +138,8 @@ class HHCL(Method):
 
     def settings(self) -> dict:
 
-        return run_settings(self.prof, self.name, memory=self.cfg.memory, camera=camera_parts(self.prof))
+        return run_settings(self.prof, self.name, self.sections, memory=self.cfg.memory,
+                            camera=camera_parts(self.prof))
 
     def checkpoint_info(self) -> dict:
         return {"memory": self.cfg.memory, "camera": camera_parts(self.prof)}

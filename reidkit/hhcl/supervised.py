@@ -25,6 +25,8 @@ class Supervised(HHCL):
     """HHCL with the true identities as its labels (``reidkit train --method supervised``)."""
 
     name = "supervised"
+    sections = ("data", "model", "hhcl", "camera", "seed")  # no clustering
+    default_selection = "last"
 
     def describe(self) -> str:
         return "supervised upper bound: " + super().describe()

@@ -39,17 +39,11 @@ def profile_overrides(prof: Profile) -> dict[str, Any]:
     return json.loads(json.dumps(diff, default=str))
 
 
-#: the profile sections that shape each method's training (the others' overrides do not matter to it)
-METHOD_SECTIONS = {"hhcl": ("data", "model", "cluster", "hhcl", "camera", "seed"),
-                   "supervised": ("data", "model", "hhcl", "camera", "seed"),
-                   "dgl": ("data", "model", "dgl", "seed")}
-
-
-def run_settings(prof: Profile, method: str, **extra: Any) -> dict[str, Any]:
+def run_settings(prof: Profile, method: str, sections: Sequence[str] | None = None,
+                 **extra: Any) -> dict[str, Any]:
     """What a checkpoint records about the run that wrote it (compared on resume): the method's
-    choices and the overrides of the sections that shape its training (an HHCL checkpoint does not
-    care about ``dgl.*``, nor DGL's about ``hhcl.*`` or ``cluster.*``)."""
-    sections = METHOD_SECTIONS.get(method)
+    choices and the overrides of ``sections``, the profile sections that shape its training (an
+    HHCL checkpoint does not care about ``dgl.*``, nor DGL's about ``hhcl.*``); None: all of them."""
     overrides = {k: v for k, v in profile_overrides(prof).items()
                  if sections is None or k.split(".", 1)[0] in sections}
     return {"profile": prof.name, "method": method, **extra, "arch": prof.model.arch,

@@ -26,6 +26,7 @@ draw the bags) and one step. The engine owns everything else, once for both:
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import os
@@ -212,19 +213,76 @@ def verify_images(records: Sequence[Record], what: str, log: Callable[[str], Non
     log(f"checked {len(paths):,} {what} images")
 
 
-class Method:
+class Method(abc.ABC):
     """The part of a training run that is the method's own (``reidkit.hhcl.method.HHCL``,
-    ``reidkit.dgl.method.DGL``). Attributes the engine reads: ``name``, ``label`` (for log lines),
-    ``prof``, ``epochs``, ``eval_every`` (0: the last epoch only), ``batch_size`` (global),
-    ``ghost_bn`` and ``find_unused`` (DDP). Methods: ``describe``, ``settings`` (what a checkpoint
-    records and resume compares), ``checkpoint_info``, ``prepare`` (data, splits), ``build_model``,
-    ``optimizer``, ``begin_epoch`` (-> batches and their count, or ``(None, None)`` to skip the
-    epoch's steps), ``step``, ``end_epoch``, ``evaluate`` and ``epoch_line``."""
+    ``reidkit.hhcl.supervised.Supervised``, ``reidkit.dgl.method.DGL``); the registry of the
+    methods the command line can train is :mod:`reidkit.methods`.
 
+    Class attributes: ``name`` (what ``--method`` and checkpoints call it), ``sections`` (the
+    profile sections that shape its training: their overrides go into the checkpoint and are
+    compared on resume), ``default_selection`` (its model-selection rule unless asked otherwise).
+    Attributes the engine reads on an instance: ``label`` (for log lines), ``prof``, ``epochs``,
+    ``eval_every`` (0: the last epoch only), ``batch_size`` (global), ``ghost_bn`` and
+    ``find_unused`` (DDP). The abstract methods below are the hooks the engine calls."""
+
+    name: str = ""
+    sections: tuple[str, ...] = ("data", "model", "seed")
+    default_selection: str = "last"
     find_unused = False
     ds = None
-    val_q: list = []
-    val_g: list = []
+    val_q: tuple = ()
+    val_g: tuple = ()
+
+    @classmethod
+    def for_run(cls, prof, dataset, data_root=None, epochs: int | None = None, iters: int | None = None) -> "Method":
+        """The method as ``reidkit train`` builds it (``iters``: a cap per epoch where the method has one)."""
+        return cls(prof, dataset, epochs=epochs, data_root=data_root)
+
+    @abc.abstractmethod
+    def describe(self) -> str:
+        """One line naming the run (the first line of train.log)."""
+
+    @abc.abstractmethod
+    def settings(self) -> dict:
+        """What a checkpoint records about the run and resume compares (``run_settings``)."""
+
+    def checkpoint_info(self) -> dict:
+        """Extra keys of every checkpoint."""
+        return {}
+
+    @abc.abstractmethod
+    def prepare(self, dev, selection: str, seed: int, log) -> None:
+        """Read the data, make the splits; before the model is built."""
+
+    @abc.abstractmethod
+    def build_model(self, dev) -> nn.Module:
+        """The network, on ``dev``."""
+
+    @abc.abstractmethod
+    def optimizer(self, model: nn.Module):
+        """``(optimizer, scheduler)``; the scheduler steps once per epoch."""
+
+    @abc.abstractmethod
+    def begin_epoch(self, epoch: int, eseed: int, model, dev, entry: dict, log) -> tuple[Any, int | None]:
+        """The epoch's batches and their count, or ``(None, None)`` to skip its steps; writes what
+        it measured into ``entry`` (the epoch's line of history.json)."""
+
+    @abc.abstractmethod
+    def step(self, net, batch, opt, dev) -> dict:
+        """One iteration: the loss, the backward pass and the optimiser step; returns ``{"loss", "images"}``."""
+
+    @abc.abstractmethod
+    def end_epoch(self, steps: list[dict]) -> dict:
+        """The epoch's summary from its steps' results (merged into ``entry``)."""
+
+    @abc.abstractmethod
+    def evaluate(self, model, dev, split: str, log) -> dict:
+        """Metrics on ``split`` (``"val"`` or ``"test"``), with ``mAP``."""
+
+    @staticmethod
+    @abc.abstractmethod
+    def epoch_line(e: dict) -> str:
+        """The train.log line of a history entry."""
 
     def eval_records(self, selection: str) -> dict[str, list[Record]]:
         """The images evaluation will read, checked before the first epoch."""
@@ -343,7 +401,7 @@ def _setup(run: _Run, resume: bool) -> None:
     if run.world > 1:
         ids = [run.dev.index] if run.dev.type == "cuda" else None
         run.net = nn.parallel.DistributedDataParallel(run.model, device_ids=ids,
-                                                          find_unused_parameters=getattr(m, "find_unused", False))
+                                                          find_unused_parameters=m.find_unused)
     run.settings = m.settings()
     run.init_source = str(getattr(run.model, "init_source", m.prof.model.pretrained))
     run.log(f"{m.describe()} | init {run.init_source} | device {run.dev} x {run.world} | out {run.out}")

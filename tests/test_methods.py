@@ -1,0 +1,104 @@
+"""The method registry (reidkit.methods): every method the command line trains is a
+``Method`` subclass found by name, and a new one is one class plus one registry entry. A stub
+third method, defined here, is trained through ``reidkit train`` with no other change."""
+
+import json
+
+import pytest
+import torch
+from _tiny import tiny_dataset
+from torch import nn
+from torch.utils.data import DataLoader
+
+from reidkit import cli, methods
+from reidkit.config import METHODS, get_profile
+from reidkit.core.io import read_train_checkpoint
+from reidkit.data import transforms
+from reidkit.train.checkpoints import run_settings
+from reidkit.train.engine import Method
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conftest)
+
+
+class Shrink(Method):
+    """A stub: a 3 -> 4 linear map of the mean colour, trained to shrink its output."""
+
+    name = "shrink"
+    sections = ("data", "seed")
+
+    def __init__(self, profile, dataset=None, epochs=None, data_root=None):
+        self.prof, self.dataset = get_profile(profile), dataset
+        self.epochs, self.eval_every, self.batch_size, self.ghost_bn = epochs or 2, 0, 4, None
+        self.label = "shrink"
+
+    def describe(self):
+        return f"shrink | profile {self.prof.name}"
+
+    def settings(self):
+        return run_settings(self.prof, self.name, self.sections)
+
+    def prepare(self, dev, selection, seed, log):
+        self.ds = self.dataset
+
+    def build_model(self, dev):
+        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(3, 4)).to(dev)
+
+    def optimizer(self, model):
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        return opt, torch.optim.lr_scheduler.StepLR(opt, 1)
+
+    def begin_epoch(self, epoch, eseed, model, dev, entry, log):
+        data = transforms.ImageDataset(self.ds.train[:8], transforms.test_transform(32, 16))
+        return DataLoader(data, batch_size=self.batch_size), 2
+
+    def step(self, net, batch, opt, dev):
+        loss = net(batch["img"].to(dev)).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach(), "images": int(batch["img"].shape[0])}
+
+    def end_epoch(self, steps):
+        return {"loss": float(torch.stack([s["loss"] for s in steps]).mean())}
+
+    def evaluate(self, model, dev, split, log):
+        with torch.no_grad():
+            out = model(torch.ones(1, 3, 32, 16))
+        return {"mAP": float(1 / (1 + out.pow(2).sum()))}  # rises as the map shrinks
+
+    @staticmethod
+    def epoch_line(e):
+        return f"epoch {e['epoch']} | loss {e['loss']:.4f}"
+
+
+def test_the_registry_names_every_configured_method():
+    assert set(methods.REGISTRY) == set(METHODS)
+    for name, cls in methods.REGISTRY.items():
+        assert issubclass(cls, Method) and cls.name == name and cls.default_selection in ("val", "test", "last")
+    with pytest.raises(KeyError, match="unknown method 'nope'; known: hhcl"):
+        methods.method_class("nope")
+
+
+def test_a_method_must_implement_every_hook():
+    class Half(Method):
+        name = "half"
+
+        def describe(self):
+            return "half"
+
+    with pytest.raises(TypeError, match="abstract"):
+        Half()
+
+
+def test_a_stub_method_trains_through_the_command_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(methods.REGISTRY, "shrink", Shrink)
+    monkeypatch.setattr(cli, "_train_dataset", lambda prof, method, root: tiny_dataset())
+    out = tmp_path / "run"
+    rc = cli.main(["train", "--method", "shrink", "--profile", "smoke", "--out", str(out), "--epochs", "2"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert res["method"] == "shrink" and res["selection"] == "last" and res["selected_epoch"] == 1
+    hist = json.loads((out / "history.json").read_text())
+    assert [h["epoch"] for h in hist] == [0, 1] and hist[1]["loss"] < hist[0]["loss"]
+    assert read_train_checkpoint(out / "checkpoint.pt")["settings"]["method"] == "shrink"
+    assert "shrink | profile smoke" in (out / "train.log").read_text()
