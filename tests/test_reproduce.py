@@ -137,6 +137,19 @@ def test_report_resolves_auto_device_of_older_runs(tmp_path):
     text = write_report(tmp_path).read_text()
     assert "`auto`" not in text and ("device: `cpu`" in text or "device: `cuda`" in text)
     assert "identity subset: none" in text and "overrides: none" in text
+    assert "camera-aware HHCL: off" in text
+
+
+def test_report_names_the_camera_aware_parts(tmp_path):
+    from reidkit.config import CAMERA_AWARE_RECIPE
+    from reidkit.course.report import write_report
+
+    overrides = {**CAMERA_AWARE_RECIPE, "camera.balanced": False}
+    (tmp_path / "run.json").write_text(json.dumps({"parameters": {"PROFILE": "smoke", "DEVICE": "cpu", "SEED": 1},
+                                                   "overrides": overrides,
+                                                   "profile": {"data": {"dataset": "mini-mars"}}}))
+    text = write_report(tmp_path).read_text()
+    assert "camera-aware HHCL: `centre`, `jaccard`, `proxies` (docs/cameras.md)" in text
 
 
 # ---------------------------------------------------------------------------------------------

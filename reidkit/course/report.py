@@ -88,6 +88,9 @@ def _run_header(run: dict) -> list[str]:
                                                  for k, v in overrides.items()))
     else:
         lines.append("- overrides: none (the profile as defined in reidkit/config.py)")
+    cam = [k.split(".", 1)[1] for k, v in overrides.items() if k.startswith("camera.") and v not in (False, "plain")]
+    lines.append("- camera-aware HHCL: " + (", ".join(f"`{c}`" for c in cam) + " (docs/cameras.md)" if cam
+                                            else "off (HHCL as released)"))
     return lines + [""]
 
 
