@@ -23,13 +23,10 @@ from reidkit.data.records import CorruptImageError, LayoutError, check_images
 from reidkit.data.subset import load_profile_dataset, streams_sysu30k, subset_identities
 from reidkit.data.transforms import ImageDataset
 from reidkit.methods import REGISTRY, method_class
-from reidkit.nets.features import extract_features, iter_features
+from reidkit.nets.features import extract_features
 from reidkit.nets.imagenet import REQUIRED, resolve_weights
 from reidkit.nets.released import load_released
-from reidkit.retrieval.distances import pairwise_distance
-from reidkit.retrieval.market import evaluate_rank
-from reidkit.retrieval.rerank import re_ranking
-from reidkit.retrieval.sysu import sysu30k_evaluate
+from reidkit.retrieval.protocol import rank_metrics, sysu30k_protocol
 from reidkit.train.engine import fit
 from reidkit.train.gpu_cost import format_cost
 from reidkit.train.run_lock import RunLockedError
@@ -224,47 +221,27 @@ def _released_features(model, feature, records, dev, batch_size: int, desc: str,
 
 
 def _market_protocol(model, feature, ds, dev, args, prof) -> dict:
-    """CMC / mAP / mINP (reidkit.retrieval.market.evaluate_rank), optionally after k-reciprocal re-ranking."""
+    """CMC / mAP / mINP (reidkit.retrieval.protocol.rank_metrics), optionally after k-reciprocal re-ranking."""
 
     if not ds.query or not ds.gallery:
         raise _UserError(f"dataset {ds.name!r} has no query or no gallery split to evaluate on")
     qf = _released_features(model, feature, ds.query, dev, args.batch_size, "query features")
     gf = _released_features(model, feature, ds.gallery, dev, args.batch_size, "gallery features")
-    dist = pairwise_distance(qf, gf, device=dev)
-    if args.rerank:
-        e = prof.eval
-        dist = re_ranking(dist, pairwise_distance(qf, qf, device=dev), pairwise_distance(gf, gf, device=dev),
-                          k1=e.rerank_k1, k2=e.rerank_k2, lambda_value=e.rerank_lambda,
-                          device="auto" if args.device in (None, "auto") else dev)  # auto: sized to free GPU memory
-    res = evaluate_rank(np.asarray(dist), [r.pid for r in ds.query], [r.pid for r in ds.gallery],
-                        [r.camid for r in ds.query], [r.camid for r in ds.gallery],
-                        max_rank=min(prof.eval.max_rank, len(ds.gallery)), device=dev,
-                        show_progress=_show_progress())
-    cmc = [float(v) for v in res["cmc"]]
-    return {"rank1": cmc[0], "rank5": cmc[min(4, len(cmc) - 1)], "rank10": cmc[min(9, len(cmc) - 1)],
-            "mAP": float(res["mAP"]), "mINP": float(res["mINP"]), "cmc": cmc,
-            "num_query": len(ds.query), "num_gallery": len(ds.gallery)}
+    res = rank_metrics(qf, gf, ds.query, ds.gallery, device=dev, max_rank=prof.eval.max_rank,
+                       rerank=prof.eval if args.rerank else None,
+                       rerank_device="auto" if args.device in (None, "auto") else dev,  # auto: sized to free memory
+                       show_progress=_show_progress())
+    return {**res, "num_query": len(ds.query), "num_gallery": len(ds.gallery)}
 
 
 def _sysu_protocol(model, feature, ds, dev, args) -> dict:
-    """The SYSU-30k protocol with the gallery features streamed (reidkit.retrieval.sysu.sysu30k_evaluate)."""
+    """The SYSU-30k protocol with the gallery features streamed (reidkit.retrieval.protocol.sysu30k_protocol)."""
 
     if not ds.query or not ds.gallery:
         raise _UserError(f"dataset {ds.name!r} has no query or no gallery split to evaluate on")
-    qf = _released_features(model, feature, ds.query, dev, args.batch_size, "query features")
-    g_labels = np.array([r.pid for r in ds.gallery], dtype=np.int64)
-    g_cams = np.array([r.camid for r in ds.gallery], dtype=np.int64)
-    data = ImageDataset(ds.gallery, feature.transform())
-
-    def gallery_chunks():
-        for feats, start in iter_features(model, data, device=dev, flip=feature.flip, amp=False,
-                                          batch_size=args.batch_size, chunk_rows=args.chunk,
-                                          forward_fn=feature.raw, desc="gallery features"):
-            end = start + feats.shape[0]
-            yield feats, g_labels[start:end], g_cams[start:end]
-
-    res = sysu30k_evaluate(qf, np.array([r.pid for r in ds.query]), np.array([r.camid for r in ds.query]),
-                           gallery_chunks, chunk_size=args.chunk, device=dev, show_progress=_show_progress())
+    res = sysu30k_protocol(model, ds.query, ds.gallery, feature.transform(), dev, flip=feature.flip,
+                           batch_size=args.batch_size, chunk=args.chunk, forward_fn=feature.raw,
+                           show_progress=_show_progress())
     out = {k: float(res[k]) for k in ("rank1", "rank5", "rank10", "mAP", "mAP_standard") if k in res}
     out.update(cmc=[float(v) for v in np.asarray(res.get("cmc", []))[:20]],
                num_query=len(ds.query), num_gallery=len(ds.gallery))

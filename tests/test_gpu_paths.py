@@ -376,9 +376,10 @@ def test_ddp_ranks_extract_with_the_same_bn_buffers(tmp_path):
     import subprocess
     import sys
 
-    from test_train import _folder_tree, _tiny_dataset
+    from _tiny import tiny_dataset
+    from test_train import _folder_tree
 
-    root = _folder_tree(tmp_path / "data", _tiny_dataset())
+    root = _folder_tree(tmp_path / "data", tiny_dataset())
     sets = ["data.flip=false", "data.pad=0", "data.erasing_p=0", "data.workers=0", "hhcl.amp=false",
             "hhcl.iters=2", "hhcl.batch_size=16", "hhcl.num_instances=4", "hhcl.epochs=2", "hhcl.eval_step=2",
             "hhcl.ghost_bn=null", "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.6"]

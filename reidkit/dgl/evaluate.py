@@ -17,9 +17,9 @@ from reidkit.data.sysu30k import SYSU_DISTRACTOR_LABEL
 from reidkit.data.transforms import ImageDataset, test_transform
 from reidkit.dgl.graphical import pseudo_labels_from_bags
 from reidkit.dgl.objectives import balanced_targets
-from reidkit.nets.features import extract_features, iter_features
+from reidkit.nets.features import extract_features
 from reidkit.nets.weak import forward_heads, network_of, weak_input_size
-from reidkit.retrieval.protocol import rank_metrics
+from reidkit.retrieval.protocol import rank_metrics, sysu30k_protocol
 from reidkit.retrieval.sysu import sysu30k_evaluate
 
 
@@ -118,25 +118,11 @@ def evaluate_sysu30k(model: nn.Module, dataset: ReIDDataset, profile: str | Prof
         raise ValueError(f"feature must be 'embedding' or 'logits', got {feature!r}")
     forward_fn = _logits_forward if feature == "logits" else None
     h, w = size or (prof.data.height, prof.data.width)
-    tf = test_transform(h, w)
-    bs = batch_size or prof.data.test_batch_size
-    nw = prof.data.workers if num_workers is None else num_workers
     t0 = time.time()
-    query, gallery = list(dataset.query), dataset.gallery
-    qf = extract_features(model, ImageDataset(query, tf), device=dev, flip=flip, amp=amp, batch_size=bs,
-                          num_workers=nw, forward_fn=forward_fn, desc="sysu30k query")
-    g_labels = np.fromiter((r.pid for r in gallery), dtype=np.int64, count=len(gallery))
-    g_cams = np.fromiter((r.camid for r in gallery), dtype=np.int64, count=len(gallery))
-
-    def gallery_chunks():
-        for feats, start in iter_features(model, ImageDataset(gallery, tf), device=dev, flip=flip, amp=amp,
-                                          batch_size=bs, num_workers=nw, chunk_rows=chunk, forward_fn=forward_fn,
-                                          desc="sysu30k gallery"):
-            end = start + feats.shape[0]
-            yield feats, g_labels[start:end], g_cams[start:end]
-
-    res = sysu30k_evaluate(qf, np.array([r.pid for r in query]), np.array([r.camid for r in query]),
-                           gallery_chunks, chunk_size=chunk, buffer_size=buffer_size, device=dev)
+    res = sysu30k_protocol(model, dataset.query, dataset.gallery, test_transform(h, w), dev, flip=flip,
+                           batch_size=batch_size or prof.data.test_batch_size,
+                           num_workers=prof.data.workers if num_workers is None else num_workers, chunk=chunk,
+                           forward_fn=forward_fn, amp=amp, buffer_size=buffer_size)
     res["seconds"] = time.time() - t0
     if log:
         log(f"sysu30k: rank-1 {100 * res['rank1']:.2f} rank-10 {100 * res['rank10']:.2f} "
