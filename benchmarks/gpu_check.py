@@ -71,7 +71,7 @@ from reidkit.config import get_profile  # noqa: E402
 from reidkit.core.device import amp_dtype, exact_fp32_matmul, resolve_device, seed_everything  # noqa: E402
 from reidkit.core.io import atomic_write_json, torch_load  # noqa: E402
 from reidkit.data.datasets import load_dataset  # noqa: E402
-from reidkit.data.market_tree import synthetic_market_tree  # noqa: E402
+from market_trees import synthetic_market_tree  # noqa: E402
 from reidkit.dgl.method import DGL  # noqa: E402
 from reidkit.hhcl.clustering import dbscan_labels  # noqa: E402
 from reidkit.hhcl.method import HHCL  # noqa: E402

@@ -127,7 +127,7 @@ def test_train_method_dgl_on_the_sample_and_a_market_tree(tmp_path, where):
     args = ["--method", "dgl", "--variant", "unary_only", "--profile", "smoke", "--epochs", "1", "--iters", "1",
             "--device", "cpu", "--out", str(tmp_path / "out"), "--set", "data.workers=0"]
     if where == "market-tree":
-        from reidkit.data.market_tree import sample_as_market
+        from market_trees import sample_as_market
 
         root = sample_as_market(tmp_path / "Market-1501-v15.09.15")
         args += ["--dataset", "market1501", "--data-root", str(root)]

@@ -18,7 +18,7 @@ from test_datasets import make_market, make_mars_info, make_mars_json, make_msmt
 from reidkit.config import get_profile
 from reidkit.course.runctx import RunContext
 from reidkit.data.datasets import load_dataset
-from reidkit.data.market_tree import sample_as_market, synthetic_market_tree
+from market_trees import sample_as_market, synthetic_market_tree
 from reidkit.data.records import ReIDDataset
 from reidkit.data.subset import choose_ids, is_distractor, load_profile_dataset, subset_identities
 

@@ -126,9 +126,9 @@ def synthetic_market_tree(dest: str | Path, train_ids: int = 150, test_ids: int 
 
 
 def main(argv=None) -> int:
-    """``python -m reidkit.data.market_tree DEST [--synthetic --ids 150]``: write a tree and print its counts."""
+    """``python tests/market_trees.py DEST [--synthetic --ids 150]``: write a tree and print its counts."""
 
-    ap = argparse.ArgumentParser(prog="python -m reidkit.data.market_tree", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python tests/market_trees.py", description=main.__doc__)
     ap.add_argument("dest", help="folder to create (the Market-1501-v15.09.15 folder itself)")
     ap.add_argument("--synthetic", action="store_true",
                     help="synthetic identities over the sample's crops, at the size of a Market subset")
