@@ -240,7 +240,7 @@ def test_cli_evaluate_on_sample_matches_kit_evaluation(kit_file, capsys):
 
 def test_cli_evaluate_and_extract_on_market_tree(kit_file, tmp_path, capsys):
     from reidkit.data.datasets import load_dataset
-    from reidkit.data.market_tree import sample_as_market
+    from market_trees import sample_as_market
 
     root = sample_as_market(tmp_path / "Market-1501")
     rc, out, _ = _run(capsys, "evaluate", "--weights", str(kit_file), "--dataset", "market1501",
