@@ -377,7 +377,7 @@ def test_ddp_ranks_extract_with_the_same_bn_buffers(tmp_path):
     import sys
 
     from _tiny import tiny_dataset
-    from test_train import _folder_tree
+    from test_hhcl_method import _folder_tree
 
     root = _folder_tree(tmp_path / "data", tiny_dataset())
     sets = ["data.flip=false", "data.pad=0", "data.erasing_p=0", "data.workers=0", "hhcl.amp=false",
