@@ -5,6 +5,7 @@ supervised upper bound, on the same engine, network and budget, over several see
     python benchmarks/results_cameras.py --data-root ../shared/data/cuhk03-dev \
         [--profile laptop] [--subset-ids 150] [--seeds 1 2 3] [--set hhcl.epochs=8 ...] \
         [--rows hhcl,full] [--out benchmarks/out/cameras.json]
+    python benchmarks/results_cameras.py --merge seed1.json seeds23.json --out benchmarks/out/cameras.json
 
 Every run selects its last epoch (no labels are used for model selection). For each run it records
 mAP, rank-1, the pseudo-labels' cross-camera join rate and the share of identities whose cameras
@@ -52,6 +53,17 @@ LABELS = {"direct": "ImageNet features (no training)", "cc": "Cluster-Contrast (
           "supervised": "supervised (true labels, same recipe)"}
 
 
+def label_quality(history: list[dict]) -> dict:
+    """The pseudo-labels' scores of the first epoch (ImageNet features) and of the last one."""
+    if not history:
+        return {}
+    first, last = history[0].get("labels") or {}, history[-1].get("labels") or {}
+    return {"clusters": history[-1].get("clusters"), "ari": last.get("ari"),
+            "cross_camera_join_rate": last.get("cross_camera_join_rate"),
+            "ids_joined_across_share": last.get("ids_joined_across_share"),
+            "ids_joined_across_share_epoch0": first.get("ids_joined_across_share")}
+
+
 def run_one(row: str, seed: int, prof, ds, work: Path, device: str) -> dict:
     method, extra = ROWS[row]
     p = apply_overrides(prof, extra)
@@ -65,11 +77,7 @@ def run_one(row: str, seed: int, prof, ds, work: Path, device: str) -> dict:
         train = train_supervised if method == "supervised" else train_hhcl
         r = train(p, ds, out_dir=work / f"{row}-seed{seed}", device=device, seed=seed, selection="last",
                   resume=False, log=lambda line: print(line, file=sys.stderr))
-        last = r.history[-1] if r.history else {}
-        q = last.get("labels") or {}
-        out = {"mAP": r.test["mAP"], "rank1": r.test["rank1"], "clusters": last.get("clusters"),
-               "cross_camera_join_rate": q.get("cross_camera_join_rate"),
-               "ids_joined_across_share": q.get("ids_joined_across_share"), "ari": q.get("ari")}
+        out = {"mAP": r.test["mAP"], "rank1": r.test["rank1"], **label_quality(r.history)}
     return {"row": row, "seed": seed, **out, "seconds": round(time.time() - t0, 1)}
 
 
@@ -80,7 +88,8 @@ def summarise(runs: list[dict]) -> dict:
         if not rs:
             continue
         s = {"label": LABELS[row], "seeds": [r["seed"] for r in rs], "n": len(rs)}
-        for k in ("mAP", "rank1", "cross_camera_join_rate", "ids_joined_across_share", "seconds"):
+        for k in ("mAP", "rank1", "cross_camera_join_rate", "ids_joined_across_share_epoch0",
+                  "ids_joined_across_share", "seconds"):
             v = [r[k] for r in rs if r.get(k) is not None]
             if v:
                 s[k] = float(np.mean(v))
@@ -92,17 +101,39 @@ def summarise(runs: list[dict]) -> dict:
 def table(summary: dict) -> str:
     def pm(s, k, scale=100.0):
         return f"{scale * s[k]:.1f} ± {scale * s[k + '_std']:.1f}" if k in s else "-"
-    lines = ["| run | mAP | rank-1 | cross-camera pairs joined | ids joined across cameras | wall time (s) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| run | seeds | mAP (%) | rank-1 (%) | cross-camera pairs joined (%) | ids joined across cameras, "
+             "first -> last epoch (%) | wall time (s) |", "|---|---|---|---|---|---|---|"]
     for s in summary.values():
-        lines.append(f"| {s['label']} | {pm(s, 'mAP')} | {pm(s, 'rank1')} | {pm(s, 'cross_camera_join_rate')} | "
-                     f"{pm(s, 'ids_joined_across_share')} | {s.get('seconds', 0):.0f} |")
+        joined = (f"{pm(s, 'ids_joined_across_share_epoch0')} -> {pm(s, 'ids_joined_across_share')}"
+                  if "ids_joined_across_share" in s else "-")
+        lines.append(f"| {s['label']} | {s['n']} | {pm(s, 'mAP')} | {pm(s, 'rank1')} | "
+                     f"{pm(s, 'cross_camera_join_rate')} | {joined} | {s.get('seconds', 0):.0f} |")
     return "\n".join(lines)
+
+
+def merge(files: list[str], out: Path) -> int:
+    """One result file (and table) from several, e.g. seed 1 of every row and seeds 2-3 of some."""
+    docs = [json.loads(Path(f).read_text()) for f in files]
+    runs = [r for d in docs for r in d["runs"]]
+    for r, work in ((r, Path(d["meta"].get("work_dir", ""))) for d in docs for r in d["runs"]):
+        hist = work / f"{r['row']}-seed{r['seed']}" / "history.json"
+        if "ids_joined_across_share_epoch0" not in r and r["row"] not in ("direct", "supervised") and hist.is_file():
+            r.update(label_quality(json.loads(hist.read_text())))  # results written before this field
+    seen = {(r["row"], r["seed"]) for r in runs}
+    if len(seen) != len(runs):
+        raise SystemExit("the files repeat a (row, seed) run")
+    runs.sort(key=lambda r: (list(ROWS).index(r["row"]), r["seed"]))
+    summary = summarise(runs)
+    atomic_write_json(out, {"meta": [d["meta"] for d in docs], "runs": runs, "summary": summary})
+    print(table(summary))
+    return 0
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-root", required=True, help="a Market-layout two-camera dataset (e.g. cuhk03-dev)")
+    ap.add_argument("--data-root", help="a Market-layout two-camera dataset (e.g. cuhk03-dev)")
+    ap.add_argument("--merge", nargs="+", metavar="JSON", default=None,
+                    help="no training: merge the runs of these result files into --out and print the table")
     ap.add_argument("--dataset", default="market1501")
     ap.add_argument("--profile", default="laptop")
     ap.add_argument("--subset-ids", type=int, default=150)
@@ -114,6 +145,10 @@ def main(argv=None) -> int:
     ap.add_argument("--work-dir", default="runs/results_cameras")
     ap.add_argument("--out", default="benchmarks/out/cameras.json")
     args = ap.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
+    if not args.data_root:
+        ap.error("--data-root is required (or --merge)")
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"data.dataset": args.dataset, "data.subset_ids": args.subset_ids, **parse_set(args.set)}
@@ -124,6 +159,7 @@ def main(argv=None) -> int:
     if unknown:
         ap.error(f"unknown rows {unknown}; known: {', '.join(ROWS)}")
     meta = {"profile": args.profile, "overrides": overrides, "data_root": str(args.data_root),
+            "work_dir": str(args.work_dir),
             "train_images": len(ds.train), "query": len(ds.query), "gallery": len(ds.gallery),
             "threads": torch.get_num_threads(), "torch": torch.__version__}
     runs: list[dict] = []
