@@ -170,11 +170,13 @@ def test_dgl_refuses_a_damaged_checkpoint_and_records_its_settings(tmp_path):
 def test_resume_ignores_the_other_methods_settings():
     """An HHCL checkpoint records only the sections that shape HHCL's training; a change to
     ``dgl.*`` (notebook 05's overrides in the same run folder) does not block its resume."""
+    from reidkit.dgl.method import DGL
+    from reidkit.hhcl.method import HHCL
     from reidkit.train.checkpoints import run_settings
 
     base = _tiny_profile()
-    hhcl = run_settings(base.replace(dgl__uo_batch_size=30), "hhcl", memory="CMhybrid")
-    assert hhcl == run_settings(base, "hhcl", memory="CMhybrid")
+    hhcl = run_settings(base.replace(dgl__uo_batch_size=30), "hhcl", HHCL.sections, memory="CMhybrid")
+    assert hhcl == run_settings(base, "hhcl", HHCL.sections, memory="CMhybrid")
     assert "hhcl.iters" in hhcl["overrides"]
-    dgl = run_settings(base.replace(dgl__lr=0.5), "dgl", variant="full")
+    dgl = run_settings(base.replace(dgl__lr=0.5), "dgl", DGL.sections, variant="full")
     assert "dgl.lr" in dgl["overrides"] and not any(k.startswith(("hhcl.", "cluster.")) for k in dgl["overrides"])
