@@ -204,9 +204,13 @@ class HHCL(Method):
             entry.update(loss=None, t_train=0.0)
             return None, None
         c = self.cfg
-        if n_clusters * c.num_instances < c.batch_size:
-            raise ValueError(f"epoch {epoch}: {n_clusters} clusters x {c.num_instances} instances = "
-                             f"{n_clusters * c.num_instances} images per pass, fewer than the batch size "
+        # the balanced sampler draws num_instances images per (cluster, camera) proxy, PK per cluster
+        units = (len(np.unique(np.stack([labels[keep], self.camids[keep]], 1), axis=0)) if self.prof.camera.balanced
+                 else n_clusters)
+        if units * c.num_instances < c.batch_size:
+            what = "(cluster, camera) proxies" if self.prof.camera.balanced else "clusters"
+            raise ValueError(f"epoch {epoch}: {units} {what} x {c.num_instances} instances = "
+                             f"{units * c.num_instances} images per pass, fewer than the batch size "
                              f"{c.batch_size}: no batch can be filled (lower hhcl.batch_size or "
                              f"hhcl.num_instances, or loosen the clustering)")
         self.mem = self._memory(feats, labels, eseed, dev)

@@ -28,6 +28,7 @@ from reidkit.viz.bags import (  # noqa: F401
                               weak_training_curves,
                               weak_triplet_figure,
 )
+from reidkit.viz.cameras import camera_bias_figure  # noqa: F401
 from reidkit.viz.base import (  # noqa: F401
                               GREEN,
                               GREY,
