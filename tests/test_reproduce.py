@@ -144,12 +144,12 @@ def test_report_names_the_camera_aware_parts(tmp_path):
     from reidkit.config import CAMERA_AWARE_RECIPE
     from reidkit.course.report import write_report
 
-    overrides = {**CAMERA_AWARE_RECIPE, "camera.balanced": False}
+    overrides = {**CAMERA_AWARE_RECIPE, "camera.balanced": False, "camera.crosscam_epoch": 2}
     (tmp_path / "run.json").write_text(json.dumps({"parameters": {"PROFILE": "smoke", "DEVICE": "cpu", "SEED": 1},
                                                    "overrides": overrides,
                                                    "profile": {"data": {"dataset": "mini-mars"}}}))
     text = write_report(tmp_path).read_text()
-    assert "camera-aware HHCL: `centre`, `jaccard`, `proxies` (docs/cameras.md)" in text
+    assert "camera-aware HHCL: `centre`, `ca-jaccard`, `proxies x1` (docs/cameras.md)" in text
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import nbformat
 import torch
 
 import reidkit
-from reidkit.config import apply_overrides, get_profile
+from reidkit.config import apply_overrides, camera_parts, get_profile
 from reidkit.core.device import amp_dtype, resolve_device
 from reidkit.core.io import atomic_write_bytes
 from reidkit.course.runctx import project_root
@@ -88,7 +88,10 @@ def _run_header(run: dict) -> list[str]:
                                                  for k, v in overrides.items()))
     else:
         lines.append("- overrides: none (the profile as defined in reidkit/config.py)")
-    cam = [k.split(".", 1)[1] for k, v in overrides.items() if k.startswith("camera.") and v not in (False, "plain")]
+    try:  # the parts as the run's profile names them (an option such as camera.bg_knn is no part)
+        cam = camera_parts(apply_overrides(params.get("PROFILE"), overrides))
+    except (KeyError, ValueError):  # a profile or override this version does not know
+        cam = []
     lines.append("- camera-aware HHCL: " + (", ".join(f"`{c}`" for c in cam) + " (docs/cameras.md)" if cam
                                             else "off (HHCL as released)"))
     return lines + [""]

@@ -36,7 +36,7 @@ from reidkit.data.records import ReIDDataset
 from reidkit.data.samplers import CameraAwarePKSampler
 from reidkit.data.subset import load_profile_dataset
 from reidkit.data.transforms import ImageDataset, train_transform
-from reidkit.hhcl.cap import CameraBalancedSampler, CameraProxyMemory
+from reidkit.hhcl.cap import CameraBalancedSampler, CameraProxyMemory, proxy_index
 from reidkit.hhcl.clustering import dbscan_labels
 from reidkit.hhcl.label_quality import pseudo_label_quality
 from reidkit.hhcl.memory import ClusterMemory
@@ -133,7 +133,8 @@ class HHCL(Method):
     def describe(self) -> str:
         c = self.cfg
         cam = camera_parts(self.prof)
-        return (f"HHCL ({c.memory}{' + ' + ', '.join(cam) if cam else ''}) | profile {self.prof.name} | {self.prof.model.arch} | batch {c.batch_size} = "
+        memory = c.memory + (" + " + ", ".join(cam) if cam else "")
+        return (f"HHCL ({memory}) | profile {self.prof.name} | {self.prof.model.arch} | batch {c.batch_size} = "
                 f"{c.batch_size // c.num_instances} x {c.num_instances} | {c.epochs} epochs x {c.iters} iterations")
 
     def settings(self) -> dict:
@@ -205,10 +206,10 @@ class HHCL(Method):
             return None, None
         c = self.cfg
         # the balanced sampler draws num_instances images per (cluster, camera) proxy, PK per cluster
-        units = (len(np.unique(np.stack([labels[keep], self.camids[keep]], 1), axis=0)) if self.prof.camera.balanced
-                 else n_clusters)
+        balanced = self.prof.camera.balanced
+        units = proxy_index(labels[keep], self.camids[keep])[0].size if balanced else n_clusters
         if units * c.num_instances < c.batch_size:
-            what = "(cluster, camera) proxies" if self.prof.camera.balanced else "clusters"
+            what = "(cluster, camera) proxies" if balanced else "clusters"
             raise ValueError(f"epoch {epoch}: {units} {what} x {c.num_instances} instances = "
                              f"{units * c.num_instances} images per pass, fewer than the batch size "
                              f"{c.batch_size}: no batch can be filled (lower hhcl.batch_size or "

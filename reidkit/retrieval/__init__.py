@@ -6,11 +6,11 @@ The names a notebook or a user needs are importable from the package itself."""
 from reidkit.retrieval.ca_jaccard import ca_jaccard_distance
 from reidkit.retrieval.distances import pairwise_distance
 from reidkit.retrieval.inspect import (
-                                       camera_share_by_rank,
-                                       compare_rankings,
-                                       precision_recall,
-                                       queries_by_outcome,
-                                       ranked_gallery,
+    camera_share_by_rank,
+    compare_rankings,
+    precision_recall,
+    queries_by_outcome,
+    ranked_gallery,
 )
 from reidkit.retrieval.jaccard import jaccard_distance
 from reidkit.retrieval.market import evaluate_rank
