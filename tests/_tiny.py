@@ -3,11 +3,27 @@ embedded sample, 4 test identities, and the smoke profile cut to a few one-image
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
+import torch
+
 from reidkit.config import get_profile
 from reidkit.data.datasets import load_dataset
 from reidkit.data.records import ReIDDataset
 
 QUIET = dict(log=lambda *_: None, selection="last", device="cpu")
+
+
+@contextmanager
+def one_torch_thread():
+    """torch at one intra-op thread inside the block, restored after it (tiny tensors run as fast,
+    and far faster on a shared CPU, where idle OpenMP threads spin)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def tiny_dataset(gallery_paths=None) -> ReIDDataset:

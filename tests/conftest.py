@@ -3,6 +3,7 @@ from pathlib import Path
 
 import pytest
 from _modules import load_module
+from _tiny import one_torch_thread
 
 # tests never reach the network for weights, and show no progress bars
 os.environ.setdefault("REIDKIT_OFFLINE", "1")
@@ -26,12 +27,8 @@ SOLUTIONS = ROOT / "notebooks" / "solutions"
 @pytest.fixture
 def one_thread():
     """torch at one thread for the test, restored after it (multi-process tests and exact timings)."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="session")

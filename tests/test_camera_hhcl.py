@@ -8,7 +8,7 @@ from argparse import Namespace
 import numpy as np
 import pytest
 import torch
-from _tiny import QUIET, tiny_dataset, tiny_hhcl_profile
+from _tiny import QUIET, one_torch_thread, tiny_dataset, tiny_hhcl_profile
 
 from reidkit.config import CAMERA_AWARE_RECIPE, apply_overrides, camera_parts
 from reidkit.core.io import CheckpointError, read_train_checkpoint
@@ -74,13 +74,8 @@ def _recipe(**kw):
 @pytest.fixture(scope="module")
 def recipe_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("camera-run")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        res = train_hhcl(_recipe(hhcl__epochs=1), tiny_dataset(), out_dir=out, **QUIET)
-    finally:
-        torch.set_num_threads(n)
-    return out, res
+    with one_torch_thread():
+        return out, train_hhcl(_recipe(hhcl__epochs=1), tiny_dataset(), out_dir=out, **QUIET)
 
 
 def test_the_recipe_trains_and_scores_its_pseudo_labels_every_epoch(recipe_run):

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from _modules import load_module
+from _tiny import one_torch_thread
 from torch.utils.data import DataLoader, Dataset
 
 from reidkit.nets import backbones
@@ -32,10 +33,8 @@ def _network_forbidden(*args, **kwargs):
 def _one_thread():
     """Tiny tensors: one intra-op thread is as fast, and far faster when the CPU is shared
     (OpenMP threads of an oversubscribed machine spin: 10 s vs 100 s for this file)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(autouse=True)

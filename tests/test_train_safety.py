@@ -5,8 +5,7 @@ one line naming the file; too few pseudo-identities for a batch, ``resume=False`
 below the epochs already done are each handled in the open."""
 
 import pytest
-import torch
-from _tiny import QUIET, tiny_dataset, tiny_hhcl_profile
+from _tiny import QUIET, one_torch_thread, tiny_dataset, tiny_hhcl_profile
 
 from reidkit.config import get_profile
 from reidkit.core.io import CheckpointError, read_train_checkpoint, torch_load
@@ -24,12 +23,8 @@ def _tiny_profile(**kw):
 def one_epoch(tmp_path_factory):
     """A finished 1-epoch run (its checkpoint is copied by the tests that damage or resume it)."""
     out = tmp_path_factory.mktemp("run")
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         train_hhcl(_tiny_profile(), tiny_dataset(), out_dir=out, **QUIET)
-    finally:
-        torch.set_num_threads(n)
     return out
 
 
