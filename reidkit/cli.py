@@ -13,16 +13,16 @@ import numpy as np
 import torch
 
 from reidkit import __version__
-from reidkit.config import PROFILES, CameraConfig, OverrideError, apply_overrides, get_profile
+from reidkit.config import PROFILES, CameraConfig, OverrideError, get_profile
 from reidkit.core.device import resolve_device
 from reidkit.core.io import CheckpointError, atomic_write_file
 from reidkit.course.report import write_report
 from reidkit.course.reproduce import main_reproduce, overrides_from_args
 from reidkit.data.datasets import load_dataset
 from reidkit.data.records import CorruptImageError, LayoutError, check_images
-from reidkit.data.subset import load_profile_dataset, streams_sysu30k, subset_identities
+from reidkit.data.subset import subset_identities
 from reidkit.data.transforms import ImageDataset
-from reidkit.methods import REGISTRY, method_class
+from reidkit.methods import REGISTRY, method_class, resolve_run
 from reidkit.nets.features import extract_features
 from reidkit.nets.imagenet import REQUIRED, resolve_weights
 from reidkit.nets.released import load_released
@@ -73,18 +73,10 @@ def _cmd_reproduce(args) -> int:
     return main_reproduce(args)
 
 
-def _train_dataset(prof, method: str, data_root):
-    """The dataset a training run reads. SYSU-30k is checked (never listed: 29.6M images) and its
-    training folders are streamed by DGL; HHCL cannot use it (no cameras, no identities)."""
-
-    if streams_sysu30k(prof) and method != "dgl":
-        raise _UserError("SYSU-30k's training images carry bag labels only (no cameras): train it with "
-                         "--method dgl (the sysu30k profile's method)")
-    return load_profile_dataset(prof, data_root)
-
-
 def _prepare_train(args):
-    """(profile, method, dataset) of ``reidkit train``: every argument checked before any work."""
+    """The resolved run (:class:`RunSpec`) of ``reidkit train``, its dataset read: every argument
+    checked before any work. SYSU-30k is checked (never listed: 29.6M images) and its training
+    folders are streamed by DGL; HHCL cannot use it (no cameras, no identities)."""
 
     overrides = overrides_from_args(args)
     if args.dataset:
@@ -93,17 +85,20 @@ def _prepare_train(args):
         overrides["dgl.variant"] = args.variant
     if args.memory:
         overrides["hhcl.memory"] = args.memory
-    prof = apply_overrides(get_profile(args.profile), overrides)
-    method = args.method or prof.method
+    spec = resolve_run(args.profile, args.data_root, _check_device(args.device), overrides, method=args.method)
+    prof, method = spec.profile, spec.method
     if args.variant and method != "dgl":
         raise _UserError(f"--variant is DGL's (full | unary_only | supervised); this run's method is {method}")
     if args.memory and method == "dgl":
         raise _UserError(f"--memory is HHCL's (CM | CMhybrid | CMhybrid_v2); this run's method is {method}")
     if prof.camera != CameraConfig() and method == "dgl":
         raise _UserError("--camera-aware and camera.* are HHCL's; this run's method is dgl")
-    _check_device(args.device)
     _check_weights(prof)
-    return prof, method, _train_dataset(prof, method, args.data_root)
+    if spec.streamed and method != "dgl":
+        raise _UserError("SYSU-30k's training images carry bag labels only (no cameras): train it with "
+                         "--method dgl (the sysu30k profile's method)")
+    spec.dataset()
+    return spec
 
 
 def _check_weights(prof) -> None:
@@ -119,20 +114,21 @@ def _cmd_train(args) -> int:
     user_errors = (OverrideError, LayoutError, CorruptImageError, CheckpointError, KeyError, ValueError,
                    FileNotFoundError, NotADirectoryError, RunLockedError)
     try:
-        prof, method, ds = _prepare_train(args)
+        spec = _prepare_train(args)
     except _UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except user_errors as exc:
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    if prof.data.subset_ids is not None:
-        print(ds.notes[-1])
-    _print_cost(prof)
-    cls = method_class(method)
+    if spec.profile.data.subset_ids is not None:
+        print(spec.dataset().notes[-1])
+    _print_cost(spec.profile)
+    cls = method_class(spec.method)
     try:
-        res = fit(cls.for_run(prof, ds, epochs=args.epochs, iters=args.iters), args.out, device=args.device,
-                  seed=args.seed, selection=args.selection or cls.default_selection, resume=not args.no_resume)
+        res = fit(cls.from_spec(spec, epochs=args.epochs, iters=args.iters), args.out, device=spec.device,
+                  seed=args.seed, selection=args.selection or cls.selection_for(spec.profile),
+                  resume=not args.no_resume)
     except user_errors as exc:  # bad input found at start: the run stops before it trains
         print(f"error: {_one_line(exc)}", file=sys.stderr)
         return 2

@@ -16,6 +16,7 @@ from reidkit.core.io import read_train_checkpoint
 from reidkit.data import transforms
 from reidkit.train.checkpoints import run_settings
 from reidkit.train.engine import Method
+from reidkit.train.runspec import RunSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conftest)
 
@@ -92,7 +93,7 @@ def test_a_method_must_implement_every_hook():
 
 def test_a_stub_method_trains_through_the_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(methods.REGISTRY, "shrink", Shrink)
-    monkeypatch.setattr(cli, "_train_dataset", lambda prof, method, root: tiny_dataset())
+    monkeypatch.setattr(RunSpec, "dataset", lambda self: tiny_dataset())   # the run's data: a tiny set
     out = tmp_path / "run"
     rc = cli.main(["train", "--method", "shrink", "--profile", "smoke", "--out", str(out), "--epochs", "2"])
     assert rc == 0
@@ -102,3 +103,36 @@ def test_a_stub_method_trains_through_the_command_line(tmp_path, monkeypatch, ca
     assert [h["epoch"] for h in hist] == [0, 1] and hist[1]["loss"] < hist[0]["loss"]
     assert read_train_checkpoint(out / "checkpoint.pt")["settings"]["method"] == "shrink"
     assert "shrink | profile smoke" in (out / "train.log").read_text()
+
+
+def test_the_run_is_resolved_once_and_the_python_api_reads_the_clis_subset(tmp_path, monkeypatch):
+    """``train_hhcl("laptop", data_root=R)`` from Python and ``reidkit train --profile laptop`` read
+    the same identity subset: both resolve one RunSpec, whose dataset is read once."""
+    from market_trees import synthetic_market_tree
+
+    from reidkit.hhcl import method as hhcl_method
+
+    root = tmp_path / "data"
+    synthetic_market_tree(root, train_ids=160, test_ids=152, train_per_id=2, query_per_id=1, gallery_per_id=2,
+                          distractors=4)     # more identities than the laptop profile's 150
+    seen = {}
+
+    def capture(method, out_dir, **kwargs):
+        seen.setdefault("pids", []).append(sorted({r.pid for r in method.spec.dataset().train}))
+        seen.setdefault("amp", []).append(method.spec.amp)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(hhcl_method, "fit", capture)
+    with pytest.raises(SystemExit):
+        hhcl_method.train_hhcl("laptop", data_root=str(root), out_dir=tmp_path / "py", device="cpu")
+    monkeypatch.setattr(cli, "fit", capture)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--profile", "laptop", "--data-root", str(root), "--out", str(tmp_path / "cli"),
+                  "--device", "cpu"])
+    api, command_line = seen["pids"]
+    assert api == command_line and len(api) == get_profile("laptop").data.subset_ids == 150
+    assert seen["amp"][0] == seen["amp"][1]
+    spec = methods.resolve_run("laptop", str(root), "cpu", {"data.subset_ids": 3})
+    assert spec.dataset() is spec.dataset() and len({r.pid for r in spec.dataset().train}) == 3
+    assert spec.device == torch.device("cpu") and spec.method == "hhcl" and not spec.streamed
+    assert methods.resolve_run("sysu30k", str(root)).streamed

@@ -3,6 +3,7 @@ computed here (features, pseudo-labels, every model's test features), key figure
 and the ranked list under the Market protocol."""
 
 import json
+import os
 
 import matplotlib
 import numpy as np
@@ -11,7 +12,7 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 
-from reidkit.course.runctx import RunContext  # noqa: E402
+from reidkit.course.runctx import RunContext, latest_complete_run  # noqa: E402
 from reidkit.hhcl.clustering import dbscan_labels  # noqa: E402
 from reidkit.retrieval.inspect import ranked_gallery  # noqa: E402
 from reidkit.retrieval.jaccard import jaccard_distance  # noqa: E402
@@ -79,3 +80,33 @@ def test_ranked_gallery_removes_same_camera_matches_and_keeps_ties_in_order():
     assert order.tolist() == [5, 1, 2, 4]               # 0 and 3 are junk; the 0.5 tie stays in gallery order
     assert ranked_gallery(dist, 7, 0, g_pids, g_cams, topk=2).tolist() == [5, 1]
     assert ranked_gallery(dist, 3, 2, g_pids, g_cams).tolist() == [3, 0, 5, 1, 2, 4]
+
+
+def _fake_run(base, name, profile, report=True, mtime=None):
+    run = base / name
+    run.mkdir(parents=True)
+    (run / "run.json").write_text(json.dumps({"parameters": {"PROFILE": profile}}))
+    if report:
+        (run / "report.md").write_text("# report\n")
+        if mtime is not None:
+            os.utime(run / "report.md", (mtime, mtime))
+    return run
+
+
+def test_a_notebook_opened_by_hand_reads_the_latest_complete_run_of_its_profile(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("REIDKIT_RUNS", str(tmp_path))
+    assert latest_complete_run("smoke") is None
+    ctx = RunContext.open("smoke", None, None, "cpu", 1, name="t")
+    assert ctx.run_dir == (tmp_path / "smoke-interactive").resolve()
+    assert "no complete `make reproduce` run" in capsys.readouterr().out
+
+    old = _fake_run(tmp_path, "smoke-20261201-100000", "smoke", mtime=1_000)
+    new = _fake_run(tmp_path, "smoke-20261202-100000", "smoke", mtime=2_000)
+    _fake_run(tmp_path, "smoke-20261203-100000", "smoke", report=False)        # still running, or failed
+    _fake_run(tmp_path, "smoke-20261204-100000", "workshop", mtime=3_000)       # another profile's run
+    _fake_run(tmp_path, "workshop-20261205-100000", "workshop", mtime=4_000)
+    assert latest_complete_run("smoke") == new and old != new
+    ctx = RunContext.open("smoke", None, "", "cpu", 1, name="t")
+    assert ctx.run_dir == new.resolve()
+    assert f"latest complete run of profile smoke, {new.resolve()}" in capsys.readouterr().out
+    assert RunContext.open("smoke", None, str(old), "cpu", 1, name="t").run_dir == old.resolve()  # RUN_DIR wins

@@ -3,7 +3,9 @@
 Every notebook starts with ``ctx = RunContext.open(PROFILE, DATA_ROOT, RUN_DIR, DEVICE, SEED, name)``;
 it reads what earlier notebooks left in ``ctx.run_dir`` and writes its own results under
 ``ctx.out`` (``RUN_DIR/<notebook>/``): ``metrics.json``, figures, arrays, checkpoints.
-A notebook opened by hand with no RUN_DIR gets ``runs/<profile>-interactive``.
+A notebook opened by hand with no RUN_DIR reads the latest complete ``make reproduce`` run of its
+profile (``runs/<profile>-<stamp>/``, :func:`latest_complete_run`), so that it opens on results and
+trains nothing; with none, ``runs/<profile>-interactive``.
 """
 
 from __future__ import annotations
@@ -18,14 +20,16 @@ from typing import Any
 
 import numpy as np
 
-from reidkit.config import Profile, apply_overrides, get_profile
-from reidkit.core.device import resolve_device, seed_everything
+from reidkit.config import Profile, get_profile
+from reidkit.core.device import seed_everything
 from reidkit.core.io import atomic_write_bytes, atomic_write_json
 from reidkit.data.subset import load_profile_dataset
 from reidkit.hhcl.clustering import dbscan_labels
+from reidkit.methods import resolve_run
 from reidkit.nets.backbones import build_model
 from reidkit.retrieval.jaccard import jaccard_distance
 from reidkit.retrieval.protocol import extract_records
+from reidkit.train.runspec import RunSpec
 
 
 def project_root() -> Path:
@@ -33,9 +37,32 @@ def project_root() -> Path:
     return Path(__file__).resolve().parents[2]
 
 
+def runs_dir() -> Path:
+    """Where ``reidkit reproduce`` puts its run folders: ``runs/`` in the checkout, or ``$REIDKIT_RUNS``."""
+    return Path(os.environ.get("REIDKIT_RUNS", project_root() / "runs"))
+
+
+def _ran_profile(run_dir: Path) -> str | None:
+    try:
+        return (json.loads((run_dir / "run.json").read_text()).get("parameters") or {}).get("PROFILE")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def latest_complete_run(profile: str, base: Path | None = None) -> Path | None:
+    """The newest run folder under ``base`` (default :func:`runs_dir`) that a reproduction of
+    ``profile`` finished: its ``report.md`` is written (the last step of ``reidkit reproduce``) and
+    its ``run.json`` names the profile. Newest by the report's time. None when there is none."""
+    base = runs_dir() if base is None else Path(base)
+    done = [d for d in base.glob(f"{profile}-*") if d.name != f"{profile}-interactive"
+            and (d / "report.md").is_file() and _ran_profile(d) == profile]
+    return max(done, key=lambda d: ((d / "report.md").stat().st_mtime, d.name), default=None)
+
+
 def default_run_dir(profile: str) -> Path:
-    base = Path(os.environ.get("REIDKIT_RUNS", project_root() / "runs"))
-    return base / f"{profile}-interactive"
+    """A notebook's run folder when RUN_DIR is not given: the latest complete reproduction of
+    ``profile``, else ``runs/<profile>-interactive`` (filled by the notebooks themselves)."""
+    return latest_complete_run(profile) or runs_dir() / f"{profile}-interactive"
 
 
 def run_overrides(run_dir: str | Path, profile: str | None = None) -> dict:
@@ -66,6 +93,7 @@ class RunContext:
     name: str
     started: float = field(default_factory=time.time)
     key_figures: list = field(default_factory=list)
+    spec: RunSpec | None = None      # the run resolved once (profile, device, AMP, dataset)
 
     @classmethod
     def open(cls, profile: str = "workshop", data_root: str | None = None, run_dir: str | None = None,
@@ -79,16 +107,21 @@ class RunContext:
         prof = get_profile(profile)
         if run_dir in (None, ""):
             run_dir = default_run_dir(prof.name)
-            print(f"RUN_DIR not given: using {run_dir} (results of earlier notebooks are read from there; "
-                  f"what is missing is computed here)")
+            if run_dir.name == f"{prof.name}-interactive":
+                print(f"RUN_DIR not given and no complete `make reproduce` run of profile {prof.name} in "
+                      f"{run_dir.parent}: using {run_dir} (what earlier notebooks left there is read, the rest "
+                      f"is computed here)")
+            else:
+                print(f"RUN_DIR not given: reading the latest complete run of profile {prof.name}, {run_dir} "
+                      f"(set RUN_DIR in the parameters cell to choose another)")
         run_dir = Path(run_dir).resolve()
         recorded = run_overrides(run_dir, prof.name)
         merged = {**recorded, **(overrides or {})}
         if merged:
-            prof = apply_overrides(prof, merged)
             print("profile overrides: " + ", ".join(f"{k}={v}" for k, v in merged.items())
                   + (" (from run.json)" if recorded else ""))
-        ctx = cls(prof, data_root or None, run_dir, resolve_device(device), int(seed), name)
+        spec = resolve_run(prof, data_root, device, merged)
+        ctx = cls(spec.profile, spec.data_root, run_dir, spec.device, int(seed), name, spec=spec)
         ctx.out.mkdir(parents=True, exist_ok=True)
         seed_everything(ctx.seed)
         return ctx
@@ -109,6 +142,8 @@ class RunContext:
 
         if self.profile.data.dataset in ("sysu30k", "sysu"):
             kwargs.setdefault("load_train", False)
+        if not kwargs and self.spec is not None:  # read once per notebook
+            return self.spec.dataset()
         return load_profile_dataset(self.profile, self.data_root, **kwargs)
 
     def write_metrics(self, metrics: dict) -> None:

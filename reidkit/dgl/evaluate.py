@@ -35,7 +35,7 @@ def dgl_amp_dtype(profile: str | Profile, device: Any) -> torch.dtype | None:
 
 def extract_weak_features(model: nn.Module, records: Sequence[Record], profile: str | Profile,
                           device: Any = "auto", flip: bool | None = None, variant: str = "full",
-                          desc: str = "features") -> np.ndarray:
+                          desc: str = "features", amp: Any = None) -> np.ndarray:
     """L2-normalised test features at the variant's input size. ``flip=None``: flip-summed for MGN
     (the DGL reference test feature), plain ``model(x)`` otherwise (the kit's common protocol, as
     ``reidkit.retrieval.protocol.evaluate_model``)."""
@@ -46,17 +46,18 @@ def extract_weak_features(model: nn.Module, records: Sequence[Record], profile: 
     h, w = weak_input_size(prof, variant)
     ds = ImageDataset(records, test_transform(h, w))
     return extract_features(model, ds, device=device, flip=bool(flip), batch_size=prof.data.test_batch_size,
-                            num_workers=prof.data.workers, amp=dgl_amp_dtype(prof, device) or False, desc=desc)
+                            num_workers=prof.data.workers,
+                            amp=(dgl_amp_dtype(prof, device) if amp is None else amp) or False, desc=desc)
 
 
 def evaluate_weak(model: nn.Module, query: Sequence[Record], gallery: Sequence[Record], profile: str | Profile,
                   device: Any = "auto", variant: str = "full", flip: bool | None = None,
-                  return_features: bool = False):
+                  return_features: bool = False, amp: Any = None):
     """Market-protocol mAP / CMC (``reidkit.retrieval.market.evaluate_rank``, like
     ``reidkit.retrieval.protocol.evaluate_model``) with the features of :func:`extract_weak_features`."""
 
-    qf = extract_weak_features(model, query, profile, device, flip, variant, "query features")
-    gf = extract_weak_features(model, gallery, profile, device, flip, variant, "gallery features")
+    qf = extract_weak_features(model, query, profile, device, flip, variant, "query features", amp)
+    gf = extract_weak_features(model, gallery, profile, device, flip, variant, "gallery features", amp)
     res = rank_metrics(qf, gf, query, gallery, device)
     return (res, qf, gf) if return_features else res
 

@@ -77,6 +77,7 @@ from reidkit.nets.weak import (
 from reidkit.train.checkpoints import run_settings
 from reidkit.train.distributed import RankSlice, all_gather_cat, dist_info, gather_with_grad
 from reidkit.train.engine import Method, TrainResult, fit, make_val_split
+from reidkit.train.runspec import RunSpec
 
 
 def _train_transform(prof: Profile, variant: str):
@@ -117,6 +118,7 @@ class DGL(Method):
     name = "dgl"
     sections = ("data", "model", "dgl", "seed")
     default_selection = "last"  # the reference keeps the final model
+    amp_policy = staticmethod(dgl_amp_dtype)  # fp32 unless the profile asks, bf16 only where native
 
     @classmethod
     def for_run(cls, prof, dataset, data_root=None, epochs: int | None = None, iters: int | None = None) -> "DGL":
@@ -170,6 +172,7 @@ class DGL(Method):
         """The dataset, the training stream or records, the classes, and the validation split."""
 
         self.ds = self._load_dataset()
+        self.use_amp = self.run_amp(dev)
         self.train_tf = _train_transform(self.prof, self.variant)
         self.stream, self.records, self.labels, self.class_of_pid = None, [], None, {}
         self.val_q, self.val_g = [], []
@@ -240,7 +243,6 @@ class DGL(Method):
     def begin_epoch(self, epoch: int, eseed: int, model, dev, entry: dict, log) -> tuple[Any, int | None]:
         """The epoch's bags: PK bag batches (or consecutive-class bags) of the records, or the stream."""
 
-        self.use_amp = dgl_amp_dtype(self.prof, dev)  # fp32 unless the profile asks, bf16 only where native
         loader = self._loader(eseed, epoch, dev)
         total = len(loader) if self.stream is None else None
         if self.iters is not None:
@@ -323,10 +325,10 @@ class DGL(Method):
         """Market protocol on records datasets (and the validation split), SYSU-30k's streamed."""
 
         if split == "test" and self.ds.name == "sysu30k":
-            res = evaluate_sysu30k(model, self.ds, self.prof, dev, amp=dgl_amp_dtype(self.prof, dev) or False, log=log)
+            res = evaluate_sysu30k(model, self.ds, self.prof, dev, amp=self.use_amp or False, log=log)
             return {k: res[k] for k in ("rank1", "rank5", "rank10", "mAP", "mAP_standard")} | {"protocol": "sysu30k"}
         q, g = (self.val_q, self.val_g) if split == "val" else (self.ds.query, self.ds.gallery)
-        res = evaluate_weak(model, q, g, self.prof, dev, variant=self.variant, flip=self.flip)
+        res = evaluate_weak(model, q, g, self.prof, dev, variant=self.variant, flip=self.flip, amp=self.use_amp)
         return {k: v for k, v in res.items() if k != "cmc"} | {"cmc": res["cmc"][:20], "protocol": "market"}
 
     def epoch_line(self, e: dict) -> str:
@@ -362,7 +364,9 @@ def train_dgl(profile: str | Profile = "workshop", dataset: ReIDDataset | None =
     every ``eval_every`` epochs (default ``dgl.eval_step``; 0: the last only) and after the last one
     (``evaluate=False``: never). ``selection``: ``last`` (the reference keeps the final model),
     ``test`` or ``val``. Writes ``checkpoint.pt``, ``model_best.pt``, ``history.json``, ``train.log``."""
-    method = DGL(profile, dataset, variant=variant, epochs=epochs, iters=iters, eval_every=eval_every,
+    spec = RunSpec.resolve(profile, data_root, device, method=DGL.name, amp_policy=DGL.amp_policy, dataset=dataset)
+    method = DGL(spec.profile, spec.dataset(), variant=variant, epochs=epochs, iters=iters, eval_every=eval_every,
                  assignment=assignment, flip=flip, data_root=data_root)
-    return fit(method, out_dir, device=device, seed=seed, selection=selection, resume=resume,
+    method.spec = spec
+    return fit(method, out_dir, device=spec.device, seed=seed, selection=selection, resume=resume,
                stop_after=stop_after, evaluate=evaluate, log=log)

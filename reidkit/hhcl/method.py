@@ -31,7 +31,6 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 
 from reidkit.config import Profile, camera_parts, get_profile
-from reidkit.core.device import amp_dtype
 from reidkit.data.records import ReIDDataset
 from reidkit.data.samplers import CameraAwarePKSampler
 from reidkit.data.subset import load_profile_dataset
@@ -56,6 +55,7 @@ from reidkit.train.distributed import (
     sync_buffers,
 )
 from reidkit.train.engine import Method, TrainResult, fit, make_val_split
+from reidkit.train.runspec import RunSpec
 
 
 def slim(res: dict) -> dict:
@@ -130,6 +130,13 @@ class HHCL(Method):
         self.mem = self.cap = None
         self.val_q, self.val_g = [], []
 
+    @classmethod
+    def selection_for(cls, prof) -> str:
+        """``val`` on a real dataset; ``last`` on the embedded sample, where a validation split would
+        take 2 of its only 4 training identities seen by two cameras, and score epochs on a gallery
+        of 2 identities (notebook 04 shows the cost)."""
+        return "last" if prof.data.dataset.lower() in ("mini-mars", "minimars", "sample") else cls.default_selection
+
     def describe(self) -> str:
         c = self.cfg
         cam = camera_parts(self.prof)
@@ -148,6 +155,7 @@ class HHCL(Method):
     def prepare(self, dev, selection: str, seed: int, log) -> None:
 
         self.ds = self.dataset if self.dataset is not None else load_profile_dataset(self.prof, self.data_root)
+        self.use_amp = self.run_amp(dev)
         self.train_recs, self.val_q, self.val_g = list(self.ds.train), [], []
         if selection == "val":
             self.train_recs, self.val_q, self.val_g = make_val_split(self.train_recs, seed=seed)
@@ -181,7 +189,8 @@ class HHCL(Method):
         if world > 1:
             before, after = sync_buffers(model)
             entry.update(buffer_spread_unsynced=before, buffer_spread=after)
-        feats = extract_sharded(extract_records, model, self.train_recs, self.prof, dev, f"epoch {epoch} features")
+        feats = extract_sharded(extract_records, model, self.train_recs, self.prof, dev, f"epoch {epoch} features",
+                                self.use_amp)
         entry["t_extract"] = time.time() - t0
         labels, times = self.pseudo_labels(feats, epoch, dev) if rank == 0 else (None, {})
         entry.update(times)
@@ -221,7 +230,6 @@ class HHCL(Method):
             self.mem.gather = gather_batch
             if self.cap is not None:
                 self.cap.gather = gather_batch
-        self.use_amp = amp_dtype(self.prof, dev)
         return _restarting(self._loader(labels, keep, eseed, dev), c.iters), c.iters
 
     def _memory(self, feats: np.ndarray, labels: np.ndarray, eseed: int, dev):
@@ -287,7 +295,7 @@ class HHCL(Method):
 
     def evaluate(self, model, dev, split: str, log) -> dict:
         q, g = (self.val_q, self.val_g) if split == "val" else (self.ds.query, self.ds.gallery)
-        return slim(evaluate_model(model, q, g, self.prof, dev))
+        return slim(evaluate_model(model, q, g, self.prof, dev, amp=self.use_amp))
 
     @staticmethod
     def epoch_line(e: dict) -> str:
@@ -306,14 +314,21 @@ class HHCL(Method):
 
 def train_hhcl(profile: str | Profile = "workshop", dataset: ReIDDataset | None = None,
                out_dir: str | Path = "runs/train", device: Any = "auto", memory: str | None = None,
-               seed: int | None = None, selection: str = "val", resume: bool = True,
+               seed: int | None = None, selection: str | None = None, resume: bool = True,
                epochs: int | None = None, stop_after: int | None = None,
                log: Callable[[str], None] | None = None, data_root: str | None = None) -> TrainResult:
     """Train HHCL (or Cluster-Contrast with ``memory="CM"``) on the engine and return the result.
 
-    ``memory`` overrides the profile's memory mode; ``epochs`` its epoch count; ``stop_after``
-    stops after that many epochs of this call (to test resuming). Writes ``out_dir/checkpoint.pt``,
-    ``model_best.pt``, ``history.json`` and ``train.log``."""
-    method = HHCL(profile, dataset, memory=memory, epochs=epochs, data_root=data_root)
-    return fit(method, out_dir, device=device, seed=seed, selection=selection, resume=resume,
-               stop_after=stop_after, log=log)
+    The run is resolved as the command line resolves it (a :class:`RunSpec`: the profile's identity
+    subset applied to the dataset read from ``data_root``, the device, the AMP dtype). ``memory``
+    overrides the profile's memory mode; ``epochs`` its epoch count; ``selection`` defaults to the
+    method's rule for the profile (:meth:`HHCL.selection_for`); ``stop_after`` stops after that many
+    epochs of this call (to test resuming). Writes ``out_dir/checkpoint.pt``, ``model_best.pt``,
+    ``history.json`` and ``train.log``."""
+    spec = RunSpec.resolve(profile, data_root, device, method=HHCL.name, amp_policy=HHCL.amp_policy,
+                           dataset=dataset)
+    method = HHCL(spec.profile, spec.dataset(), memory=memory, epochs=epochs, data_root=data_root)
+    method.spec = spec
+    return fit(method, out_dir, device=spec.device, seed=seed,
+               selection=selection or HHCL.selection_for(spec.profile), resume=resume, stop_after=stop_after,
+               log=log)

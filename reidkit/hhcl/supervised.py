@@ -17,6 +17,7 @@ import numpy as np
 from reidkit.data.records import relabel
 from reidkit.hhcl.method import HHCL
 from reidkit.train.engine import TrainResult, fit
+from reidkit.train.runspec import RunSpec
 
 __all__ = ["Supervised", "train_supervised"]
 
@@ -46,5 +47,8 @@ def train_supervised(profile="workshop", dataset=None, out_dir: str | Path = "ru
                      seed: int | None = None, selection: str = "last", resume: bool = True,
                      epochs: int | None = None, log=None, data_root: str | None = None) -> TrainResult:
     """Train the supervised upper bound on the engine (see :func:`reidkit.hhcl.method.train_hhcl`)."""
-    method = Supervised(profile, dataset, epochs=epochs, data_root=data_root)
-    return fit(method, out_dir, device=device, seed=seed, selection=selection, resume=resume, log=log)
+    spec = RunSpec.resolve(profile, data_root, device, method=Supervised.name, amp_policy=Supervised.amp_policy,
+                           dataset=dataset)
+    method = Supervised(spec.profile, spec.dataset(), epochs=epochs, data_root=data_root)
+    method.spec = spec
+    return fit(method, out_dir, device=spec.device, seed=seed, selection=selection, resume=resume, log=log)

@@ -22,14 +22,15 @@ from reidkit.retrieval.sysu import sysu30k_evaluate
 
 
 def extract_records(model: nn.Module, records: Sequence[Record], profile: Profile, device: Any = "auto",
-                    desc: str = "features") -> np.ndarray:
-    """L2-normalised features of ``records`` with the test transform of ``profile``."""
+                    desc: str = "features", amp: Any = None) -> np.ndarray:
+    """L2-normalised features of ``records`` with the test transform of ``profile``. ``amp``: the
+    run's AMP dtype (a training run passes its RunSpec's); None asks the profile's policy here (a
+    notebook's call outside a run): fp32 features as in the papers unless the profile asks."""
 
     ds = ImageDataset(records, test_transform(profile.data.height, profile.data.width))
-    # fp32 features as in the papers unless the profile asks for mixed precision
+    amp = amp_dtype(profile, device) if amp is None else amp
     return extract_features(model, ds, device=device, batch_size=profile.data.test_batch_size,
-                            num_workers=profile.data.workers, amp=amp_dtype(profile, device) or False,
-                            desc=desc)
+                            num_workers=profile.data.workers, amp=amp or False, desc=desc)
 
 
 def rank_metrics(qf, gf, query: Sequence[Record], gallery: Sequence[Record], device: Any = "cpu",
@@ -54,10 +55,11 @@ def rank_metrics(qf, gf, query: Sequence[Record], gallery: Sequence[Record], dev
 
 
 def evaluate_model(model: nn.Module, query: Sequence[Record], gallery: Sequence[Record], profile: Profile,
-                   device: Any = "auto", max_rank: int = 20) -> dict:
-    """Market-protocol mAP / CMC of ``model`` on (query, gallery) records."""
-    qf = extract_records(model, query, profile, device, "query features")
-    gf = extract_records(model, gallery, profile, device, "gallery features")
+                   device: Any = "auto", max_rank: int = 20, amp: Any = None) -> dict:
+    """Market-protocol mAP / CMC of ``model`` on (query, gallery) records (``amp``: as
+    :func:`extract_records`)."""
+    qf = extract_records(model, query, profile, device, "query features", amp)
+    gf = extract_records(model, gallery, profile, device, "gallery features", amp)
     return rank_metrics(qf, gf, query, gallery, device, max_rank)
 
 

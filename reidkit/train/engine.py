@@ -42,7 +42,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from reidkit.core.device import optimizer_steps_to_cpu, seed_everything
+from reidkit.core.device import amp_dtype, optimizer_steps_to_cpu, seed_everything
 from reidkit.core.io import atomic_torch_save, atomic_write_json, read_train_checkpoint
 from reidkit.core.progress import _interactive_output, progress
 from reidkit.data.records import CorruptImageError, Record, check_images
@@ -50,6 +50,7 @@ from reidkit.nets.ghost_bn import apply_ghost_bn
 from reidkit.train.checkpoints import check_resume_settings, move_aside
 from reidkit.train.distributed import barrier, dist_info, finish, owns_process_group
 from reidkit.train.run_lock import RunLock, RunLockedError
+from reidkit.train.runspec import RunSpec
 
 SELECTIONS = ("val", "test", "last")
 
@@ -228,8 +229,11 @@ class Method(abc.ABC):
     name: str = ""
     sections: tuple[str, ...] = ("data", "model", "seed")
     default_selection: str = "last"
+    #: the method's AMP policy, ``(profile, device) -> dtype | None``, asked once per run by its RunSpec
+    amp_policy = staticmethod(amp_dtype)
     find_unused = False
     ds = None
+    spec: RunSpec | None = None
     val_q: tuple = ()
     val_g: tuple = ()
 
@@ -237,6 +241,26 @@ class Method(abc.ABC):
     def for_run(cls, prof, dataset, data_root=None, epochs: int | None = None, iters: int | None = None) -> "Method":
         """The method as ``reidkit train`` builds it (``iters``: a cap per epoch where the method has one)."""
         return cls(prof, dataset, epochs=epochs, data_root=data_root)
+
+    @classmethod
+    def from_spec(cls, spec: RunSpec, epochs: int | None = None, iters: int | None = None) -> "Method":
+        """The method on a resolved run: its profile, its dataset (read once), and later its device
+        and AMP dtype (:meth:`run_amp`), all from ``spec``."""
+        method = cls.for_run(spec.profile, spec.dataset(), spec.data_root, epochs=epochs, iters=iters)
+        method.spec = spec
+        return method
+
+    @classmethod
+    def selection_for(cls, prof) -> str:
+        """The model-selection rule of a run of ``prof`` unless one is asked for."""
+        return cls.default_selection
+
+    def run_amp(self, dev) -> torch.dtype | None:
+        """The AMP dtype of this run: its RunSpec's, decided once; a method built without one asks
+        its policy here, once, in ``prepare``."""
+        if self.spec is not None and self.spec.device.type == torch.device(dev).type:
+            return self.spec.amp
+        return self.amp_policy(self.prof, dev)
 
     @abc.abstractmethod
     def describe(self) -> str:
@@ -333,6 +357,8 @@ def fit(method, out_dir: str | Path, device: Any = "auto", seed: int | None = No
         raise ValueError(f"selection must be one of {SELECTIONS}, got {selection!r}")
     if not evaluate and selection != "last":
         raise ValueError(f"selection={selection!r} needs evaluation; use selection='last' with evaluate=False")
+    if str(device) == "auto" and getattr(method, "spec", None) is not None:
+        device = method.spec.device
     dev, owned = owns_process_group(device)
     rank, world = dist_info()
     out = Path(out_dir)
