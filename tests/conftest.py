@@ -46,15 +46,22 @@ def smoke_ctx(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def smoke_run(tmp_path_factory):
-    """The papermill chain of every notebook on the smoke profile, run once per session:
-    ``(run_dir, results, log lines)``. Tests that change the folder work on a copy."""
-    from reidkit.course.reproduce import run_notebooks
+def workshop_run(tmp_path_factory):
+    """The dress rehearsal's first half, once per session: ``reidkit reproduce --profile workshop``
+    as ``make reproduce`` runs it (a subprocess, its run folder under ``runs/``, here
+    ``$REIDKIT_RUNS`` = a temporary folder). Returns ``(run_dir, runs base, output lines)``.
+    The browser test then opens every notebook as the guide says, RUN_DIR unset; test_reproduce
+    reads the same folder."""
+    import subprocess
+    import sys
 
-    run_dir = tmp_path_factory.mktemp("smoke-run")
-    logs = []
-    run_dir, results = run_notebooks("smoke", run_dir=run_dir, log=logs.append)
-    return run_dir, results, logs
+    runs = tmp_path_factory.mktemp("runs")
+    env = {**os.environ, "REIDKIT_RUNS": str(runs)}
+    out = subprocess.run([sys.executable, "-m", "reidkit", "reproduce", "--profile", "workshop"], cwd=ROOT,
+                         env=env, capture_output=True, text=True, timeout=3600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    (run_dir,) = runs.glob("workshop-*")
+    return run_dir, runs, out.stdout.splitlines()
 
 
 @pytest.fixture(scope="module")

@@ -1,20 +1,26 @@
-"""The widgets, proven in a real browser: JupyterLab on 127.0.0.1 with a token, driven by headless
-Chromium (Debian's ``chromium`` + ``chromium-driver``, through selenium from PyPI).
+"""The workshop day, rehearsed in a real browser: JupyterLab on 127.0.0.1 with a token, driven by
+headless Chromium (Debian's ``chromium`` + ``chromium-driver``, through selenium from PyPI).
 
-For every notebook that shows widgets, the test runs all cells in JupyterLab, checks that no cell
-fails and no widget shows an error, moves every slider on the page and checks that the widget
-output next to it changed, then saves the notebook, reloads the page and checks that no dead
-widget output ("Error displaying widget: model not found") is left behind.
+The dress rehearsal: ``reidkit reproduce --profile workshop`` as ``make reproduce`` runs it (the
+session's ``workshop_run``), then EVERY notebook opened as the guide says, as committed, RUN_DIR
+unset, so that it finds the reproduction by itself. For each notebook the test runs all cells,
+checks that no cell fails, that it read the reproduction's run folder, that no training happened
+(no checkpoint or history changed) and how long it took (written to ``timings.json`` beside the
+screenshots). For a notebook that shows widgets it also moves every slider on the page and checks
+that the widget output next to it changed, then saves the notebook, reloads the page and checks
+that no dead widget output ("Error displaying widget: model not found") is left behind. Last, it
+opens the run's static web copy (``html/index.html``) and every page it links: every figure loads
+and every link resolves.
 
-Screenshots of each slider's output before and after the move (and of each page after run-all and
-after reload) are kept in ``$REIDKIT_SCREENSHOTS`` or ``runs/browser-screenshots/``.
+Screenshots are kept in ``$REIDKIT_SCREENSHOTS`` or ``runs/browser-screenshots/``.
 
 Skipped only when Chromium, its driver, selenium or JupyterLab is missing; with ``CI=true`` or
 ``REIDKIT_REQUIRE_BROWSER=1`` a missing piece fails the test instead. Optional knobs:
 ``REIDKIT_CHROMIUM`` / ``REIDKIT_CHROMEDRIVER`` (paths), ``REIDKIT_BROWSER_NOTEBOOKS`` (another
-notebook folder), ``REIDKIT_BROWSER_RUN_DIR`` (a filled smoke
-run folder to copy instead of running the papermill chain first), ``REIDKIT_BROWSER_TIMEOUT``
-(seconds a notebook may take to run all its cells; default 1200).
+notebook folder), ``REIDKIT_BROWSER_RUN_DIR`` (a finished workshop run folder to copy instead of
+reproducing first), ``REIDKIT_BROWSER_TIMEOUT`` (seconds a notebook may take to run all its cells;
+default 1200), ``REIDKIT_REHEARSAL_LIMIT`` (seconds a notebook may take in the rehearsal; default 120,
+the goal being about 60 on two cores).
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = Path(os.environ.get("REIDKIT_BROWSER_NOTEBOOKS") or ROOT / "notebooks")
 RUN_ALL_TIMEOUT = float(os.environ.get("REIDKIT_BROWSER_TIMEOUT", "1200"))
 UPDATE_TIMEOUT = 180.0          # seconds a widget may take to redraw after a slider move
+REHEARSAL_LIMIT = float(os.environ.get("REIDKIT_REHEARSAL_LIMIT", "120"))
+#: what training leaves in a run folder; the rehearsal must not touch any of them
+TRAINING_FILES = ("checkpoint.pt", "model_best.pt", "history.json")
 WIDGET_ERRORS = ("Error displaying widget", "model not found")
 
 pytestmark = pytest.mark.slow
@@ -96,11 +105,11 @@ def tools():
     try:
         import selenium  # noqa: F401
     except ImportError:
-        _require_or_skip("selenium is not installed (pip install -e '.[dev]')")
+        _require_or_skip("selenium is not installed (pip install -e '.[dev]', or make dev-venv)")
     try:
         import jupyterlab  # noqa: F401
     except ImportError:
-        _require_or_skip("jupyterlab is not installed (pip install -e '.[dev]')")
+        _require_or_skip("jupyterlab is not installed (pip install -e '.[lab]')")
     return {"chromium": chromium, "chromedriver": driver}
 
 
@@ -114,37 +123,32 @@ def shots():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tools, tmp_path_factory, request):
-    """A copy of a smoke run folder already filled by the papermill chain (the session's
-    ``smoke_run``, shared with test_reproduce), so that the notebooks opened in the browser find
-    their inputs and resume their training from checkpoints."""
-    run = tmp_path_factory.mktemp("browser") / "run"
+def rehearsal(tools, tmp_path_factory, request):
+    """``(run_dir, runs base)``: the session's workshop reproduction (``workshop_run``), or a copy of
+    ``REIDKIT_BROWSER_RUN_DIR`` placed in a runs folder of its own."""
     given = os.environ.get("REIDKIT_BROWSER_RUN_DIR")
-    source = Path(given) if given else request.getfixturevalue("smoke_run")[0]
-    shutil.copytree(source, run)
-    return run
+    if not given:
+        run_dir, runs, _ = request.getfixturevalue("workshop_run")
+        return run_dir, runs
+    runs = tmp_path_factory.mktemp("runs")
+    run = runs / Path(given).name
+    shutil.copytree(given, run)
+    return run, runs
+
+
+def _training_files(run_dir: Path) -> dict[str, float]:
+    return {str(p.relative_to(run_dir)): p.stat().st_mtime_ns for name in TRAINING_FILES
+            for p in run_dir.rglob(name)}
 
 
 @pytest.fixture(scope="module")
-def lab(tools, run_dir, tmp_path_factory):
-    """JupyterLab on 127.0.0.1, a free port and a random token, serving copies of the widget
-    notebooks whose parameters cell points at the smoke run folder with INTERACTIVE=True."""
+def lab(tools, rehearsal, tmp_path_factory):
+    """JupyterLab on 127.0.0.1, a free port and a random token, serving a copy of the notebooks
+    folder exactly as committed (parameters untouched: PROFILE workshop, RUN_DIR unset), with the
+    reproduction's runs folder where a student's checkout has it (``$REIDKIT_RUNS`` for the kernels)."""
     base = tmp_path_factory.mktemp("lab")
     root = base / "root"
-    root.mkdir()
-    for src in _widget_notebooks():
-        nb = nbformat.read(src, as_version=4)
-        _set_parameters(nb, PROFILE="smoke", RUN_DIR=str(run_dir), INTERACTIVE=True)
-        for cell in nb.cells:
-            if cell.cell_type == "code":
-                cell.outputs, cell.execution_count = [], None
-        nb.metadata.pop("widgets", None)
-        nbformat.write(nb, root / src.name)
-    # the notebooks import from notebooks/ (helpers beside them) as they do in the project
-    for extra in NOTEBOOKS.iterdir():
-        if extra.suffix != ".ipynb" and not extra.name.startswith("."):
-            target = root / extra.name
-            (shutil.copytree if extra.is_dir() else shutil.copy)(extra, target)
+    shutil.copytree(NOTEBOOKS, root, ignore=shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__"))
 
     settings = base / "settings"
     _write_json(settings / "@jupyterlab" / "notebook-extension" / "tracker.jupyterlab-settings",
@@ -153,7 +157,7 @@ def lab(tools, run_dir, tmp_path_factory):
                 {"fetchNews": "false", "checkForUpdates": False})
     env = dict(os.environ)
     env.pop("REIDKIT_PROGRESS", None)                   # the kernels behave as for a student
-    env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"),
+    env.update(OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"), REIDKIT_RUNS=str(rehearsal[1]),
                JUPYTER_CONFIG_DIR=str(base / "config"), JUPYTER_DATA_DIR=str(base / "data"),
                JUPYTER_RUNTIME_DIR=str(base / "runtime"), JUPYTERLAB_SETTINGS_DIR=str(settings),
                JUPYTERLAB_WORKSPACES_DIR=str(base / "workspaces"))
@@ -215,36 +219,62 @@ def browser(tools):
 # ----------------------------------------------------------------------------- the test
 
 WIDGET_NOTEBOOKS = _widget_notebooks()
+ALL_NOTEBOOKS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
 
 def test_some_notebook_shows_widgets():
     assert WIDGET_NOTEBOOKS, "no notebook mentions ipywidgets / display(): the course lost its widgets"
 
 
-@pytest.mark.parametrize("nb_path", WIDGET_NOTEBOOKS, ids=[p.stem for p in WIDGET_NOTEBOOKS])
-def test_widgets_in_jupyterlab(nb_path, lab, browser, shots):
+@pytest.fixture(scope="module")
+def timings(shots):
+    found = {}
+    yield found
+    (shots / "timings.json").write_text(json.dumps(found, indent=1))
+
+
+@pytest.mark.parametrize("nb_path", ALL_NOTEBOOKS, ids=[p.stem for p in ALL_NOTEBOOKS])
+def test_dress_rehearsal_in_jupyterlab(nb_path, rehearsal, lab, browser, shots, timings):
     stem, problems = nb_path.stem, []
+    run_dir = rehearsal[0]
+    trained = _training_files(run_dir)
+    assert trained, f"the reproduction in {run_dir} left no training run"
     try:
-        _run_and_check(nb_path, stem, problems, lab, browser, shots)
+        seconds = _run_and_check(nb_path, stem, problems, lab, browser, shots)
     except Exception:
         browser.save_screenshot(str(shots / f"{stem}-failed.png"))
         raise
     finally:
         _shutdown_kernels(lab)                          # notebooks never share the 2 cores
+    timings[stem] = round(seconds, 1)
+    print(f"{stem}: run-all in {seconds:.1f} s")
+    text = _page_text(browser)
+    if f"latest complete run of profile workshop, {run_dir.resolve()}" not in text:
+        problems.append(f"it did not say it read the reproduction {run_dir}")
+    changed = {k for k, v in _training_files(run_dir).items() if trained.get(k) != v}
+    if changed:
+        problems.append("it trained: " + ", ".join(sorted(changed)))
+    if seconds > REHEARSAL_LIMIT:
+        problems.append(f"run-all took {seconds:.0f} s (> {REHEARSAL_LIMIT:.0f} s)")
     assert not problems, f"{stem}:\n" + "\n".join(problems)
 
 
 def _run_and_check(nb_path, stem, problems, lab, browser, shots):
+    """Run all of the notebook; the widget checks where it has widgets. Returns run-all's seconds."""
     _open(browser, lab, nb_path.name)
+    t0 = time.time()
     # not returned: selenium would wait on the promise, which settles only when the last cell ends
     browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells'); return null")
     _wait_all_ran(browser, stem)
+    seconds = time.time() - t0
     time.sleep(2)                                       # late widget views
     browser.save_screenshot(str(shots / f"{stem}-0-run-all.png"))
 
     errors = [f"cell {i} ({c['head']!r}): {e}" for i, c in enumerate(_state(browser)["cells"])
               for e in c["errors"]]
     assert not errors, f"{stem}: cells failed in JupyterLab:\n" + "\n".join(errors)
+    if nb_path not in WIDGET_NOTEBOOKS:
+        return seconds
     text = _page_text(browser)
     assert not any(w in text for w in WIDGET_ERRORS), f"{stem}: a widget shows an error after run-all"
 
@@ -272,26 +302,44 @@ def _run_and_check(nb_path, stem, problems, lab, browser, shots):
     text = _page_text(browser)
     if not dead and any(w in text for w in WIDGET_ERRORS):
         problems.append("after save and reload the page shows 'Error displaying widget'")
+    return seconds
+
+
+_PAGE_JS = """
+const broken = Array.from(document.images).filter(i => !(i.complete && i.naturalWidth > 0))
+  .map(i => (i.getAttribute('src') || '').slice(0, 80));
+const links = Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))
+  .filter(h => !h.startsWith('#') && !/^[a-z]+:/i.test(h));
+return {broken: broken, links: links, images: document.images.length, title: document.title};
+"""
+
+
+def test_the_html_copy_opens_with_every_figure_and_link(rehearsal, browser, shots):
+    """The run's static web copy, as a laptop with no install reads it: index.html and every
+    page it links, opened from disk; every image loads and every relative link names a file."""
+    html_dir = rehearsal[0] / "html"
+    browser.get((html_dir / "index.html").as_uri())
+    time.sleep(1)
+    browser.save_screenshot(str(shots / "html-index.png"))
+    index = browser.execute_script(_PAGE_JS)
+    assert not index["broken"], f"index.html: images that do not load: {index['broken']}"
+    assert index["images"] > 0, "index.html shows no figure of the report"
+    pages = [h for h in index["links"] if h.endswith(".html")]
+    assert sorted(pages) == sorted(f"{p.stem}.html" for p in ALL_NOTEBOOKS), pages
+    for href in index["links"]:
+        assert (html_dir / href.split("#")[0]).is_file(), f"index.html links {href}, which is not there"
+    for page in pages:
+        browser.get((html_dir / page).as_uri())
+        time.sleep(1)
+        found = browser.execute_script(_PAGE_JS)
+        assert not found["broken"], f"{page}: images that do not load: {found['broken']}"
+        assert found["images"] > 0, f"{page} shows no figure"
+        for href in found["links"]:
+            assert (html_dir / href.split("#")[0]).is_file(), f"{page} links {href}, which is not there"
+    browser.save_screenshot(str(shots / "html-last-page.png"))
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _set_parameters(nb, **values):
-    """Rewrite the assignments of the notebook's ``parameters`` cell (add a cell if it has none)."""
-    cell = next((c for c in nb.cells if "parameters" in c.metadata.get("tags", [])), None)
-    if cell is None:
-        cell = nbformat.v4.new_code_cell("", metadata={"tags": ["parameters"]})
-        nb.cells.insert(0, cell)
-    lines = cell.source.splitlines()
-    for name, value in values.items():
-        pattern = re.compile(rf"^{name}\s*=")
-        hits = [i for i, line in enumerate(lines) if pattern.match(line)]
-        for i in hits:
-            lines[i] = f"{name} = {value!r}"
-        if not hits:
-            lines.append(f"{name} = {value!r}")
-    cell.source = "\n".join(lines)
-
 
 def _write_json(path: Path, obj):
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,27 +14,37 @@ from reidkit.course.reproduce import NotebookFailed, list_notebooks, run_noteboo
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_smoke_chain_runs_every_notebook(smoke_run):
-    run_dir, results, logs = smoke_run
+def test_the_workshop_chain_runs_every_notebook(workshop_run):
+    run_dir, _, logs = workshop_run
     names = [p.stem for p in list_notebooks()]
-    assert [r.name for r in results] == names
-    assert all(r.status == "ran" for r in results)
+    assert [line.split("]")[1].split(":")[0].strip() for line in logs if line.startswith("[")
+            and line.endswith("running ...")] == names
     for name in names:
         assert (run_dir / name / "metrics.json").is_file(), name
         executed = nbformat.read(run_dir / "notebooks" / f"{name}.ipynb", as_version=4)
         injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
-        assert injected and "INTERACTIVE = False" in injected[0].source
+        assert injected and "INTERACTIVE = False" in injected[0].source and "workshop" in injected[0].source
     report = (run_dir / "report.md").read_text()
     assert "01_data_prep" in report and "| train | 16 | 256 | 6 |" in report
     assert "Slowest cells of each notebook" in report
     assert re.search(r"^\| 04_hybrid_contrast \| \d+ \| [\d.]+ \| `.+` \|$", report, re.M)
     assert any("done in" in line for line in logs)
+    # what the run really has, and the static web copy of the executed notebooks
+    assert json.loads((run_dir / "run.json").read_text())["identities"] == {"train": 16, "test": 16}
+    assert "every identity of the dataset: 16 training, 16 test" in report
+    assert "[html/index.html](html/index.html)" in report
+    index = (run_dir / "html" / "index.html").read_text()
+    for name in names:
+        page = (run_dir / "html" / f"{name}.html").read_text()
+        assert f'href="{name}.html"' in index and "data:image/png;base64," in page, name
+        assert not re.search(r'href="[^"#:]*\.ipynb', page), name        # links between notebooks: pages
+    assert "<table>" in index and "data:image/png;base64," in index      # report.md with its figures
 
 
-def test_rerun_skips_completed_notebooks(smoke_run):
-    run_dir, _, _ = smoke_run
+def test_rerun_skips_completed_notebooks(workshop_run):
+    run_dir, _, _ = workshop_run
     logs = []
-    _, again = run_notebooks("smoke", run_dir=run_dir, log=logs.append)
+    _, again = run_notebooks("workshop", run_dir=run_dir, log=logs.append)
     assert all(r.status == "skipped" for r in again)
     assert all("skipped" in line for line in logs if line.startswith("["))
 
@@ -124,7 +134,12 @@ def test_report_embeds_key_figures_overrides_subset_and_device(tmp_path):
             rel = line[line.index("(") + 1:-1]
             assert not rel.startswith("/") and (run / rel).is_file()
     assert "device: `cpu`" in text and "`auto`" not in text
-    assert "identity subset: 100 training and 100 test identities" in text
+    assert "identity subset: at most 100 training and 100 test identities" in text
+    # what the run really kept, as reproduce records it in run.json: no "100 test identities" on a set of 60
+    doc = json.loads((run / "run.json").read_text())
+    (run / "run.json").write_text(json.dumps({**doc, "identities": {"train": 100, "test": 60}}))
+    text = write_report(run).read_text()
+    assert "identity subset: 100 training and 60 test identities (`data.subset_ids=100`" in text
     assert "`data.subset_ids=100`" in text and "`hhcl.epochs=2`" in text
     assert "dataset: `market1501`" in text
 
@@ -187,7 +202,7 @@ def test_report_sets_the_measured_row_beside_hhcls_table(tmp_path):
     assert "## Beside the paper (market1501)" in text
     assert "| HHCL, ResNet-50 (paper) | 84.2 | 93.4 | 97.7 | 98.5 |" in text
     assert "| Cluster-Contrast v1, ResNet-50 (baseline) | 82.6 | 93.0 | 97.0 | 98.1 |" in text
-    assert ("| **measured: 04_hybrid_contrast/CMhybrid (epoch 2)** | 50.0 | 70.0 | 80.0 | 90.0 "
+    assert ("| **measured: 04_hybrid_contrast/CMhybrid (epoch 1, counted from 0)** | 50.0 | 70.0 | 80.0 | 90.0 "
             "| -34.2 | -23.4 | -17.7 | -8.5 |") in text
     assert "a dry run's figures are not comparable" in text
     # the environment
@@ -216,7 +231,7 @@ def test_report_of_sysu30k_shows_the_leaderboard_and_dgls_difference(tmp_path):
     for row in ("generalisation: IICS (Market-trained) | 36.0", "generalisation: MGN | 23.6",
                 "self-supervised: Triplet (ICCV'21) | 14.8", "self-supervised: SimCLR | 10.9"):
         assert row in text
-    assert "| **measured: 05_weak_graphical/full (epoch 1)** | 10.0 | -16.9 |" in text
+    assert "| **measured: 05_weak_graphical/full (epoch 0, counted from 0)** | 10.0 | -16.9 |" in text
     assert "not comparable" not in text                                   # no overrides
     assert "GPU cost of sysu30k" in text
 
@@ -232,10 +247,10 @@ def test_report_without_recorded_environment_or_runs_says_so(tmp_path):
     assert "## Training epochs" not in text
 
 
-def test_run_json_records_the_environment(smoke_run):
+def test_run_json_records_the_environment(workshop_run):
     import torch
 
-    run_dir, _, _ = smoke_run
+    run_dir, _, _ = workshop_run
     env = json.loads((run_dir / "run.json").read_text())["environment"]
     assert env["torch"] == torch.__version__ and env["device"].startswith("cpu: CPU")
     assert env["knn"] == "torch-cpu" and env["amp"] in ("fp32 (no autocast)", "bfloat16 autocast")

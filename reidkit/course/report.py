@@ -76,12 +76,15 @@ def _run_header(run: dict) -> list[str]:
         device = str(resolve_device(params.get("DEVICE") or "auto"))
     lines = [f"- profile: `{params.get('PROFILE')}`, device: `{device}`, seed: {params.get('SEED')}",
              f"- dataset: `{data.get('dataset', '?')}`, data root: `{params.get('DATA_ROOT') or 'embedded sample'}`"]
-    n = data.get("subset_ids")
+    n, counts = data.get("subset_ids"), run.get("identities") or {}
     if n:
-        lines.append(f"- identity subset: {n} training and {n} test identities (subset seed "
+        kept = (f"{counts['train']} training and {counts['test']} test identities" if counts
+                else f"at most {n} training and {n} test identities")
+        lines.append(f"- identity subset: {kept} (`data.subset_ids={n}`, subset seed "
                      f"{data.get('subset_seed', 0)}; distractors kept in proportion; reidkit.data.subset)")
     else:
-        lines.append("- identity subset: none (every identity of the dataset)")
+        lines.append("- identity subset: none (every identity of the dataset"
+                     + (f": {counts['train']} training, {counts['test']} test)" if counts else ")"))
     overrides = run.get("overrides") or {}
     if overrides:
         lines.append("- overrides: " + ", ".join(f"`{k}={json.dumps(v, default=list)}`"
@@ -139,6 +142,9 @@ def write_report(run_dir: str | Path) -> Path:
         raise FileNotFoundError(f"{run_dir}: not a run folder (no run.json and no */metrics.json)")
     run = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").is_file() else {}
     lines = [f"# reidkit report: {run_dir.name}", ""] + _run_header(run)
+    if (run_dir / "notebooks").is_dir():
+        lines += ["The executed notebooks as web pages, readable with no install: "
+                  "[html/index.html](html/index.html)", ""]
     paper = run.get("profile", {}).get("paper") or {}
     if paper:
         lines += ["Paper figures for this profile: " + ", ".join(f"{k} {v}" for k, v in paper.items()), ""]
@@ -197,7 +203,7 @@ def measured_rows(run_dir: Path, metrics: Sequence[str]) -> list[tuple[str, list
         tested = [e for e in history if isinstance(e.get("test"), dict)]
         if tested:
             last = tested[-1]
-            rows.append((f"measured: {rel} (epoch {last.get('epoch', len(history) - 1) + 1})",
+            rows.append((f"measured: {rel} (epoch {last.get('epoch', len(history) - 1)}, counted from 0)",
                          [100 * float(last["test"][m]) if m in last["test"] else None for m in metrics]))
     return rows
 

@@ -38,13 +38,14 @@ from reidkit.config import (
     parse_set,
     validate_overrides,
 )
-from reidkit.core.device import resolve_device
 from reidkit.core.io import atomic_write_json
+from reidkit.course.html_copy import export_html
 from reidkit.course.report import environment, write_report
-from reidkit.course.runctx import project_root
+from reidkit.course.runctx import project_root, runs_dir
 from reidkit.data.datasets import ALIASES, PARSERS
 from reidkit.data.records import LayoutError
 from reidkit.data.sysu30k import check_sysu_tree
+from reidkit.methods import resolve_run
 from reidkit.nets.imagenet import REQUIRED, MissingWeightsError, resolve_weights
 from reidkit.train.run_lock import RunLock, RunLockedError
 
@@ -181,6 +182,16 @@ WEAK_SKIPS = {
 }
 
 
+def identity_counts(spec) -> dict[str, int]:
+    """The identities the run really has, subset applied: ``{"train": n, "test": m}`` (test = the
+    query identities, those scored), for report.md. Empty for SYSU-30k, whose training set is
+    streamed and never listed."""
+    if spec.streamed:
+        return {}
+    ds = spec.dataset()
+    return {"train": len({r.pid for r in ds.train}), "test": len({r.pid for r in ds.query})}
+
+
 def skipped_notebooks(prof, notebooks: Sequence[Path]) -> dict[str, str]:
     """``{stem: reason}`` of the notebooks a profile's method does not run."""
     if prof.method != "dgl":
@@ -199,19 +210,21 @@ def run_notebooks(profile: str = "workshop", data_root: str | None = None, run_d
 
     prof = check_run(profile, data_root, overrides)
     overrides = validate_overrides(overrides or {})
+    spec = resolve_run(prof, data_root, device)       # the run resolved once: device, AMP, dataset
     if run_dir is None:
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = project_root() / "runs" / f"{prof.name}-{stamp}"
+        run_dir = runs_dir() / f"{prof.name}-{stamp}"
     run_dir = Path(run_dir).resolve()
     with RunLock(run_dir):
-        results = _run_locked(pm, prof, data_root, run_dir, device, seed, notebooks, timeout, force, log,
-                              overrides)
+        results = _run_locked(pm, spec, run_dir, device, seed, notebooks, timeout, force, log, overrides)
     return run_dir, results
 
 
-def _run_locked(pm, prof, data_root, run_dir: Path, device, seed, notebooks, timeout, force, log,
+def _run_locked(pm, spec, run_dir: Path, device, seed, notebooks, timeout, force, log,
                 overrides: dict) -> list[NotebookResult]:
-    """The body of :func:`run_notebooks`, run while ``run_dir`` is locked."""
+    """The body of :func:`run_notebooks`, run while ``run_dir`` is locked. ``device`` is what the
+    notebooks are given (``auto`` stays ``auto``: each kernel resolves it as ``spec`` did)."""
+    prof, data_root = spec.profile, spec.data_root
 
     nbs = list_notebooks()
     if notebooks:
@@ -221,7 +234,8 @@ def _run_locked(pm, prof, data_root, run_dir: Path, device, seed, notebooks, tim
               "RUN_DIR": str(run_dir), "DEVICE": device, "SEED": int(seed), "INTERACTIVE": False}
     skip = skipped_notebooks(prof, nbs)
     atomic_write_json(run_dir / "run.json", {"parameters": params, "overrides": overrides, "skipped": skip,
-                                             "device": str(resolve_device(device)),
+                                             "device": str(spec.device),
+                                             "identities": identity_counts(spec),
                                              "profile": prof.to_dict(),
                                              "environment": environment(prof, device),
                                              "notebooks": [p.name for p in nbs]})
@@ -264,6 +278,8 @@ def _run_locked(pm, prof, data_root, run_dir: Path, device, seed, notebooks, tim
         else:
             os.environ["REIDKIT_PROGRESS"] = env_progress
     write_report(run_dir)
+    export_html(run_dir)
+    log(f"report: {run_dir / 'report.md'}; web pages: {run_dir / 'html' / 'index.html'}")
     return results
 
 
@@ -283,7 +299,6 @@ def main_reproduce(args) -> int:
 
     try:
         overrides = overrides_from_args(args)
-        check_run(args.profile, args.data_root, overrides)
         run_dir, results = run_notebooks(args.profile, args.data_root, args.run_dir, args.device, args.seed,
                                          args.notebooks, args.timeout, args.force, overrides=overrides)
     except NotebookFailed as exc:

@@ -1,0 +1,95 @@
+"""The run as static web pages: what a laptop that cannot install PyTorch reads, and what a teacher
+projects.
+
+``export_html(RUN_DIR)`` renders every executed notebook ``RUN_DIR/notebooks/NN_name.ipynb`` to
+``RUN_DIR/html/NN_name.html`` (nbconvert's JupyterLab template: prose, code, printed outputs and
+figures, which nbconvert embeds in the page) and writes ``RUN_DIR/html/index.html``: report.md
+rendered, its figures embedded, and a link to every page. The folder needs nothing beside it: it
+can be zipped, mailed or served as it is. Links between notebooks (``03_clustering.ipynb``) point to
+their pages. Formulas are typeset by MathJax, which the page loads from the web; offline, the
+formulas show as their LaTeX source.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import mimetypes
+import re
+from pathlib import Path
+
+import mistune
+import nbformat
+from nbconvert import HTMLExporter
+
+from reidkit.core.io import atomic_write_bytes
+
+#: links to a notebook of the course, in a rendered page: ``href="03_clustering.ipynb#anchor"``
+_NB_LINK = re.compile(r'href="(?:\.\./|\./)?(?:notebooks/)?(\d\d_[\w-]+)\.ipynb(#[^"]*)?"')
+
+_IMG = re.compile(r'<img([^>]*?)src="([^":#]+)"')
+
+
+#: a relative link (no scheme, no anchor alone): ``href="../docs/cameras.md"``
+_REL_LINK = re.compile(r'href="(?![a-zA-Z][\w+.-]*:|#)([^"]+)"')
+
+
+def _page_links(text: str, stems: set[str]) -> str:
+    """Links to a course notebook become links to its page (when the run rendered it); any other
+    relative link (a file of the kit's folder, which the copy does not carry) keeps its text and
+    names the file in a tooltip instead of leading nowhere."""
+    text = _NB_LINK.sub(lambda m: f'href="{m.group(1)}.html{m.group(2) or ""}"' if m.group(1) in stems
+                        else m.group(0), text)
+    pages = {f"{s}.html" for s in stems}
+    return _REL_LINK.sub(lambda m: m.group(0) if m.group(1).split("#")[0] in pages
+                         else f'title="{m.group(1)} (in the kit\'s folder)"', text)
+
+
+def _embed_images(text: str, base: Path) -> str:
+    """``<img src="rel/path.png">`` with the file embedded as a data URI (relative to ``base``)."""
+
+    def embed(m: re.Match) -> str:
+        path = base / html.unescape(m.group(2))
+        if not path.is_file():
+            return m.group(0)
+        mime = mimetypes.guess_type(path.name)[0] or "image/png"
+        data = base64.b64encode(path.read_bytes()).decode()
+        return f'<img{m.group(1)}src="data:{mime};base64,{data}"'
+
+    return _IMG.sub(embed, text)
+
+
+def render_notebook(executed: Path, stems: set[str]) -> str:
+    """One executed notebook as a standalone HTML page (figures embedded by nbconvert)."""
+    nb = nbformat.read(str(executed), as_version=4)
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    return _page_links(body, stems)
+
+
+def _index(run_dir: Path, pages: list[str]) -> str:
+    report = run_dir / "report.md"
+    text = report.read_text() if report.is_file() else f"# {run_dir.name}\n\nNo report.md in this run folder.\n"
+    body = mistune.html(text)
+    body = body.replace('href="html/index.html"', 'href="index.html"').replace('href="html/', 'href="')
+    body = _embed_images(body, run_dir)
+    items = "\n".join(f'<li><a href="{p}.html">{html.escape(p)}</a></li>' for p in pages)
+    title = html.escape(f"reidkit run {run_dir.name}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{title}</title>\n"
+            "<style>body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em}"
+            "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+            "img{max-width:100%}</style></head><body>\n"
+            f"<nav><h2>The executed notebooks</h2><ol id=\"pages\">\n{items}\n</ol></nav>\n<hr>\n{body}\n"
+            "</body></html>\n")
+
+
+def export_html(run_dir: str | Path) -> Path:
+    """Write ``RUN_DIR/html/``: a page per executed notebook and ``index.html``; returns the index."""
+    run_dir = Path(run_dir)
+    executed = sorted((run_dir / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+    stems = {p.stem for p in executed}
+    out = run_dir / "html"
+    for nb in executed:
+        atomic_write_bytes(out / f"{nb.stem}.html", render_notebook(nb, stems).encode())
+    index = out / "index.html"
+    atomic_write_bytes(index, _index(run_dir, [p.stem for p in executed]).encode())
+    return index
