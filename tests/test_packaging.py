@@ -65,6 +65,27 @@ def test_environment_yml_names_the_same_packages_as_pyproject():
     assert "faiss-cpu" not in conda, "a GPU environment installs exactly one faiss"
 
 
+def test_the_students_cpu_environment_has_the_course_and_no_test_tools():
+    """environment-cpu.yml is the path without `make` (Windows, macOS): the package's dependencies,
+    JupyterLab and faiss-cpu; not the developer's test tools."""
+    yaml = pytest.importorskip("yaml")
+    env = yaml.safe_load((ROOT / "environment-cpu.yml").read_text())
+    conda = {CONDA_TO_PIP.get(_name(d), _name(d)) for d in env["dependencies"] if not isinstance(d, dict)}
+    proj = _pyproject()["project"]
+    wanted = {_name(r) for r in proj["dependencies"]} | {"jupyterlab", "faiss-cpu"}
+    assert wanted - conda == set(), f"missing from environment-cpu.yml: {wanted - conda}"
+    assert not conda & {_name(r) for r in proj["optional-dependencies"]["dev"]}
+    assert "pytorch-gpu" not in {_name(d) for d in env["dependencies"] if not isinstance(d, dict)}
+
+
+def test_the_student_install_leaves_the_test_tools_to_make_test():
+    text = (ROOT / "Makefile").read_text()
+    student = re.search(r"^\$\(STAMP\):.*?(?=^\S)", text, re.M | re.S).group(0)
+    assert ".[cpu,lab]" in student and "dev" not in student
+    assert re.search(r"^test: dev-venv", text, re.M) and re.search(r"^reproduce: venv", text, re.M)
+    assert "--index-url $(TORCH_INDEX)" in student
+
+
 NOTEBOOKS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 PARAMS = ("PROFILE", "DATA_ROOT", "RUN_DIR", "DEVICE", "SEED", "INTERACTIVE")
 
