@@ -10,7 +10,11 @@ The lesson shape (``../shared/spec/course.md``, DESIGN.md "A notebook as a lesso
 - no ``def`` or ``class`` in code cells except those tagged ``exercise``;
 - no code cell longer than :data:`MAX_CODE_LINES` non-blank lines;
 - a ``## Summary`` cell with 5-8 points, then ``## Exercises`` with 3-6 ``### Exercise`` items;
-- at least :data:`MIN_WORDS` words of prose.
+- a lesson body of :data:`MIN_WORDS` to :data:`MAX_WORDS` words of prose; logistics and numerical
+  fine print go to one final ``## For the teacher`` cell, counted apart (at most
+  :data:`MAX_APPENDIX_WORDS`);
+- no run-dependent figure typed into markdown (:func:`typed_figures`): a number a run produces is
+  printed by a cell, and a paper's figure carries its citation, ``[Hu et al. 2021]``, on its line.
 """
 
 from __future__ import annotations
@@ -25,6 +29,25 @@ from pathlib import Path
 from reidkit.course.reproduce import list_notebooks
 
 MIN_WORDS = 1200
+
+
+#: the lesson body's ceiling: about 2,000 words is about ten minutes of reading at 200 words a minute
+MAX_WORDS = 2000
+
+
+#: the ``## For the teacher`` appendix, counted apart from the lesson
+MAX_APPENDIX_WORDS = 400
+
+
+APPENDIX = "For the teacher"
+
+
+#: a decimal number or a percentage in prose: the shapes a run's figures take (mAP, loss, seconds, rates)
+_FIGURE = re.compile(r"(?<![\w.])\d+\.\d+(?:\s?%)?|(?<![\w.])\d+\s?%")
+
+
+#: a citation with a year on the same line makes a figure a paper's: ``[Hu et al. 2021]``, ``[Wang 2019a]``
+_CITATION = re.compile(r"\[[A-Z][^\]\n]*\b(?:19|20)\d\d[a-z]?\]")
 
 
 MAX_CODE_LINES = 15
@@ -60,7 +83,9 @@ _WORD = re.compile(r"[A-Za-z][A-Za-z'\-]*|\d[\d,.]*")
 @dataclass
 class NotebookStats:
     name: str
-    words: int = 0
+    words: int = 0                  # the lesson body (everything but the teacher appendix)
+    appendix_words: int = 0         # the final ``## For the teacher`` cell
+    typed_figures: list = field(default_factory=list)   # "cell K: 34.7" run figures typed into markdown
     code_lines: int = 0
     display_formulas: int = 0
     inline_formulas: int = 0
@@ -78,13 +103,32 @@ class NotebookStats:
 
 def prose_words(markdown: str) -> int:
     """Words of prose: markdown without code, formulas, link targets or HTML tags."""
+    return len(_WORD.findall(_strip_markup(markdown)))
+
+
+def _strip_markup(markdown: str) -> str:
     text = _FENCE.sub(" ", markdown)
     text = _DISPLAY.sub(" ", text)
     text = _INLINE.sub(" ", text)
     text = _CODE_SPAN.sub(" ", text)
     text = _LINK.sub(r"\1", text)
-    text = _HTML.sub(" ", text)
-    return len(_WORD.findall(text))
+    return _HTML.sub(" ", text)
+
+
+def typed_figures(markdown: str) -> list[str]:
+    """The decimal numbers and percentages typed into ``markdown``'s prose (formulas, code spans
+    and fenced code excluded) on lines that cite no paper. A run's figures are printed by the
+    cells, so that a student whose run differs is not contradicted by the page; hyper-parameters
+    go in code or maths (``eps=0.6``, ``$\\tau=0.05$``); a paper's figure cites it on its line."""
+    found = []
+    for line in _strip_markup(markdown).splitlines():
+        if not _CITATION.search(line):
+            found += [m.group(0).replace(" ", "") for m in _FIGURE.finditer(line)]
+    return found
+
+
+def _is_appendix(markdown: str) -> bool:
+    return re.match(rf"\s*## +{APPENDIX}\b", markdown, re.I) is not None
 
 
 def _code_lines(source: str) -> list[str]:
@@ -120,6 +164,18 @@ def _section(cells: list[dict], title: str) -> list[dict] | None:
     return out if inside else None
 
 
+def solution_hint(stem: str, k: int) -> str:
+    """How a student loads exercise ``k``'s worked solution, in a new cell (docs/workshop.md)."""
+    return f"`%run solutions/{stem}.py`, then `exercise_{k}(ctx)`"
+
+
+def _solution_hints(exercises_md: str, stem: str, n: int) -> list[str]:
+    """Every ``### Exercise`` item ends with :func:`solution_hint` for its own number."""
+    items = re.split(r"^### +Exercise\b", exercises_md, flags=re.M)[1:]
+    return [f"exercise {k} does not end with the hint {solution_hint(stem, k)}"
+            for k, item in enumerate(items, 1) if solution_hint(stem, k) not in item]
+
+
 def notebook_stats(path: str | Path) -> NotebookStats:
     path = Path(path)
     nb = json.loads(path.read_text())
@@ -129,6 +185,10 @@ def notebook_stats(path: str | Path) -> NotebookStats:
         src = "".join(c.get("source", ""))
         tags = c.get("metadata", {}).get("tags", [])
         if c["cell_type"] == "markdown":
+            st.typed_figures += [f"cell {k}: {f}" for f in typed_figures(src)]
+            if k == len(cells) - 1 and _is_appendix(src):
+                st.appendix_words = prose_words(src)
+                continue
             st.words += prose_words(src)
             st.display_formulas += len(_DISPLAY.findall(src))
             st.inline_formulas += len(_INLINE.findall(_DISPLAY.sub(" ", src)))
@@ -151,10 +211,19 @@ def notebook_stats(path: str | Path) -> NotebookStats:
     if exercises:
         text = "\n".join("".join(c.get("source", "")) for c in exercises if c["cell_type"] == "markdown")
         st.exercises = len(re.findall(r"^### +Exercise\b", text, re.M))
+        st.problems += _solution_hints(text, path.stem, st.exercises)
     if st.front_matter_missing:
         st.problems.append(f"front matter lacks: {', '.join(st.front_matter_missing)}")
     if st.words < MIN_WORDS:
         st.problems.append(f"{st.words} words of prose (< {MIN_WORDS})")
+    if st.words > MAX_WORDS:
+        st.problems.append(f"{st.words} words of prose in the lesson (> {MAX_WORDS}): fine print goes to a "
+                           f"final '## {APPENDIX}' cell")
+    if st.appendix_words > MAX_APPENDIX_WORDS:
+        st.problems.append(f"'## {APPENDIX}' has {st.appendix_words} words (> {MAX_APPENDIX_WORDS})")
+    if st.typed_figures:
+        st.problems.append("run figures typed into markdown (print them from a cell, or cite the paper on "
+                           "the line): " + "; ".join(st.typed_figures))
     if st.definitions:
         st.problems.append("definitions outside exercises: " + "; ".join(st.definitions))
     if not 5 <= st.summary_points <= 8:
