@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from reidkit.data import stats
-from reidkit.data.records import Record, relabel
+from reidkit.data.records import Record
 from reidkit.data.samplers import CameraAwarePKSampler
 
 SOLUTION = "01_data_prep"  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>.py
@@ -99,44 +99,58 @@ def test_the_sample_is_as_the_notebook_says(smoke_ctx):
 
 # -- the exercises ----------------------------------------------------------------------------
 
-def test_exercise_1_file_in_query_of_a_test_person(sol, smoke_ctx):
+def test_exercise_1_file_in_query_of_a_test_person(sol, smoke_ctx, capsys):
     r = sol.exercise_1(smoke_ctx)
     assert (r["pid"], r["camera"], r["frame"]) == (4, 2, 8)
     assert r["splits"] == ["query"] and r["identity_in_train"] is False
+    assert "not in the training split" in capsys.readouterr().out
     r = sol.exercise_1(smoke_ctx, "0003C4T0003F001.jpg")
     assert r["splits"] == ["train"] and r["identity_in_train"] is True
+    assert "could have learnt" in r["explanation"]
 
 
-def test_exercise_2_four_training_ids_see_two_cameras(sol, smoke_ctx):
+def test_exercise_2_four_training_ids_see_two_cameras(sol, smoke_ctx, capsys):
     r = sol.exercise_2(smoke_ctx)
     assert r["multi_camera_ids"] == 4 and r["single_camera_ids"] == 12
     assert r["ids"] == [13, 21, 23, 35]
-    assert "03" in r["explanation"]
+    out = capsys.readouterr().out
+    assert "4 of 16" in out and "03" in out and "one-camera" in out
 
 
-def test_exercise_3_hand_batch_keeps_the_sampler_rules(sol, smoke_ctx):
+def test_exercise_3_camera_aware_partners(sol, smoke_ctx, capsys):
     r = sol.exercise_3(smoke_ctx)
-    assert len(r["batch"]) == r["P"] * r["K"] and r["hand_problems"] == []
-    ds = smoke_ctx.dataset()
-    labels, _ = relabel(ds.train)
-    runs = np.asarray(r["batch"]).reshape(r["P"], r["K"])
-    assert len({labels[i] for i in runs[:, 0]}) == r["P"]
     # camera-aware: all partners of the 4 multi-camera ids (4 of 16) cross cameras, and no more
+    assert r["multi_camera_ids"] == 4 and r["identities"] == 16
     assert r["cross_camera_aware"] == pytest.approx(4 / 16)
-    assert r["cross_camera_plain"] < r["cross_camera_aware"]
+    assert 0 < r["cross_camera_plain"] < r["cross_camera_aware"]
+    out = capsys.readouterr().out
+    assert f"{r['cross_camera_aware']:.0%}" in out and "gap is small" in out
 
 
-def test_exercise_4_sysu_bag_sizes(sol, smoke_ctx):
+def test_exercise_4_pixels_gain_from_junk(sol, smoke_ctx, capsys):
     r = sol.exercise_4(smoke_ctx)
-    assert r["bag_size"] == 15 and r["images_per_class"] == {1: 15, 3: 5, 5: 3}
-    assert r["boundary_slots"] == [0, 0, 0, 1, 2] and r["boundary_distinct_ids"] == 3
-    for bag in r["measured_bags"]:
-        assert bag["images"] == 15
-        assert bag["distinct_ids"] <= 2 * bag["mode"] + 1
+    removed, kept = r["junk_removed"], r["junk_kept"]
+    assert (removed["valid"], kept["valid"]) == (184, 256)   # keeping junk brings the skipped queries back
+    assert 0 < removed["rank1"] < kept["rank1"] <= 1
+    assert removed["mAP"] < kept["mAP"]
+    assert f"{removed['rank1']:.0%}" in capsys.readouterr().out
 
 
-def test_exercise_5_queries_without_a_match(sol, smoke_ctx):
+def test_exercise_5_queries_without_a_match(sol, smoke_ctx, capsys):
     r = sol.exercise_5(smoke_ctx)
     assert r["without_match"] == 72 and r["num_valid_q"] == r["queries"] - 72 == 184
+    assert len(r["identities"]) == 9
     for pid in r["identities"]:
         assert r["query_cameras"][pid] == r["gallery_cameras"][pid]
+    assert "agrees" in capsys.readouterr().out
+
+
+def test_solutions_load_without_work(capsys):
+    """``%run solutions/01_data_prep.py`` defines the exercises and runs nothing."""
+    import runpy
+
+    from conftest import SOLUTIONS
+
+    names = runpy.run_path(str(SOLUTIONS / "01_data_prep.py"))
+    assert all(callable(names[f"exercise_{k}"]) for k in range(1, 6))
+    assert capsys.readouterr().out == ""

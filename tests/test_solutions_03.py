@@ -134,53 +134,115 @@ def test_clustering_figures_and_eps_widget(run, capsys):
 SOLUTION = "03_clustering"  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>.py
 
 
-def test_exercise_1_eps(smoke_ctx, sol):
-    r = sol.exercise_1(smoke_ctx)
+def test_exercise_1_eps(smoke_ctx, sol, capsys):
+    guess = {"smallest": {"clusters": 30, "purity": 0.99}, "largest": {"outliers": 0}}
+    r = sol.exercise_1(smoke_ctx, prediction=guess)
+    assert capsys.readouterr().out == r["explanation"] + "\n"
     rows = r["rows"]
     assert [x["eps"] for x in rows] == list(smoke_ctx.profile.cluster.eps_grid)
     outliers = [x["outliers"] for x in rows]
     assert outliers == sorted(outliers, reverse=True) and outliers[0] > outliers[-1]  # noise only shrinks
     assert r["smallest"]["clusters"] > r["largest"]["clusters"]
     assert r["smallest"]["purity"] > 0.95 > 0.5 > r["largest"]["purity"]
-    assert r["first_eps_purity_below_0.9"] in smoke_ctx.profile.cluster.eps_grid
+    first = r["first_eps_purity_below_0.9"]
+    assert first in smoke_ctx.profile.cluster.eps_grid
+    assert all(x["purity"] >= 0.9 for x in rows if x["eps"] < first)
+    assert f"first falls below 0.9 at eps {first:g}" in r["explanation"]
     assert r["largest"]["across_cameras_recall"] >= r["smallest"]["across_cameras_recall"]
-    assert r["explanation"]
+    assert "(you: 30)" in r["explanation"] and "(you: 0)" in r["explanation"]   # the prediction is shown
+    loss = r["smallest"]["purity"] - r["largest"]["purity"]
+    gain = r["largest"]["across_cameras_recall"] - r["smallest"]["across_cameras_recall"]
+    assert ("far more merged strangers" in r["explanation"]) == (loss > gain)
 
 
-def test_exercise_2_k1(smoke_ctx, sol):
-    rows = sol.exercise_2(smoke_ctx)["rows"]
+def test_exercise_2_k1(smoke_ctx, sol, capsys):
+    r = sol.exercise_2(smoke_ctx)
+    assert capsys.readouterr().out == r["explanation"] + "\n"
+    rows = r["rows"]
     assert [x["k1"] for x in rows] == [5, 10, 20, 30]
     stored = [x["stored_pairs"] for x in rows]
     assert stored == sorted(stored) and len(set(stored)) == 4      # more neighbours, more pairs
     assert rows[0]["clusters"] > rows[-1]["clusters"]
     assert rows[-1]["ari"] < rows[2]["ari"]                          # k1 past one person's images merges
     assert rows[0]["across_cameras_recall"] <= rows[-1]["across_cameras_recall"]
+    assert r["images_per_identity"] == 16
+    assert r["best_k1"] == max(rows, key=lambda x: x["ari"])["k1"]
+    assert f"ARI peaks at k1 = {r['best_k1']}" in r["explanation"]
+    assert "must hold other people" in r["explanation"]             # 30 > 16 and ARI fell on the sample
 
 
-def test_exercise_3_one_person_two_cameras(smoke_ctx, sol):
+def test_exercise_3_one_person_two_cameras(smoke_ctx, sol, capsys):
     r = sol.exercise_3(smoke_ctx)
+    assert capsys.readouterr().out == r["explanation"] + "\n"
     eps = smoke_ctx.profile.cluster.eps
+    # the first identity the clusters do not join, not simply the first row
+    from reidkit.hhcl.clustering import dbscan_labels, missed_cross_camera_pairs
+    from reidkit.retrieval.jaccard import jaccard_distance
+
+    c = smoke_ctx.profile.cluster
+    ds = smoke_ctx.dataset()
+    pids, cams = np.array([x.pid for x in ds.train]), np.array([x.camid for x in ds.train])
+    labels = dbscan_labels(jaccard_distance(smoke_ctx.features("train"), k1=c.k1, k2=c.k2, device="cpu"),
+                           eps=c.eps, min_samples=c.min_samples)
+    rows = missed_cross_camera_pairs(labels, pids, cams)
+    assert r["pid"] == next(x for x in rows if x["status"] != "joined")["pid"]
     assert r["status"] != "joined"
     assert not {k for k in r["clusters_a"] if k >= 0} & {k for k in r["clusters_b"] if k >= 0}
     assert 0 <= r["min_distance"] <= r["median_distance"] <= 1
     assert r["joined_at_eps"] is None or r["joined_at_eps"] > eps
-    if r["joined_at_eps"] is not None:
-        assert r["purity_at_that_eps"] < 0.9  # the cameras only meet once other people merge too
+    if r["joined_at_eps"] is None:
+        assert "No eps of the grid" in r["explanation"]
+    else:
+        assert f"first share a cluster at eps {r['joined_at_eps']:g}" in r["explanation"]
+        assert ("other people merge too" in r["explanation"]) == (r["purity_at_that_eps"] < 0.9)
+    other = next(x for x in rows if x["pid"] != r["pid"])
+    assert sol.exercise_3(smoke_ctx, pid=other["pid"])["pid"] == other["pid"]
 
 
-def test_exercise_4_min_samples(smoke_ctx, sol):
+def test_exercise_4_min_samples(smoke_ctx, sol, capsys):
     r = sol.exercise_4(smoke_ctx)
+    assert capsys.readouterr().out == r["explanation"] + "\n"
     assert r["tracklet_size"] == 8
     by = {x["min_samples"]: x for x in r["rows"]}
     outliers = [x["outliers"] for x in r["rows"]]
     assert outliers == sorted(outliers)
     assert by[9]["outliers"] - by[8]["outliers"] > 20   # the jump past the tracklet length
     assert by[9]["clusters"] < by[8]["clusters"]
+    assert r["largest_jump"][:2] == (8, 9) and "across the tracklet length" in r["explanation"]
 
 
-def test_exercise_5_euclidean_against_jaccard(smoke_ctx, sol):
+def test_exercise_5_euclidean_against_jaccard(smoke_ctx, sol, capsys):
     r = sol.exercise_5(smoke_ctx)
+    assert capsys.readouterr().out == r["explanation"] + "\n"
     assert r["best_jaccard"]["ari_all"] > r["best_euclidean"]["ari_all"]
+    assert "the Jaccard distance wins" in r["explanation"]
     assert r["euclidean"][-1]["clusters"] <= 2                       # above its best eps it chains
     good = [x for x in r["jaccard"] if x["ari_all"] > 0.8]
     assert len(good) >= 3                                            # a wide range of good eps
+
+
+# ---------------------------------------------------------------------------------------------
+# the toy picture of R*(p, k)
+
+def test_kreciprocal_toy_follows_the_rule_and_the_kit():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from reidkit.viz.clustering import kreciprocal_toy, kreciprocal_toy_figure
+
+    toy = kreciprocal_toy()
+    assert toy["kit_R_star"] == toy["R_star"]
+    assert toy["p"] in toy["R"] <= toy["N"] and len(toy["N"]) == toy["k"]
+    assert toy["R"] < toy["N"]                                        # some neighbours are one-way
+    assert any(c["accepted"] and c["adds"] for c in toy["candidates"])   # the expansion adds a point
+    assert any(not c["accepted"] for c in toy["candidates"])             # and refuses a candidate
+    for c in toy["candidates"]:
+        assert c["accepted"] == (3 * c["inside"] > 2 * len(c["half"]))
+    assert toy["R_star"] == toy["R"].union(*(c["half"] for c in toy["candidates"] if c["accepted"]))
+    plt.close(kreciprocal_toy_figure(toy))
+    # on random sets too: the plain-set R* is the kit's (the function raises otherwise)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        kreciprocal_toy(points=rng.standard_normal((30, 2)), p=int(rng.integers(30)), k=int(rng.integers(4, 12)))

@@ -1,19 +1,34 @@
 """The worked solutions of notebook 04 run on the embedded sample (smoke profile) and give the
-answers the exercises ask for; plus the notebook-04 helpers of reidkit.hhcl.memory and reidkit.viz.memory."""
+answers the exercises ask for, with conclusions drawn from the measured numbers; plus the
+notebook-04 helpers of reidkit.hhcl.memory, reidkit.hhcl.label_quality and reidkit.viz.memory."""
+
+import runpy
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from reidkit.hhcl.memory import ClusterMemory
 from reidkit.hhcl import memory_probe as mm
 
 SOLUTION = "04_hybrid_contrast"  # the conftest fixture `sol` loads notebooks/solutions/<SOLUTION>.py
 
 
-def test_exercise_1_high_temperature_flattens_at_its_floor(sol, smoke_ctx):
-    r = sol.exercise_1(smoke_ctx)
+def test_solution_file_does_no_work_when_run():
+    """``%run solutions/04_hybrid_contrast.py`` only defines the exercises (the notebook's hint)."""
+    path = Path(__file__).resolve().parents[1] / "notebooks" / "solutions" / f"{SOLUTION}.py"
+    t0 = time.time()
+    ns = runpy.run_path(str(path), run_name="__main__")
+    assert time.time() - t0 < 10
+    assert all(callable(ns[f"exercise_{k}"]) for k in range(1, 5))
+    assert callable(ns["hard_update_hardest_negative"])
+
+
+def test_exercise_1_high_temperature_flattens_at_its_floor(sol, smoke_ctx, capsys):
+    r = sol.exercise_1(smoke_ctx, plot=False)
+    assert r["explanation"] in capsys.readouterr().out      # the conclusion is printed
     end = r["loss_end"]
     assert end[0.5] > end[0.05] + 0.5                       # the curve at 0.5 stays high
     assert end[0.5] > r["floor_tau_0.5"] - 0.1              # ... near the simplex floor
@@ -24,10 +39,11 @@ def test_exercise_1_high_temperature_flattens_at_its_floor(sol, smoke_ctx):
 
 
 def test_exercise_2_slow_momentum_lags_then_resets(sol, smoke_ctx):
-    r = sol.exercise_2(smoke_ctx)
+    r = sol.exercise_2(smoke_ctx, plot=False)
     assert r["min_lag_first_epoch"][0.9] < r["min_lag_first_epoch"][0.1] - 0.15
     assert r["lag_after_rebuild"][0.9] > 0.95 and r["lag_after_rebuild"][0.1] > 0.95
     assert r["loss_end"][0.9] < r["loss_end"][0.1]          # fixed targets are easier to fit
+    assert "fixed targets" in r["explanation"] and f"{r['loss_end'][0.9]:.3f}" in r["explanation"]
 
 
 def test_exercise_3_hardest_negative_breaks_the_memory(sol, smoke_ctx):
@@ -38,6 +54,7 @@ def test_exercise_3_hardest_negative_breaks_the_memory(sol, smoke_ctx):
     assert neg["cos_own_centroid"] < pos["cos_own_centroid"]
     assert neg["cos_nearest_other_centroid"] > neg["cos_own_centroid"]
     assert neg["hhcl_loss"] > pos["hhcl_loss"] + 0.5
+    assert "onto another person" in r["explanation"]         # the branch the measured numbers call for
 
 
 def test_exercise_3_rules_on_a_toy_batch(sol):
@@ -58,6 +75,17 @@ def test_exercise_4_noise_makes_hardest_members_intruders(sol, smoke_ctx):
         assert r[rate]["intruder_vs_centroid"] > r[rate]["intruder_share"] + 0.1
         assert r[rate]["intruder_share"] > r[0.0]["intruder_share"]
     assert r[0.3]["cos_hard_mean"] < r[0.0]["cos_hard_mean"]
+    assert "more often than a random member" in r["explanation"] and "drifts away" in r["explanation"]
+
+
+def test_exercise_4_conclusion_follows_the_numbers(sol, smoke_ctx, monkeypatch):
+    """Another run's numbers get another conclusion: no fixed sentence."""
+    flat = {"intruder": 0.1, "intruder_vs_centroid": 0.1, "intruder_share": 0.2, "cos_hard_mean": 0.9}
+    monkeypatch.setattr(sol.mm, "follow_hard_proxy", lambda *a, **k: dict(flat))
+    r = sol.exercise_4(smoke_ctx)
+    assert r[0.3] == flat
+    assert "not reliably an intruder" in r["explanation"] and "stay as close" in r["explanation"]
+    assert "drifts away" not in r["explanation"]
 
 
 # ------------------------------------------------------------------ the library helpers of notebook 04
@@ -145,7 +173,39 @@ def test_train_probe_records_and_rebuilds():
     assert h["loss"] == h2["loss"]                           # seeded: repeatable
 
 
+def test_persistent_errors_on_a_toy():
+    from reidkit.hhcl.label_quality import persistent_errors
+
+    before = np.array([0, 0, 1, 1, 2, 2, 2, -1])
+    after = np.array([0, 0, 0, 1, 1, 1, 2, 2])
+    pid = np.array([1, 1, 1, 1, 2, 2, 3, 3])
+    cam = np.array([0, 0, 1, 1, 0, 1, 0, 0])
+    r = persistent_errors(before, after, pid, cam)
+    assert r["split_before"] == [1] and r["still_split"] == [1]         # id 1 split in both
+    assert r["merged_before"] == [(2, 3)] and r["merged_after"] == [(1, 2)] and r["still_merged"] == []
+    assert r["detail"][1] == {"before": {0: [0], 1: [1]}, "after": {0: [0, 1], 1: [1]}}
+    with pytest.raises(ValueError, match="sizes differ"):
+        persistent_errors(before[:3], after, pid, cam)
+
+
 # ------------------------------------------------------------------ the figures and the widget
+def test_hybrid_v2_step_follows_the_library_rules():
+    from reidkit.viz import memory as vm
+
+    s = vm.hybrid_v2_step(0.05, 0.1, 0.5)
+    by_hand = 0.5 * F.cross_entropy(torch.tensor(s["centroid_cos"])[None] / 0.05, torch.tensor([0])) \
+        + 0.5 * F.cross_entropy(torch.tensor(s["hard_cos"])[None] / 0.05, torch.tensor([0]))
+    assert s["loss"] == pytest.approx(float(by_hand), rel=1e-9)
+    assert s["hard_cos"][0] == pytest.approx(s["slot_cos"][0].min())          # hardest positive slot
+    assert all(s["hard_cos"][j] == pytest.approx(s["slot_cos"][j].max()) for j in (1, 2))
+    np.testing.assert_allclose(s["slots_after"][0], s["batch"])              # overwritten, no momentum
+    np.testing.assert_allclose(s["slots_after"][1:], s["slots"][1:])         # clusters not in the batch untouched
+    c = 0.1 * s["centroids"][0] + 0.9 * s["batch"].mean(0)
+    np.testing.assert_allclose(s["centroids_after"][0], c / np.linalg.norm(c), atol=1e-12)
+    assert s["hard_cos"][1] > s["hard_cos"][0]       # the toy's point: a negative slot closer than the positive
+
+
+
 def test_memory_2d_step_and_widget_respond():
     from reidkit.viz import memory as vm
 
@@ -185,7 +245,9 @@ def test_figures_build():
             for m in ("CM", "CMhybrid", "CMhybrid_v2")]
     temps = [{"temp": t, "loss": 1.0, "grad_norm": 1.0, "effective_negatives": 2.0, "log_K": 1.0} for t in (0.05, 0.5)]
     probe = {"a": {"loss": [1.0, 0.5, 0.4, 0.3], "lag": [1.0, 0.9, 1.0, 0.9], "iters": 2}}
+    from reidkit.viz.memory import hybrid_v2_figure
+
     for fig in (viz.hhcl_loop_figure(), viz.memory_2d_figure(), viz.memories_figure(rows),
-                viz.temperature_figure(temps), viz.probe_figure(probe)):
+                viz.temperature_figure(temps), viz.probe_figure(probe), hybrid_v2_figure()):
         assert fig.axes
         plt.close(fig)

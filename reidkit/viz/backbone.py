@@ -1,6 +1,6 @@
 """Figures and the GeM widget of notebook 02 (the backbone): the network as a diagram, the final
 feature map at last stride 1 and 2, where generalized-mean pooling takes its value from, the
-pair distances of direct-transfer features, and the baselines a re-ID model must beat.
+pair distances of ImageNet features (no re-ID training), and the baselines a re-ID model must beat.
 
 Small helpers feed them: :func:`gem_share` and :func:`gem_values` (which cells of the map a GeM
 pool draws on, and what it gives per channel). The computations behind the figures live where they
@@ -249,3 +249,4 @@ def baseline_figure(scores: Mapping[str, Mapping[str, float]], params: Mapping[s
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
     return fig
+

@@ -282,3 +282,45 @@ def assignment_survey_figure(survey: dict, title: str = "greedy vs exact balance
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     return fig
+
+
+def relaxed_potts_figure(sigma: float = 1.0, max_sq_dist: float | None = None):
+    """A toy picture of the relaxed Potts term between two images ``i`` and ``j``.
+
+    The pairwise energy is ``k_ij * (1 - p_i . p_j)`` with ``k_ij = exp(-d / sigma)`` and ``d`` the
+    squared distance of their low-level descriptors; ``1 - p_i . p_j`` is the chance that labels
+    drawn from the two soft label vectors differ. Left: the energy against ``d`` for three pairs of
+    two-class label vectors (same confident label, one unsure, confident and different). Right: the
+    energy over ``d`` and ``q``, where ``p_i = (1, 0)`` and ``p_j = (q, 1 - q)``. Look-alike images
+    (small ``d``) pay for disagreeing; images far apart pay nothing whatever their labels.
+    Returns the figure."""
+    if sigma <= 0:
+        raise ValueError(f"sigma must be > 0, got {sigma}")
+    top = float(max_sq_dist) if max_sq_dist else 4.0 * sigma
+    d = np.linspace(0.0, top, 200)
+    k = np.exp(-d / sigma)
+    pairs = [((1.0, 0.0), (1.0, 0.0), "same label, both sure", GREEN),
+             ((1.0, 0.0), (0.5, 0.5), "one image unsure", "#d95f02"),
+             ((1.0, 0.0), (0.0, 1.0), "different labels, both sure", RED)]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for p_i, p_j, name, colour in pairs:
+        disagree = 1.0 - float(np.dot(p_i, p_j))
+        axes[0].plot(d, k * disagree, color=colour, lw=2, label=f"{name}: $1 - p_i^\\top p_j$ = {disagree:g}")
+    axes[0].axvline(sigma * np.log(2), color=GREY, ls=":", lw=1)
+    axes[0].text(sigma * np.log(2), 1.02, " $k_{ij} = 1/2$", color="#555555", fontsize=9, va="bottom")
+    axes[0].set_xlabel("$\\|g_i - g_j\\|^2$ (squared distance of the descriptors)")
+    axes[0].set_ylabel("$k_{ij}\\,(1 - p_i^\\top p_j)$")
+    axes[0].set_ylim(-0.03, 1.12)
+    axes[0].legend(fontsize=8, loc="upper right")
+    axes[0].set_title("pairwise energy of one pair", fontsize=10)
+    q = np.linspace(0.0, 1.0, 101)
+    energy = np.exp(-d[None, :] / sigma) * (1.0 - q[:, None])
+    im = axes[1].imshow(energy, origin="lower", aspect="auto", extent=(0, top, 0, 1), cmap="magma", vmin=0, vmax=1)
+    axes[1].set_xlabel("$\\|g_i - g_j\\|^2$")
+    axes[1].set_ylabel("$q$ in $p_j = (q, 1-q)$, with $p_i = (1, 0)$")
+    axes[1].set_title("bright = costly: look-alikes that disagree", fontsize=10)
+    fig.colorbar(im, ax=axes[1], fraction=0.046, pad=0.04)
+    fig.suptitle(f"the relaxed Potts term, $k_{{ij}} = \\exp(-\\|g_i - g_j\\|^2 / \\sigma)$, $\\sigma$ = {sigma:g}",
+                 fontsize=11)
+    fig.tight_layout()
+    return fig

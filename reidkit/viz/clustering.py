@@ -1,5 +1,6 @@
 """Figures and the eps widget of notebook 03 (clustering): neighbour lists, distance histograms,
-the eps sweep, the tracklet x cluster table, one person's cameras, and an eps slider."""
+the eps sweep, the tracklet x cluster table, one person's cameras, an eps slider, and a
+toy picture of the k-reciprocal expansion R*."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from reidkit.hhcl.clustering import camera_split_purity, cluster_stats, dbscan_labels
+from reidkit.retrieval.jaccard import _kreciprocal_encoding
 from reidkit.viz.base import GREEN, GREY, RED, image_grid
 
 _PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22")
@@ -203,3 +205,101 @@ def eps_widget(dist: Any, eps_grid: Sequence[float], pids: np.ndarray, camids: n
     slider.observe(render, names="value")
     render()
     return widgets.VBox([slider, out])
+
+
+# --------------------------------------------------------------------------------------------
+# the expansion R*(p, k) on a toy 2-D point set
+# --------------------------------------------------------------------------------------------
+def _toy_points(seed: int = 5) -> np.ndarray:
+    """Four loose groups of 2-D points (a stand-in for four people's images)."""
+    rng = np.random.default_rng(seed)
+    centres = np.array([[0.0, 0.0], [1.6, 0.3], [0.7, 1.5], [-1.2, 1.2]])
+    return np.concatenate([c + 0.45 * rng.standard_normal((6, 2)) for c in centres])
+
+
+def kreciprocal_toy(points: np.ndarray | None = None, p: int = 0, k: int = 8, seed: int = 5) -> dict:
+    """N(p,k), R(p,k) and the expansion R*(p,k) of one point ``p`` of a small 2-D set, computed with
+    plain Python sets and checked against the kit's own kernel (the support of the k-reciprocal
+    encoding of :mod:`reidkit.retrieval.jaccard` before query expansion is exactly R*).
+
+    The conventions are those of ``jaccard_distance``: a neighbour list counts the point itself
+    (N(p,k) holds p and its k-1 nearest others, ties by the lower index); the half sets use
+    ``round(k/2) + 1`` list entries, capped at k; a candidate g of R(p,k) is accepted when
+    ``|R(p,k) & R(g,k/2)| > 2/3 |R(g,k/2)|``. Returns the points, the sets and, per candidate, its
+    half set, overlap and verdict."""
+    x = _toy_points(seed) if points is None else np.asarray(points, dtype=np.float64)
+    d = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    order = d.copy()
+    np.fill_diagonal(order, -1.0)                          # every point first in its own list
+    rank = np.argsort(order, axis=1, kind="stable")
+    n_half = min(int(np.around(k / 2)) + 1, k)
+
+    def recip(i: int, width: int) -> set:
+        return {int(g) for g in rank[i, :width] if i in rank[g, :width]}
+
+    R = recip(p, k)
+    candidates = []
+    star = set(R)
+    for g in sorted(R):
+        half = recip(g, n_half)
+        inside = len(half & R)
+        ok = 3 * inside > 2 * len(half)
+        candidates.append({"g": g, "half": half, "inside": inside, "accepted": ok, "adds": half - R if ok else set()})
+        if ok:
+            star |= half
+    v = _kreciprocal_encoding(rank, k, n_half, 1, lambda r, c: d[r, c])
+    kit = set(v.indices[v.indptr[p]:v.indptr[p + 1]].tolist())
+    if kit != star:
+        raise AssertionError(f"R* by hand {sorted(star)} differs from the kit's {sorted(kit)}")
+    return {"points": x, "p": p, "k": k, "n_half": n_half, "N": {int(g) for g in rank[p, :k]},
+            "R": R, "R_star": star, "kit_R_star": kit, "candidates": candidates}
+
+
+def kreciprocal_toy_figure(toy: dict):
+    """Two panels for :func:`kreciprocal_toy`. Left: N(p,k), with the reciprocal members R(p,k)
+    filled. Right: the expansion; every candidate g of R(p,k) is labelled with how many members of
+    its half set R(g,k/2) lie inside R(p,k), green when more than 2/3 (accepted), red otherwise, and
+    a line joins g to each member of its half set that lies outside R(p,k): the points an accepted
+    set adds to R* (orange diamonds), or the ones that got a set rejected."""
+    x, p, k = toy["points"], toy["p"], toy["k"]
+    near = sorted(toy["N"] | toy["R_star"] | set().union(*(c["half"] for c in toy["candidates"])))
+    lo, hi = x[near].min(0), x[near].max(0)
+    pad = 0.25 * (hi - lo).max()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.4))
+    for ax in axes:
+        ax.scatter(x[:, 0], x[:, 1], s=30, color="#cccccc", zorder=1)
+        ax.scatter(*x[p], marker="*", s=260, color="black", zorder=5)
+        ax.annotate("p", x[p], xytext=(7, 5), textcoords="offset points", fontsize=11)
+        ax.set_xlim(lo[0] - pad, hi[0] + pad)
+        ax.set_ylim(lo[1] - pad, hi[1] + pad)
+        ax.set_aspect("equal")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    ax = axes[0]
+    for g in sorted(toy["N"] - {p}):
+        recip = g in toy["R"]
+        ax.plot(*zip(x[p], x[g]), color="#1f77b4" if recip else GREY, ls="-" if recip else "--", lw=1.2, zorder=2)
+        ax.scatter(*x[g], s=70, zorder=3, color="#1f77b4" if recip else "white", edgecolors="#1f77b4")
+    ax.set_title(f"N(p,{k}): {len(toy['N'])} points, p included\nfilled: R(p,{k}), {len(toy['R'])} points "
+                 "(hollow: p lists them, they do not list p)", fontsize=9)
+    ax = axes[1]
+    rx = x[sorted(toy["R"])]
+    ax.scatter(rx[:, 0], rx[:, 1], s=70, color="#1f77b4", zorder=3, label=f"R(p,{k})")
+    for c in toy["candidates"]:
+        if c["g"] == p:
+            continue
+        colour = GREEN if c["accepted"] else RED
+        for h in sorted(c["half"] - toy["R"]):
+            ax.plot(*zip(x[c["g"]], x[h]), color=colour, lw=1.3, ls="-" if c["accepted"] else ":", zorder=2)
+        ax.annotate(f"{c['inside']} of {len(c['half'])}", x[c["g"]], xytext=(6, -12), textcoords="offset points",
+                    fontsize=8, color=colour, fontweight="bold")
+    added = sorted(toy["R_star"] - toy["R"])
+    if added:
+        ax.scatter(x[added, 0], x[added, 1], s=110, marker="D", color="#ff7f0e", zorder=4, label="added to R*")
+    ax.plot([], [], color=GREEN, label="accepted: more than 2/3 inside")
+    ax.plot([], [], color=RED, ls=":", label="rejected")
+    ax.legend(fontsize=7, loc="best")
+    ax.set_title(f"R*(p,{k}): R(p,{k}) plus the accepted R(g,{k}/2), {len(toy['R_star'])} points\n"
+                 f"label at g: members of R(g,{k}/2) inside R(p,{k}), of all", fontsize=9)
+    fig.tight_layout()
+    return fig

@@ -65,10 +65,14 @@ def camera_grid(records: Sequence, camid: int, max_images: int = 8):
 
 def camera_map_figure(dataset):
     """Per split, an identity x camera map of image counts: a row with one lit cell is a person
-    that only one camera saw."""
+    that only one camera saw. In the query panel a red cell is a query (person, camera) whose
+    person the gallery shows in no other camera: those queries have no true match and are skipped."""
 
     splits = {k: v for k, v in dataset.splits().items() if v}
     all_cams = sorted({r.camid for recs in splits.values() for r in recs})
+    gallery_cams: dict = {}
+    for r in splits.get("gallery", []):
+        gallery_cams.setdefault(r.pid, set()).add(r.camid)
     fig, axes = plt.subplots(1, len(splits), figsize=(3.4 * len(splits), 4.2), squeeze=False)
     for ax, (name, recs) in zip(axes[0], splits.items()):
         counts, pids, cams = identity_camera_counts(recs)
@@ -76,12 +80,22 @@ def camera_map_figure(dataset):
         for j, c in enumerate(cams):
             full[:, all_cams.index(c)] = counts[:, j]
         ax.imshow(full > 0, cmap="Blues", vmin=0, vmax=1.4, aspect="auto")
+        lost = 0
         for i in range(full.shape[0]):
             for j in range(full.shape[1]):
                 if full[i, j]:
-                    ax.text(j, i, str(full[i, j]), ha="center", va="center", fontsize=6)
+                    skipped = (name == "query" and "gallery" in splits
+                               and not gallery_cams.get(pids[i], set()) - {all_cams[j]})
+                    lost += skipped
+                    ax.text(j, i, str(full[i, j]), ha="center", va="center", fontsize=6, zorder=3)
+                    if skipped:
+                        ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fc="#f4a582", ec="#d73027", lw=1.2,
+                                                   zorder=2))
         single = int(((full > 0).sum(1) == 1).sum())
-        ax.set_title(f"{name}: {single} of {len(pids)} ids in one camera", fontsize=9)
+        title = f"{name}: {single} of {len(pids)} ids in one camera"
+        if name == "query" and "gallery" in splits:
+            title += f"\n{lost} cells with no match elsewhere (red)"
+        ax.set_title(title, fontsize=9)
         ax.set_xticks(range(len(all_cams)))
         ax.set_xticklabels([f"C{c + 1}" for c in all_cams], fontsize=7)
         ax.set_yticks(range(len(pids)))

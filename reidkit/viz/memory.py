@@ -4,10 +4,15 @@
 - :func:`memory_2d_figure` / :func:`memory_widget`: three clusters on the unit circle, the softmax
   of one feature over the proxies at temperature ``temp``, its gradient, and where one backward
   moves the hard and the mean proxy for momentum ``momentum`` (sliders for both);
+- :func:`hybrid_v2_step` / :func:`hybrid_v2_figure`: the same circle with a ``CMhybrid_v2`` memory
+  (a centroid and ``P`` instance slots per cluster): which slots the loss of one feature uses (its
+  hardest positive and the hardest negative of every other cluster), and what one backward does
+  (the centroid follows the batch mean with momentum, the slots are overwritten by the batch);
 - :func:`memories_figure`, :func:`temperature_figure`, :func:`probe_figure`,
   :func:`hardest_members_figure`: the notebook's measurements drawn.
 
-Every number drawn here is computed by :mod:`reidkit.hhcl.memory`; nothing is recomputed by hand.
+Every loss and every memory update drawn here is computed by :mod:`reidkit.hhcl.memory`; the
+figures only add the cosines that say which proxy or slot a rule picks.
 """
 
 from __future__ import annotations
@@ -170,6 +175,114 @@ def memory_widget(temp: float = 0.05, momentum: float = 0.1):
     m_slider.observe(render, names="value")
     render()
     return widgets.VBox([widgets.HBox([t_slider, m_slider]), out])
+
+
+# --------------------------------------------------------------------------------------------
+# CMhybrid_v2 (the paper's hard-instance memory) in two dimensions
+
+_V2_SLOTS = ((-0.2, 0.15, 0.55), (1.25, 1.9, 2.3), (-1.9, -2.4, -2.8))  # P = 3 slots per cluster (radians)
+_V2_BATCH = (0.7, 0.4, -0.4)  # one batch of cluster 0; its first member is the feature f of the left panel
+
+
+def hybrid_v2_step(temp: float = 0.05, momentum: float = 0.1, hard_weight: float = 0.5) -> dict:
+    """A ``CMhybrid_v2`` memory of three clusters with three instance slots each, on the unit circle.
+
+    The memory starts as the library builds it at an epoch start: the centroids of the slots'
+    features, then the slots. ``f`` (the first batch member, label 0) is scored by the library's
+    loss without a backward; then one batch of three members of cluster 0 goes through forward and
+    backward on a second copy, which updates the memory. Returns the rows before and after, the
+    cosines of ``f`` to the centroids and to every slot, the slot the hard logit of each cluster
+    uses (``hard_slot[k]``: the least similar own slot for k = 0, the most similar slot otherwise),
+    and the library's loss of ``f``."""
+
+    slots = np.stack([_unit(a) for a in _V2_SLOTS])            # (K, P, 2)
+    k, p = slots.shape[:2]
+    centroids = slots.mean(1)
+    centroids /= np.linalg.norm(centroids, axis=1, keepdims=True)
+    rows = np.concatenate([centroids, slots.transpose(1, 0, 2).reshape(p * k, 2)])  # slot p of k: row k + p*K
+    batch = _unit(_V2_BATCH)
+    f = batch[0]
+
+    def memory():
+        mem = ClusterMemory(2, k, temp=temp, momentum=momentum, mode="CMhybrid_v2", hard_weight=hard_weight,
+                            num_instances=p)
+        mem.features = torch.from_numpy(rows.copy())
+        return mem
+
+    with torch.no_grad():  # the loss of f alone, the memory untouched
+        loss_f = float(memory()(torch.from_numpy(f[None]), torch.zeros(1, dtype=torch.long)))
+    mem = memory()
+    x = torch.from_numpy(batch).requires_grad_(True)
+    mem(x, torch.zeros(len(batch), dtype=torch.long)).backward()
+    after = mem.features.numpy()
+    slot_cos = slots @ f                                       # (K, P)
+    hard_slot = [int(np.argmin(slot_cos[0]))] + [int(np.argmax(slot_cos[j])) for j in range(1, k)]
+    return {"centroids": centroids, "slots": slots, "feature": f, "batch": batch, "loss": loss_f,
+            "centroid_cos": centroids @ f, "slot_cos": slot_cos, "hard_slot": hard_slot,
+            "hard_cos": np.array([slot_cos[j, hard_slot[j]] for j in range(k)]),
+            "centroids_after": after[:k], "slots_after": after[k:].reshape(p, k, 2).transpose(1, 0, 2),
+            "temp": float(temp), "momentum": float(momentum), "hard_weight": float(hard_weight)}
+
+
+def hybrid_v2_figure(temp: float = 0.05, momentum: float = 0.1, hard_weight: float = 0.5):
+    """Left: the centroids (stars) and instance slots (dots) of three clusters; for the feature
+    ``f`` (black), dashed lines to the centroids (the centroid softmax) and solid lines to its
+    hardest positive slot (green) and to the hardest negative slot of each other cluster (red), the
+    slots its hard-instance softmax compares. Right, zoomed on cluster 0: one backward with a batch
+    of three of its members: the centroid moves towards the batch mean with momentum, the three
+    slots are replaced by the batch members (slot p, numbered, takes the p-th member)."""
+
+    s = hybrid_v2_step(temp, momentum, hard_weight)
+    colors = [GREEN, ORANGE, BLUE]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(11, 5), gridspec_kw={"width_ratios": [1.15, 1]})
+    t = np.linspace(0, 2 * np.pi, 400)
+    for a in (ax, bx):
+        a.plot(np.cos(t), np.sin(t), color=GREY, lw=0.8)
+        a.set_aspect("equal")
+        a.set_xticks([])
+        a.set_yticks([])
+    ax.set_xlim(-1.35, 1.35)
+    ax.set_ylim(-1.35, 1.35)
+    bx.set_xlim(0.3, 1.3)
+    bx.set_ylim(-0.45, 0.95)
+    f = s["feature"]
+    for j, c in enumerate(colors):
+        ax.plot(*np.stack([f, s["centroids"][j]]).T, color=GREY, ls="--", lw=1, zorder=2,
+                label="f to the centroids" if j == 0 else None)
+        ax.scatter(*s["centroids"][j], marker="*", s=260, color=c, edgecolor="k", zorder=3,
+                   label=f"centroid of cluster {j}")
+        ax.scatter(*s["slots"][j].T, s=45, color=c, edgecolor="k", zorder=3)
+    ax.scatter(*f, s=80, color="k", zorder=5, label="feature f (cluster 0)")
+    ax.text(*(f * 1.13), "f", fontsize=11)
+    for j in range(len(colors)):
+        end = s["slots"][j][s["hard_slot"][j]]
+        own = j == 0
+        ax.plot(*np.stack([f, end]).T, color=GREEN if own else RED, lw=2, zorder=4,
+                label="hardest positive slot" if own else ("hardest negative slot" if j == 1 else None))
+        ax.text(*(end * 1.18), f"{s['hard_cos'][j]:.2f}", fontsize=8, ha="center", va="center",
+                color=GREEN if own else RED)
+    ax.legend(fontsize=7, loc="lower right")
+    w = s["hard_weight"]
+    ax.set_title(f"the loss of f: {w:g} CE(centroids) + {1 - w:g} CE(hard slots) = {s['loss']:.2f}\n"
+                 f"(numbers: cosine of f to each slot it uses; temperature {s['temp']:g})", fontsize=9)
+    bx.scatter(*s["slots"][0].T, s=60, facecolor="none", edgecolor=GREEN, lw=1.5, zorder=3,
+               label="slots before")
+    bx.scatter(*s["centroids"][0], marker="*", s=300, facecolor="none", edgecolor=GREEN, lw=1.5, zorder=3,
+               label="centroid before")
+    bx.scatter(*s["slots_after"][0].T, s=60, color=GREEN, edgecolor="k", zorder=4,
+               label="slots after = the batch members")
+    bx.scatter(*s["centroids_after"][0], marker="*", s=300, color=GREEN, edgecolor="k", zorder=5,
+               label="centroid after")
+    for p, (a, b) in enumerate(zip(s["slots"][0], s["slots_after"][0]), 1):  # slot p: before, after
+        bx.text(*(a * 1.07), f"{p}", fontsize=8, ha="center", va="center", color=GREEN)
+        bx.text(*(b * 0.92), f"{p}", fontsize=8, ha="center", va="center", fontweight="bold")
+    bx.annotate("", xy=s["centroids_after"][0], xytext=s["centroids"][0],
+                arrowprops=dict(arrowstyle="-|>", color="k", lw=1.3))
+    bx.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.01), ncol=2)
+    bx.set_title(f"one backward, cluster 0: the centroid keeps {s['momentum']:.0%} of its old value\n"
+                 "and moves to the batch mean; the slots are overwritten, no momentum", fontsize=9)
+    fig.tight_layout()
+    return fig
 
 
 # --------------------------------------------------------------------------------------------
