@@ -46,17 +46,17 @@ def test_pseudo_labels_are_clustered_here_with_the_profile_when_03_did_not_run(s
     assert not ctx.pseudo_labels().any()                  # notebook 03's labels win once they exist
 
 
-def test_eval_features_fall_back_to_direct_transfer_then_read_the_run_folder(smoke_ctx, tmp_path):
+def test_eval_features_fall_back_to_imagenet_features_then_read_the_run_folder(smoke_ctx, tmp_path):
     ctx = _run_with_notebook_02(smoke_ctx, tmp_path, "06_evaluation")   # no eval_*.npz yet
     found = ctx.eval_features()
-    assert list(found) == ["direct transfer"] and set(found["direct transfer"]) == {"qf", "gf", "tf"}
-    qf = found["direct transfer"]["qf"]
+    assert list(found) == ["ImageNet features"] and set(found["ImageNet features"]) == {"qf", "gf", "tf"}
+    qf = found["ImageNet features"]["qf"]
     np.savez(tmp_path / "run" / "02_backbone" / "eval_direct_transfer.npz", qf=qf, gf=qf[:5])
     (tmp_path / "run" / "04_hybrid_contrast").mkdir()
     np.savez(tmp_path / "run" / "04_hybrid_contrast" / "eval_HHCL_CMhybrid.npz", qf=qf, gf=qf)
     found = ctx.eval_features()
-    assert list(found) == ["direct transfer", "HHCL CMhybrid"]          # notebook order, names readable
-    assert found["direct transfer"]["gf"].shape == (5, qf.shape[1]) and "tf" not in found["HHCL CMhybrid"]
+    assert list(found) == ["ImageNet features", "HHCL CMhybrid"]          # notebook order, names readable
+    assert found["ImageNet features"]["gf"].shape == (5, qf.shape[1]) and "tf" not in found["HHCL CMhybrid"]
 
 
 def test_key_figures_reach_the_metrics_and_savefig_prints_nothing(tmp_path, capsys):

@@ -32,6 +32,10 @@ from reidkit.retrieval.protocol import extract_records
 from reidkit.train.runspec import RunSpec
 
 
+#: the untrained network with ImageNet weights, as the notebooks and report.md call it
+IMAGENET = "ImageNet features"
+
+
 def project_root() -> Path:
     """The kit's checkout (parent of the ``reidkit`` package)."""
     return Path(__file__).resolve().parents[2]
@@ -187,19 +191,19 @@ class RunContext:
     # -- what earlier notebooks left, or the same thing computed here ---------------------------
 
     def direct_transfer_model(self):
-        """The profile's ImageNet-initialised network, untrained (direct transfer)."""
+        """The profile's ImageNet-initialised network, with no re-ID training (the ImageNet features)."""
 
         m = self.profile.model
         return build_model(m.arch, m.pooling, m.pretrained, last_stride=m.last_stride, device=self.device)
 
     def features(self, split: str = "train", records=None) -> np.ndarray:
-        """Direct-transfer features of ``split``: notebook 02's array when it ran in this run
+        """ImageNet features of ``split``: notebook 02's array when it ran in this run
         folder, otherwise extracted here with the profile's network (and said so)."""
         feats = self.load_array("02_backbone", f"features_{split}")
         if feats is not None:
             return feats
 
-        print(f"notebook 02 has not run in {self.run_dir}: extracting direct-transfer {split} features here")
+        print(f"notebook 02 has not run in {self.run_dir}: extracting the ImageNet features of {split} here")
         if records is None:
             records = getattr(self.dataset(), split)
         if getattr(self, "_dt_model", None) is None:
@@ -214,7 +218,7 @@ class RunContext:
         if labels is not None:
             return labels
 
-        print(f"notebook 03 has not run in {self.run_dir}: clustering the direct-transfer features here")
+        print(f"notebook 03 has not run in {self.run_dir}: clustering the ImageNet features here")
         feats = self.features("train") if feats is None else feats
         c = self.profile.cluster
         jac = jaccard_distance(feats, k1=c.k1, k2=c.k2, device=self.device)
@@ -223,13 +227,15 @@ class RunContext:
     def eval_features(self) -> dict[str, dict[str, np.ndarray]]:
         """Every model's test features left in the run folder, ``{name: {"qf", "gf"[, "tf"]}}``,
         from ``RUN_DIR/<notebook>/eval_<name>.npz`` in notebook order; when there is none, the
-        direct-transfer features computed here."""
+        ImageNet features computed here. Notebook 02's file keeps its old name,
+        ``eval_direct_transfer.npz``; its model is called "ImageNet features"."""
         found = {}
         for path in sorted(self.run_dir.glob("*/eval_*.npz")):
+            name = path.stem[len("eval_"):].replace("_", " ")
             with np.load(path) as z:
-                found[path.stem[len("eval_"):].replace("_", " ")] = {k: z[k] for k in z.files}
+                found[IMAGENET if name == "direct transfer" else name] = {k: z[k] for k in z.files}
         if not found:
-            print("no model features in the run folder: computing direct transfer here")
-            found["direct transfer"] = {"qf": self.features("query"), "gf": self.features("gallery"),
-                                        "tf": self.features("train")}
+            print("no model features in the run folder: computing the ImageNet features here")
+            found[IMAGENET] = {"qf": self.features("query"), "gf": self.features("gallery"),
+                               "tf": self.features("train")}
         return found
