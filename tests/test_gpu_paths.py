@@ -316,7 +316,7 @@ def test_evaluation_gets_the_run_device(monkeypatch):
     from reidkit.retrieval import protocol as train
 
     seen = {}
-    monkeypatch.setattr(train, "extract_records", lambda model, recs, prof, device, desc: _unit(len(recs), 8))
+    monkeypatch.setattr(train, "extract_records", lambda model, recs, prof, device, desc, amp=None: _unit(len(recs), 8))
     orig = train.evaluate_rank
 
     def spy(*a, **k):

@@ -5,11 +5,11 @@ import dataclasses
 
 from trees import market1501_tree
 
-from reidkit import cli
 from reidkit.config import get_profile
 from reidkit.data.subset import load_profile_dataset, streams_sysu30k
 from reidkit.dgl.method import DGL
 from reidkit.hhcl.method import HHCL
+from reidkit.methods import resolve_run
 
 
 def _pids(recs) -> set:
@@ -20,7 +20,7 @@ def test_python_api_and_cli_read_the_same_subset(tmp_path):
     root = market1501_tree(tmp_path / "data", train_ids=8, test_ids=6)
     base = get_profile("laptop")
     prof = dataclasses.replace(base, data=dataclasses.replace(base.data, dataset="market1501", subset_ids=3))
-    via_cli = cli._train_dataset(prof, "hhcl", str(root.parent))
+    via_cli = resolve_run(prof, str(root.parent), "cpu", {}, method="hhcl").dataset()  # as reidkit train
     hhcl = HHCL(prof, None, data_root=str(root.parent))
     hhcl.prepare("cpu", "last", 0, print)
     dgl = DGL(prof, None, data_root=str(root.parent))
