@@ -63,14 +63,14 @@ def render_notebook(executed: Path, stems: set[str]) -> str:
     """One executed notebook as a standalone HTML page (figures embedded by nbconvert)."""
     nb = nbformat.read(str(executed), as_version=4)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
-    return _page_links(body, stems)
+    return _page_links(_embed_images(body, executed.parent), stems)  # the lessons' drawn figures too
 
 
 def _index(run_dir: Path, pages: list[str]) -> str:
     report = run_dir / "report.md"
     text = report.read_text() if report.is_file() else f"# {run_dir.name}\n\nNo report.md in this run folder.\n"
-    body = mistune.html(text)
-    body = body.replace('href="html/index.html"', 'href="index.html"').replace('href="html/', 'href="')
+    text = "\n".join(line for line in text.splitlines() if "(html/index.html)" not in line)  # this page
+    body = mistune.html(text).replace('href="html/', 'href="')
     body = _embed_images(body, run_dir)
     items = "\n".join(f'<li><a href="{p}.html">{html.escape(p)}</a></li>' for p in pages)
     title = html.escape(f"reidkit run {run_dir.name}")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -239,6 +240,7 @@ def _run_locked(pm, spec, run_dir: Path, device, seed, notebooks, timeout, force
                                              "profile": prof.to_dict(),
                                              "environment": environment(prof, device),
                                              "notebooks": [p.name for p in nbs]})
+    _copy_lesson_figures(nbs, run_dir / "notebooks")
     log(f"reidkit reproduce: profile {prof.name}, run folder {run_dir}"
         + (", overrides " + " ".join(f"{k}={v}" for k, v in overrides.items()) if overrides else ""))
     results: list[NotebookResult] = []
@@ -283,6 +285,14 @@ def _run_locked(pm, spec, run_dir: Path, device, seed, notebooks, timeout, force
     return results
 
 
+def _copy_lesson_figures(nbs: list[Path], dest: Path) -> None:
+    """The drawn figures the lessons' markdown shows (``notebooks/figures/``) beside the executed
+    notebooks, so that those open with their pictures in JupyterLab and in the web copy."""
+    src = nbs[0].parent / "figures" if nbs else None
+    if src is not None and src.is_dir():
+        shutil.copytree(src, dest / "figures", dirs_exist_ok=True)
+
+
 def overrides_from_args(args) -> dict:
     """``--camera-aware``, ``--set`` pairs and ``--subset-ids`` of a command line as
     ``{"section.field": value}`` (validated; raises ``OverrideError``). ``--set`` wins over the
@@ -311,5 +321,6 @@ def main_reproduce(args) -> int:
         print(f"error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
     total = sum(r.seconds for r in results)
-    print(f"report: {run_dir / 'report.md'}  ({total:.1f} s of notebooks)")
+    print(f"{len(results)} notebooks, {total:.0f} s; next: `make lab` (or `jupyter lab`): a notebook opened "
+          f"there reads this run and retrains nothing")
     return 0
