@@ -37,15 +37,16 @@ $(DEV_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -e '.[cpu,lab,dev]'
 	touch $(DEV_STAMP)
 
-# TEST_WORKERS pytest processes (pytest-xdist); the workshop reproduction and the browser tests that read it
-# stay together on one of them (the xdist group "workshop", tests/conftest.py); the 30 slowest are listed
+# TEST_WORKERS pytest processes (pytest-xdist), a test file per worker at a time (--dist loadfile: a
+# module's fixtures are built once); the workshop reproduction is made once for all of them
+# (tests/conftest.py); the 30 slowest tests are listed
 TEST_WORKERS ?= 2
 test: dev-venv
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup --durations=30
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30
 
 # the tests without the training runs, the papermill chain and the browser (tests/conftest.py SLOW_FILES)
 test-fast: dev-venv
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 # the workshop day timed (docs/workshop.md): make reproduce's workshop run, then every notebook opened in
 # JupyterLab in headless Chromium as a student opens it, each within REHEARSAL_LIMIT seconds; prints the

@@ -21,10 +21,6 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
-        # under pytest-xdist (make test: -n 2 --dist loadgroup) the session's workshop reproduction is
-        # made once, on the one worker that runs every test reading it
-        if "workshop_run" in getattr(item, "fixturenames", ()) or item.path.name == "test_browser.py":
-            item.add_marker(pytest.mark.xdist_group("workshop"))
 
 
 def pytest_configure(config):
@@ -66,16 +62,31 @@ def workshop_run(tmp_path_factory):
     ``$REIDKIT_RUNS`` = a temporary folder). Returns ``(run_dir, runs base, output lines)``.
     The browser test then opens every notebook as the guide says, RUN_DIR unset; test_reproduce
     reads the same folder."""
+    import json
     import subprocess
     import sys
 
-    runs = tmp_path_factory.mktemp("runs")
-    env = {**os.environ, "REIDKIT_RUNS": str(runs)}
-    out = subprocess.run([sys.executable, "-m", "reidkit", "reproduce", "--profile", "workshop"], cwd=ROOT,
-                         env=env, capture_output=True, text=True, timeout=3600)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    (run_dir,) = runs.glob("workshop-*")
-    return run_dir, runs, out.stdout.splitlines()
+    from filelock import FileLock
+
+    # under pytest-xdist (make test) every worker has its own session: the first to ask makes the
+    # reproduction in the folder the workers share, the others wait for it and read it
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent
+    done = shared / "workshop_run.json"
+    with FileLock(str(shared / "workshop_run.lock")):
+        if not done.is_file():
+            runs = shared / "workshop-runs"
+            runs.mkdir()
+            env = {**os.environ, "REIDKIT_RUNS": str(runs)}
+            out = subprocess.run([sys.executable, "-m", "reidkit", "reproduce", "--profile", "workshop"],
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
+            assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+            (run_dir,) = runs.glob("workshop-*")
+            done.write_text(json.dumps({"run_dir": str(run_dir), "runs": str(runs),
+                                        "lines": out.stdout.splitlines()}))
+    found = json.loads(done.read_text())
+    return Path(found["run_dir"]), Path(found["runs"]), found["lines"]
 
 
 @pytest.fixture(scope="module")
