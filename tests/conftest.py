@@ -60,8 +60,8 @@ def workshop_run(tmp_path_factory):
     """The dress rehearsal's first half, once per session: ``reidkit reproduce --profile workshop``
     as ``make reproduce`` runs it (a subprocess, its run folder under ``runs/``, here
     ``$REIDKIT_RUNS`` = a temporary folder). Returns ``(run_dir, runs base, output lines)``.
-    The browser test then opens every notebook as the guide says, RUN_DIR unset; test_reproduce
-    reads the same folder."""
+    test_browser.py checks the chain, then opens every notebook as the guide says, RUN_DIR unset
+    (its tests are the only users, so that one worker makes the run and reads it)."""
     import json
     import subprocess
     import sys

@@ -2,7 +2,7 @@
 headless Chromium (Debian's ``chromium`` + ``chromium-driver``, through selenium from PyPI).
 
 The dress rehearsal: ``reidkit reproduce --profile workshop`` as ``make reproduce`` runs it (the
-session's ``workshop_run``), then EVERY notebook opened as the guide says, as committed, RUN_DIR
+session's ``workshop_run``; the first tests of this file check that chain and its rerun), then EVERY notebook opened as the guide says, as committed, RUN_DIR
 unset, so that it finds the reproduction by itself. For each notebook the test runs all cells,
 checks that no cell fails, that it read the reproduction's run folder, that no training happened
 (no checkpoint or history changed) and how long it took (written to ``timings.json`` beside the
@@ -41,6 +41,8 @@ from pathlib import Path
 
 import nbformat
 import pytest
+
+from reidkit.course.reproduce import list_notebooks, run_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = Path(os.environ.get("REIDKIT_BROWSER_NOTEBOOKS") or ROOT / "notebooks")
@@ -222,6 +224,57 @@ def browser(tools):
 WIDGET_NOTEBOOKS = _widget_notebooks()
 ALL_NOTEBOOKS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 
+
+# ----------------------------------------------------------------------------- the first half: the reproduction
+# (in this file, so that the worker that made the workshop run also opens it: tests/conftest.py)
+
+def test_the_workshop_chain_runs_every_notebook(workshop_run):
+    run_dir, _, logs = workshop_run
+    names = [p.stem for p in list_notebooks()]
+    assert [line.split("]")[1].split(":")[0].strip() for line in logs if line.startswith("[")
+            and line.endswith("running ...")] == names
+    for name in names:
+        assert (run_dir / name / "metrics.json").is_file(), name
+        executed = nbformat.read(run_dir / "notebooks" / f"{name}.ipynb", as_version=4)
+        injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
+        assert injected and "INTERACTIVE = False" in injected[0].source and "workshop" in injected[0].source
+    report = (run_dir / "report.md").read_text()
+    assert "01_data_prep" in report and "| train | 16 | 256 | 6 |" in report
+    assert "Slowest cells of each notebook" in report
+    assert re.search(r"^\| 04_hybrid_contrast \| \d+ \| [\d.]+ \| `.+` \|$", report, re.M)
+    assert any("done in" in line for line in logs)
+    # what the run really has, and the static web copy of the executed notebooks
+    assert json.loads((run_dir / "run.json").read_text())["identities"] == {"train": 16, "test": 16}
+    assert "every identity of the dataset: 16 training, 16 test" in report
+    assert "[html/index.html](html/index.html)" in report
+    index = (run_dir / "html" / "index.html").read_text()
+    for name in names:
+        page = (run_dir / "html" / f"{name}.html").read_text()
+        assert f'href="{name}.html"' in index and "data:image/png;base64," in page, name
+        assert not re.search(r'href="[^"#:]*\.ipynb', page), name        # links between notebooks: pages
+    assert "<table>" in index and "data:image/png;base64," in index      # report.md with its figures
+
+
+def test_rerun_skips_completed_notebooks(workshop_run):
+    run_dir, _, _ = workshop_run
+    logs = []
+    _, again = run_notebooks("workshop", run_dir=run_dir, log=logs.append)
+    assert all(r.status == "skipped" for r in again)
+    assert all("skipped" in line for line in logs if line.startswith("["))
+
+
+def test_run_json_records_the_environment(workshop_run):
+    import torch
+
+    run_dir, _, _ = workshop_run
+    env = json.loads((run_dir / "run.json").read_text())["environment"]
+    assert env["torch"] == torch.__version__ and env["device"].startswith("cpu: CPU")
+    assert env["knn"] == "torch-cpu" and env["amp"] in ("fp32 (no autocast)", "bfloat16 autocast")
+    text = (run_dir / "report.md").read_text()
+    assert "## Environment\n" in text and "Beside the paper" not in text    # the sample: no paper table
+
+
+# ----------------------------------------------------------------------------- the second half: the browser
 
 def test_some_notebook_shows_widgets():
     assert WIDGET_NOTEBOOKS, "no notebook mentions ipywidgets / display(): the course lost its widgets"

@@ -1,4 +1,5 @@
-"""The papermill driver: the smoke chain over every notebook, skipping on rerun, failure naming."""
+"""The papermill driver: failure naming, report.md, the checks before any notebook runs (the workshop
+chain itself, and its rerun, are the first half of the dress rehearsal in test_browser.py)."""
 
 import json
 import re
@@ -9,44 +10,9 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from reidkit.course.reproduce import NotebookFailed, list_notebooks, run_notebooks
+from reidkit.course.reproduce import NotebookFailed, run_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def test_the_workshop_chain_runs_every_notebook(workshop_run):
-    run_dir, _, logs = workshop_run
-    names = [p.stem for p in list_notebooks()]
-    assert [line.split("]")[1].split(":")[0].strip() for line in logs if line.startswith("[")
-            and line.endswith("running ...")] == names
-    for name in names:
-        assert (run_dir / name / "metrics.json").is_file(), name
-        executed = nbformat.read(run_dir / "notebooks" / f"{name}.ipynb", as_version=4)
-        injected = [c for c in executed.cells if "injected-parameters" in c.metadata.get("tags", [])]
-        assert injected and "INTERACTIVE = False" in injected[0].source and "workshop" in injected[0].source
-    report = (run_dir / "report.md").read_text()
-    assert "01_data_prep" in report and "| train | 16 | 256 | 6 |" in report
-    assert "Slowest cells of each notebook" in report
-    assert re.search(r"^\| 04_hybrid_contrast \| \d+ \| [\d.]+ \| `.+` \|$", report, re.M)
-    assert any("done in" in line for line in logs)
-    # what the run really has, and the static web copy of the executed notebooks
-    assert json.loads((run_dir / "run.json").read_text())["identities"] == {"train": 16, "test": 16}
-    assert "every identity of the dataset: 16 training, 16 test" in report
-    assert "[html/index.html](html/index.html)" in report
-    index = (run_dir / "html" / "index.html").read_text()
-    for name in names:
-        page = (run_dir / "html" / f"{name}.html").read_text()
-        assert f'href="{name}.html"' in index and "data:image/png;base64," in page, name
-        assert not re.search(r'href="[^"#:]*\.ipynb', page), name        # links between notebooks: pages
-    assert "<table>" in index and "data:image/png;base64," in index      # report.md with its figures
-
-
-def test_rerun_skips_completed_notebooks(workshop_run):
-    run_dir, _, _ = workshop_run
-    logs = []
-    _, again = run_notebooks("workshop", run_dir=run_dir, log=logs.append)
-    assert all(r.status == "skipped" for r in again)
-    assert all("skipped" in line for line in logs if line.startswith("["))
 
 
 def test_failure_names_notebook_and_cell(tmp_path, monkeypatch):
@@ -245,17 +211,6 @@ def test_report_without_recorded_environment_or_runs_says_so(tmp_path):
     assert "| HHCL, ResNet-50 (paper) | 73.3 | 85.1 | 92.4 | 94.6 |" in text
     assert "No training run of this folder evaluated on the test split" in text
     assert "## Training epochs" not in text
-
-
-def test_run_json_records_the_environment(workshop_run):
-    import torch
-
-    run_dir, _, _ = workshop_run
-    env = json.loads((run_dir / "run.json").read_text())["environment"]
-    assert env["torch"] == torch.__version__ and env["device"].startswith("cpu: CPU")
-    assert env["knn"] == "torch-cpu" and env["amp"] in ("fp32 (no autocast)", "bfloat16 autocast")
-    text = (run_dir / "report.md").read_text()
-    assert "## Environment\n" in text and "Beside the paper" not in text    # the sample: no paper table
 
 
 def test_reproduce_stops_before_any_notebook_on_an_incomplete_sysu_tree(tmp_path, capsys):
