@@ -21,6 +21,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
+    # the dress rehearsal first: its workshop reproduction is the suite's longest piece, so under
+    # pytest-xdist (make test) one worker starts it at once while the other runs the rest
+    items.sort(key=lambda item: item.path.name != "test_browser.py")
 
 
 def pytest_configure(config):
