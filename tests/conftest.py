@@ -34,6 +34,8 @@ def pytest_configure(config):
         import torch
 
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 SOLUTIONS = ROOT / "notebooks" / "solutions"
 
 

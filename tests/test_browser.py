@@ -2,8 +2,9 @@
 headless Chromium (Debian's ``chromium`` + ``chromium-driver``, through selenium from PyPI).
 
 The dress rehearsal: ``reidkit reproduce --profile workshop`` as ``make reproduce`` runs it (the
-session's ``workshop_run``; the first tests of this file check that chain and its rerun), then EVERY notebook opened as the guide says, as committed, RUN_DIR
-unset, so that it finds the reproduction by itself. For each notebook the test runs all cells,
+session's ``workshop_run``; the first tests of this file check that chain and its rerun), then EVERY
+notebook opened as the guide says, as committed, RUN_DIR unset, so that it finds the reproduction by
+itself. For each notebook the test runs all cells,
 checks that no cell fails, that it read the reproduction's run folder, that no training happened
 (no checkpoint or history changed) and how long it took (written to ``timings.json`` beside the
 screenshots). For a notebook that shows widgets it also moves every slider on the page and checks
@@ -19,9 +20,9 @@ Skipped only when Chromium, its driver, selenium or JupyterLab is missing; with 
 ``REIDKIT_CHROMIUM`` / ``REIDKIT_CHROMEDRIVER`` (paths), ``REIDKIT_BROWSER_NOTEBOOKS`` (another
 notebook folder), ``REIDKIT_BROWSER_RUN_DIR`` (a finished workshop run folder to copy instead of
 reproducing first), ``REIDKIT_BROWSER_TIMEOUT`` (seconds a notebook may take to run all its cells;
-default 1200), ``REIDKIT_REHEARSAL_LIMIT`` (seconds a notebook may take in the rehearsal: set by ``make rehearsal``,
-the timed benchmark of the workshop day; unset, the test records the times in ``timings.json`` and
-asserts none, as the kit's tests assert values and leave speed to the benchmarks).
+default 1200), ``REIDKIT_REHEARSAL_LIMIT`` (seconds a notebook may take in the rehearsal: set by
+``make rehearsal``, the timed benchmark of the workshop day; unset, the test records the times in
+``timings.json`` and asserts none, as the kit's tests assert values and leave speed to the benchmarks).
 """
 
 from __future__ import annotations
@@ -379,7 +380,7 @@ def test_the_html_copy_opens_with_every_figure_and_link(rehearsal, browser, shot
     assert not index["broken"], f"index.html: images that do not load: {index['broken']}"
     assert index["images"] > 0, "index.html shows no figure of the report"
     pages = sorted({h for h in index["links"] if h.endswith(".html")})
-    assert sorted(pages) == sorted(f"{p.stem}.html" for p in ALL_NOTEBOOKS), pages
+    assert pages == sorted(f"{p.stem}.html" for p in ALL_NOTEBOOKS), pages
     for href in index["links"]:
         assert (html_dir / href.split("#")[0]).is_file(), f"index.html links {href}, which is not there"
     for page in pages:

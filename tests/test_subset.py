@@ -348,7 +348,7 @@ def test_reproduce_laptop_on_a_sample_market_tree(tmp_path):
     data_root = tmp_path / "data"
     sample_as_market(data_root / "Market-1501-v15.09.15")
     overrides = {**parse_set(FAST), "data.subset_ids": 8}
-    # the data notebook and the training one (the whole chain runs in test_reproduce and the paper dry runs)
+    # the data notebook and the training one (the whole chain runs in test_browser and the paper dry runs)
     run_dir, results = run_notebooks("laptop", str(data_root), tmp_path / "run", "cpu", notebooks=("01", "04"),
                                      log=lambda *_: None, overrides=overrides)
     assert [(r.name, r.status) for r in results] == [("01_data_prep", "ran"), ("04_hybrid_contrast", "ran")]
