@@ -17,6 +17,7 @@ from _modules import load_module
 from _tiny import one_torch_thread
 from torch.utils.data import DataLoader, Dataset
 
+from reidkit.core.device import channels_last
 from reidkit.nets import backbones
 from reidkit.nets import imagenet as imnet
 from reidkit.nets.features import extract_features, iter_features, read_sidecar
@@ -512,10 +513,13 @@ def test_amp_channels_last_and_forward_fn_on_cpu():
     model = backbones.build_model("mobilenetv2", pretrained=False, num_classes=4, device="cpu")
     ds = TinySet(n=3)
     _calibrate_bn(model, torch.randn(8, 3, 64, 32))
-    ref = extract_features(model, ds, device="cpu")
+    ref = extract_features(model, ds, device="cpu", channels_last=False)
     cl = extract_features(model, ds, device="cpu", channels_last=True)
     np.testing.assert_allclose(cl, ref, atol=1e-4)
     assert all(p.is_contiguous() for p in model.parameters())          # memory format restored
+    # the default on the CPU is channels_last (reidkit.core.device.channels_last), as on CUDA
+    assert channels_last("cpu") and channels_last("cuda") and not channels_last("mps")
+    np.testing.assert_array_equal(extract_features(model, ds, device="cpu"), cl)
     bf16 = extract_features(model, ds, device="cpu", amp="bf16")
     assert bf16.dtype == np.float32
     assert (bf16 * ref).sum(1).min() > 0.95                       # cosine to fp32 (bf16 keeps ~3 digits)

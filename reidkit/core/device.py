@@ -31,6 +31,16 @@ def activate_device(device: Any = "auto"):
     return dev
 
 
+def channels_last(device: Any) -> bool:
+    """Whether convolutions on ``device`` run in the channels_last (NHWC) memory format: on CUDA
+    (tensor cores under AMP) and on the CPU, where oneDNN's NHWC kernels measured 1.4-2.0x faster
+    for extraction and 1.1-1.6x for a MobileNetV2 training step at 256 x 128 (ResNet-50 training
+    about even), with AVX2 alone as with AVX-512 (benchmarks/bench_memory_format.py, docs/benchmarks.md
+    section 6); not on MPS, whose NHWC support is partial."""
+
+    return resolve_device(device).type in ("cuda", "cpu")
+
+
 def bf16_native(device: Any) -> bool:
     """True when ``device`` computes bf16 natively: a CUDA GPU of compute capability >= 8 (Ampere
     and later) whose bf16 support is not emulated (T4, V100 and P100 only emulate it, without cuDNN

@@ -58,6 +58,7 @@ import torchvision.transforms as T
 from torch.utils.data import DataLoader
 
 from reidkit.config import DGL_ERASING_FILL, Profile, get_profile
+from reidkit.core.device import channels_last
 from reidkit.data.records import ReIDDataset, check_batch_fill, relabel
 from reidkit.data.samplers import ConsecutiveBagSampler, PKBagSampler
 from reidkit.data.subset import load_profile_dataset
@@ -280,7 +281,7 @@ class DGL(Method):
         """One iteration: the variant's loss over the global batch, one optimiser step."""
 
         x = batch["img"].to(dev, non_blocking=True)
-        if dev.type == "cuda":
+        if channels_last(dev):
             x = x.contiguous(memory_format=torch.channels_last)
         logits, embeddings, low = self._forward(net, x)
         gather = all_gather_cat if dist_info()[1] > 1 else (lambda t: t)

@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.data import BatchSampler, DataLoader
 
 from reidkit.config import Profile, camera_parts, get_profile
+from reidkit.core.device import channels_last
 from reidkit.data.records import ReIDDataset
 from reidkit.data.samplers import CameraAwarePKSampler
 from reidkit.data.subset import load_profile_dataset
@@ -272,7 +273,7 @@ class HHCL(Method):
         """One iteration: features of the batch, the memory's contrastive loss, one Adam step."""
         x = batch["img"].to(dev, non_blocking=True)
         y = torch.as_tensor(batch["label"]).to(dev)
-        if dev.type == "cuda":
+        if channels_last(dev):
             x = x.contiguous(memory_format=torch.channels_last)
         use_amp = self.use_amp
         with torch.autocast(dev.type, dtype=use_amp or torch.bfloat16, enabled=use_amp is not None):

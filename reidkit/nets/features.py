@@ -12,7 +12,8 @@ gallery (dgl §4.2), which is why features can be *streamed*:
 
 Per batch: eval mode, ``torch.inference_mode()``, optional flip (``f(x) + f(hflip(x))``, then
 L2-normalised: DGL's test feature, dgl §3.2 / §4.2; HHCL uses no flip), optional autocast (bf16 where
-the GPU supports it, else fp16) and channels_last, both on by default on CUDA only. The model's
+the GPU supports it, else fp16; on by default on CUDA only) and channels_last (by default where
+``reidkit.core.device.channels_last`` says: CUDA and the CPU). The model's
 train/eval state (of every submodule) and memory format are restored afterwards; the model is
 moved to ``device``.
 
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from reidkit.core.device import bf16_native, resolve_device
+from reidkit.core.device import channels_last as prefers_channels_last
 from reidkit.core.io import atomic_write_json
 from reidkit.core.progress import progress
 from reidkit.data.transforms import load_image, test_transform
@@ -183,7 +185,7 @@ def iter_features(model: nn.Module, data, device: Any = "auto", flip: bool = Fal
     device = resolve_device(device)
     amp_dtype = resolve_amp(amp, device)
     if channels_last == "auto":
-        channels_last = device.type == "cuda"
+        channels_last = prefers_channels_last(device)
     loader = _as_loader(data, batch_size, num_workers, pin_memory=device.type == "cuda")
     batches = _batch_features(model, loader, device, flip, amp_dtype, bool(channels_last), forward_fn,
                               normalize, desc)

@@ -42,7 +42,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from reidkit.core.device import amp_dtype, optimizer_steps_to_cpu, seed_everything
+from reidkit.core.device import amp_dtype, channels_last, optimizer_steps_to_cpu, seed_everything
 from reidkit.core.io import atomic_torch_save, atomic_write_json, read_train_checkpoint
 from reidkit.core.progress import _interactive_output, progress
 from reidkit.data.records import CorruptImageError, Record, check_images
@@ -420,7 +420,7 @@ def _setup(run: _Run, resume: bool) -> None:
     seed_everything(run.seed)
     run.model = m.build_model(run.dev)
     run.ghost_layers = apply_ghost_bn(run.model, m.ghost_bn)
-    if run.dev.type == "cuda":
+    if channels_last(run.dev):
         run.model = run.model.to(memory_format=torch.channels_last)
     run.opt, run.sched = m.optimizer(run.model)
     run.net = run.model
