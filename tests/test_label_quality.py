@@ -12,6 +12,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from reidkit.hhcl.label_quality import pseudo_label_quality
+from reidkit.hhcl.method import label_quality_line
 
 
 def _singletons(a):
@@ -53,7 +54,8 @@ def _brute(lab, pid, cam):
                 within_joined += joined
     c = lab >= 0
     majority = sum(Counter(pid[lab == k].tolist()).most_common(1)[0][1] for k in set(lab[c].tolist()))
-    multi = across = every = 0
+    multi = across = every = leading = 0
+    sizes = {k: Counter(pid[lab == k].tolist()) for k in set(lab[c].tolist())}
     for p in set(pid.tolist()):
         cams = set(cam[pid == p].tolist())
         if len(cams) < 2:
@@ -62,11 +64,13 @@ def _brute(lab, pid, cam):
         per_cluster = [set(cam[(pid == p) & (lab == k)].tolist()) for k in set(lab[(pid == p) & c].tolist())]
         across += any(len(s) > 1 for s in per_cluster)
         every += any(s == cams for s in per_cluster)
+        leading += any(len(set(cam[(pid == p) & (lab == k)].tolist())) > 1
+                       and sizes[k][p] == max(sizes[k].values()) for k in set(lab[(pid == p) & c].tolist()))
     return {"cross": cross, "cross_joined": cross_joined, "within": within, "within_joined": within_joined,
             "precision": clustered_same / clustered if clustered else None,
             "purity": majority / c.sum() if c.any() else None,
             "multi": multi, "across": across / multi if multi else None,
-            "every": every / multi if multi else None}
+            "every": every / multi if multi else None, "leading": leading / multi if multi else None}
 
 
 def test_hand_case():
@@ -89,6 +93,7 @@ def test_hand_case():
     assert q["ids_multi_camera"] == 2
     assert q["ids_joined_across_share"] == pytest.approx(0.5)
     assert q["ids_all_cameras_joined_share"] == pytest.approx(0.5)
+    assert q["ids_joined_across_leading_share"] == pytest.approx(0.5)  # cluster 0: person 0 has 2 of 3
     singles = [0, 0, 2, 1, 0, 3]  # outliers as clusters of their own
     assert q["ari"] == pytest.approx(adjusted_rand_score(pids, singles))
     assert q["ari"] == pytest.approx(_ari_by_pairs(pids, singles))
@@ -127,6 +132,7 @@ def test_matches_brute_force_on_random_labels(seed):
     assert q["ids_multi_camera"] == ref["multi"]
     assert q["ids_joined_across_share"] == pytest.approx(ref["across"])
     assert q["ids_all_cameras_joined_share"] == pytest.approx(ref["every"])
+    assert q["ids_joined_across_leading_share"] == pytest.approx(ref["leading"])
     g, s = _singletons(pid), _singletons(lab)
     assert q["ari"] == pytest.approx(_ari_by_pairs(g, s))
     assert q["ari"] == pytest.approx(adjusted_rand_score(g, s))
@@ -136,6 +142,28 @@ def test_matches_brute_force_on_random_labels(seed):
     assert q["nmi_clustered"] == pytest.approx(normalized_mutual_info_score(g[c], lab[c]))
     assert q["num_outliers"] == int((~c).sum()) and q["num_clusters"] == len(set(lab[c].tolist()))
     assert q["num_ids"] == len(set(g.tolist()))
+
+
+def test_one_cluster_of_everyone_joins_every_camera_but_leads_for_few():
+    # four people, each in cameras 0 and 1; person 3 has three images. One cluster holds everyone:
+    # every person's cameras are "joined", but the cluster is person 3's
+    pids = [0, 0, 1, 1, 2, 2, 3, 3, 3]
+    cams = [0, 1, 0, 1, 0, 1, 0, 1, 1]
+    q = pseudo_label_quality([0] * 9, pids, cams)
+    assert q["ids_joined_across_share"] == pytest.approx(1.0)
+    assert q["ids_joined_across_leading_share"] == pytest.approx(0.25)
+    # clusters = identities: each person leads their own cluster
+    q = pseudo_label_quality(pids, pids, cams)
+    assert q["ids_joined_across_leading_share"] == pytest.approx(1.0)
+    # a tie leads: persons 0 and 1, two images each, share a cluster; both count
+    q = pseudo_label_quality([0, 0, 0, 0, -1, -1, -1, -1, -1], pids, cams)
+    assert q["ids_joined_across_leading_share"] == pytest.approx(0.5)
+
+
+def test_train_log_line_names_the_leading_share():
+    q = pseudo_label_quality([0] * 9, [0, 0, 1, 1, 2, 2, 3, 3, 3], [0, 1, 0, 1, 0, 1, 0, 1, 1])
+    assert label_quality_line(q).endswith("ids joined 100% (25% in a cluster they lead)")
+    assert label_quality_line({"ari": 0.0}).endswith("ids joined n/a")
 
 
 def test_values_are_plain_json():
@@ -150,7 +178,7 @@ def test_undefined_scores_are_none():
     q = pseudo_label_quality([-1, -1, -1], [0, 0, 1], [2, 2, 2])
     assert q["num_clusters"] == 0 and q["outlier_share"] == pytest.approx(1.0)
     for key in ("purity", "ari_clustered", "nmi_clustered", "cross_camera_join_rate", "pair_precision",
-                "ids_joined_across_share", "ids_all_cameras_joined_share"):
+                "ids_joined_across_share", "ids_all_cameras_joined_share", "ids_joined_across_leading_share"):
         assert q[key] is None, key
     assert q["within_camera_join_rate"] == pytest.approx(0.0)
     assert q["cross_camera_pairs"] == 0 and q["ids_multi_camera"] == 0

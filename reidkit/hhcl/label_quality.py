@@ -35,6 +35,24 @@ def _ids_all_cameras_joined(lab: np.ndarray, pid: np.ndarray, cam: np.ndarray) -
     return int(((cams_of_id > 1) & (best == cams_of_id)).sum())
 
 
+def _ids_joined_across_leading(lab: np.ndarray, pid: np.ndarray, cam: np.ndarray) -> int:
+    """Identities that have images from 2+ cameras in one cluster **and** are that cluster's largest
+    identity (ties included): a join that a cluster of many people cannot fake."""
+    c = lab >= 0
+    if not c.any():
+        return 0
+    pairs, sizes = np.unique(np.stack([lab[c], pid[c]], 1), axis=0, return_counts=True)  # (cluster, pid)
+    top = np.zeros(int(pairs[:, 0].max()) + 1, dtype=np.int64)
+    np.maximum.at(top, pairs[:, 0], sizes)                         # largest identity's size per cluster
+    leads = pairs[sizes == top[pairs[:, 0]]]                        # (cluster, pid) where pid leads
+    present = np.unique(np.stack([lab[c], pid[c], cam[c]], 1), axis=0)
+    pc, cams_in = np.unique(present[:, :2], axis=0, return_counts=True)
+    across = pc[cams_in > 1]                                        # (cluster, pid) over 2+ cameras
+    both = np.intersect1d(across[:, 0] * (pid.max() + 1) + across[:, 1],
+                          leads[:, 0] * (pid.max() + 1) + leads[:, 1])
+    return int(np.unique(both % (pid.max() + 1)).size)
+
+
 def pseudo_label_quality(labels: Any, pids: Any, cams: Any) -> dict:
     """Quality of pseudo-labels ``labels`` (``-1`` = DBSCAN outlier) against true ``pids``.
 
@@ -53,7 +71,10 @@ def pseudo_label_quality(labels: Any, pids: Any, cams: Any) -> dict:
       the share of the pairs the clusters join that are one person;
     * ``ids_multi_camera`` -- identities seen by 2+ cameras; ``ids_joined_across_share`` -- the
       share of those with images from 2+ cameras in one cluster; ``ids_all_cameras_joined_share``
-      -- with images from every camera that sees them in one cluster (equal for two cameras).
+      -- with images from every camera that sees them in one cluster (equal for two cameras);
+      ``ids_joined_across_leading_share`` -- with images from 2+ cameras in one cluster of which
+      they are the largest identity: a few clusters of many people join most people's cameras
+      in the first two shares, not in this one.
     """
     lab = np.asarray(labels).astype(np.int64).ravel()
     pid = np.asarray(pids).astype(np.int64).ravel()
@@ -84,6 +105,7 @@ def pseudo_label_quality(labels: Any, pids: Any, cams: Any) -> dict:
         "ids_multi_camera": multi,
         "ids_joined_across_share": split["ids_joined_across"] / multi if multi else None,
         "ids_all_cameras_joined_share": _ids_all_cameras_joined(lab, pid, cam) / multi if multi else None,
+        "ids_joined_across_leading_share": _ids_joined_across_leading(lab, pid, cam) / multi if multi else None,
     }
 
 

@@ -88,10 +88,11 @@ def label_quality_line(q: dict) -> str:
     """The ``train.log`` words of one epoch's pseudo-label quality."""
     join = q.get("cross_camera_join_rate")
     share = q.get("ids_joined_across_share")
-    purity = q.get("purity")
+    purity, lead = q.get("purity"), q.get("ids_joined_across_leading_share")
     return (f"ARI {q['ari']:.3f} purity " + ("n/a" if purity is None else f"{purity:.2f}")
             + " cross-cam pairs joined " + ("n/a" if join is None else f"{100 * join:.1f}%")
-            + " ids joined " + ("n/a" if share is None else f"{100 * share:.0f}%"))
+            + " ids joined " + ("n/a" if share is None else f"{100 * share:.0f}%")
+            + ("" if lead is None else f" ({100 * lead:.0f}% in a cluster they lead)"))
 
 
 def _restarting(loader, iters: int) -> Iterator:
