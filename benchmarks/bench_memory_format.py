@@ -12,8 +12,8 @@ laptops) and each precision (fp32; bf16 autocast only where the CPU computes it 
 
 * ``train``: one training step (forward, a loss on the features, backward, an Adam step) on a batch
   of the workshop's size (32 images at 256 x 128; 8 for ResNet-50);
-* ``extract``: one batch of 64 images through :func:`reidkit.nets.features.extract_features`'s
-  per-batch path (eval mode, inference mode).
+* ``extract``: one forward pass of 64 images in eval and inference mode, the network's work in
+  each batch of :func:`reidkit.nets.features.extract_features` (no loader, no flip).
 
 The median of ``--iters`` repetitions after one warm-up is kept; ``speedup`` is NCHW time over
 channels_last time. The kit turns channels_last on for CUDA and the CPU
@@ -117,7 +117,8 @@ def main() -> None:
                 res = {lay: _run(arch, lay, amp, isa, args.iters, args.threads)
                        for lay in ("contiguous", "channels_last")}
                 row = {"arch": arch, "isa": isa, "precision": "bf16 autocast" if amp else "fp32",
-                       "batch": BATCH[arch], **{f"{lay}_{k}": v for lay, r in res.items() for k, v in r.items()}}
+                       "batch": BATCH[arch],
+                       **{f"{lay}_{k}": v for lay, r in res.items() for k, v in r.items()}}
                 for k in ("train_s", "extract_s"):
                     row[f"{k[:-2]}_speedup"] = round(res["contiguous"][k] / res["channels_last"][k], 2)
                 print(json.dumps(row), file=sys.stderr, flush=True)

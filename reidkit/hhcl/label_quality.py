@@ -21,36 +21,36 @@ def _none_if_nan(v: float) -> float | None:
     return None if v is None or not np.isfinite(v) else float(v)
 
 
-def _ids_all_cameras_joined(lab: np.ndarray, pid: np.ndarray, cam: np.ndarray) -> int:
-    """Identities seen by 2+ cameras that have images from every one of those cameras in one
-    cluster (outliers join nothing)."""
-    ids, cams_of_id = np.unique(np.unique(np.stack([pid, cam], 1), axis=0)[:, 0], return_counts=True)
+def _pid_cluster_table(lab: np.ndarray, pid: np.ndarray, cam: np.ndarray):
+    """Over the clustered points (outliers join nothing): the distinct (pid, cluster) rows, sorted,
+    with how many images and how many cameras each holds."""
     c = lab >= 0
-    if not c.any():
-        return 0
-    present = np.unique(np.stack([pid[c], lab[c], cam[c]], 1), axis=0)  # (pid, cluster, camera) seen
-    pl, cams_in = np.unique(present[:, :2], axis=0, return_counts=True)  # cameras per (pid, cluster)
+    rows, inv, images = np.unique(np.stack([pid[c], lab[c]], 1), axis=0, return_inverse=True,
+                                  return_counts=True)
+    seen = np.unique(np.stack([inv.ravel(), cam[c]], 1), axis=0)  # (row, camera) seen
+    return rows, images, np.bincount(seen[:, 0], minlength=len(rows))
+
+
+def _ids_all_cameras_joined(pid: np.ndarray, cam: np.ndarray, table) -> int:
+    """Identities seen by 2+ cameras that have images from every one of those cameras in one
+    cluster."""
+    ids, cams_of_id = np.unique(np.unique(np.stack([pid, cam], 1), axis=0)[:, 0], return_counts=True)
+    rows, _, cameras = table
     best = np.zeros(ids.size, dtype=np.int64)
-    np.maximum.at(best, np.searchsorted(ids, pl[:, 0]), cams_in)  # most cameras one cluster holds
+    np.maximum.at(best, np.searchsorted(ids, rows[:, 0]), cameras)  # most cameras one cluster holds
     return int(((cams_of_id > 1) & (best == cams_of_id)).sum())
 
 
-def _ids_joined_across_leading(lab: np.ndarray, pid: np.ndarray, cam: np.ndarray) -> int:
+def _ids_joined_across_leading(table) -> int:
     """Identities that have images from 2+ cameras in one cluster **and** are that cluster's largest
     identity (ties included): a join that a cluster of many people cannot fake."""
-    c = lab >= 0
-    if not c.any():
+    rows, images, cameras = table
+    if not len(rows):
         return 0
-    pairs, sizes = np.unique(np.stack([lab[c], pid[c]], 1), axis=0, return_counts=True)  # (cluster, pid)
-    top = np.zeros(int(pairs[:, 0].max()) + 1, dtype=np.int64)
-    np.maximum.at(top, pairs[:, 0], sizes)                         # largest identity's size per cluster
-    leads = pairs[sizes == top[pairs[:, 0]]]                        # (cluster, pid) where pid leads
-    present = np.unique(np.stack([lab[c], pid[c], cam[c]], 1), axis=0)
-    pc, cams_in = np.unique(present[:, :2], axis=0, return_counts=True)
-    across = pc[cams_in > 1]                                        # (cluster, pid) over 2+ cameras
-    both = np.intersect1d(across[:, 0] * (pid.max() + 1) + across[:, 1],
-                          leads[:, 0] * (pid.max() + 1) + leads[:, 1])
-    return int(np.unique(both % (pid.max() + 1)).size)
+    top = np.zeros(int(rows[:, 1].max()) + 1, dtype=np.int64)
+    np.maximum.at(top, rows[:, 1], images)                        # largest identity's size per cluster
+    leads_across = (images == top[rows[:, 1]]) & (cameras > 1)
+    return int(np.unique(rows[leads_across, 0]).size)
 
 
 def pseudo_label_quality(labels: Any, pids: Any, cams: Any) -> dict:
@@ -86,6 +86,7 @@ def pseudo_label_quality(labels: Any, pids: Any, cams: Any) -> dict:
     pid = _as_singletons(pid)
     st = cluster_stats(lab, pid)
     split = camera_split_purity(lab, pid, cam)
+    table = _pid_cluster_table(lab, pid, cam)
     across, within = split["across_cameras"], split["within_camera"]
     multi = int(split["ids_multi_camera"])
     pairs_joined = across["joined_same_id"] + within["joined_same_id"]
@@ -104,8 +105,8 @@ def pseudo_label_quality(labels: Any, pids: Any, cams: Any) -> dict:
         "pair_precision": float(pairs_joined / pairs_clustered) if pairs_clustered else None,
         "ids_multi_camera": multi,
         "ids_joined_across_share": split["ids_joined_across"] / multi if multi else None,
-        "ids_all_cameras_joined_share": _ids_all_cameras_joined(lab, pid, cam) / multi if multi else None,
-        "ids_joined_across_leading_share": _ids_joined_across_leading(lab, pid, cam) / multi if multi else None,
+        "ids_all_cameras_joined_share": _ids_all_cameras_joined(pid, cam, table) / multi if multi else None,
+        "ids_joined_across_leading_share": _ids_joined_across_leading(table) / multi if multi else None,
     }
 
 
