@@ -110,8 +110,8 @@ def table(summary: dict) -> str:
         joined = (f"{pm(s, 'ids_joined_across_share_epoch0')} -> {pm(s, 'ids_joined_across_share')}"
                   if "ids_joined_across_share" in s else "-")
         lines.append(f"| {s['label']} | {s['n']} | {pm(s, 'mAP')} | {pm(s, 'rank1')} | "
-                     f"{pm(s, 'cross_camera_join_rate')} | {joined} | {pm(s, 'ids_joined_across_leading_share')} | "
-                     f"{s.get('seconds', 0):.0f} |")
+                     f"{pm(s, 'cross_camera_join_rate')} | {joined} | "
+                     f"{pm(s, 'ids_joined_across_leading_share')} | {s.get('seconds', 0):.0f} |")
     return "\n".join(lines)
 
 
