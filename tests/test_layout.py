@@ -55,7 +55,8 @@ FLOORS = {"core": 0, "config": 0, "data": 1, "nets": 2, "retrieval": 2, "train":
 METHOD_MODULES = {"reidkit.hhcl.method": 5, "reidkit.hhcl.supervised": 5, "reidkit.dgl.method": 5,
                   "reidkit.dgl.evaluate": 5}
 #: function-level imports allowed, each an optional or run-time-only dependency (see the architecture page)
-OPTIONAL = {"faiss", "papermill", "IPython", "ipywidgets", "torchvision"}
+OPTIONAL = {"faiss", "papermill", "traitlets", "IPython", "ipywidgets", "torchvision",
+            "nbformat", "nbconvert"}
 
 
 def _module(path: Path) -> str:

@@ -19,10 +19,8 @@ import re
 from pathlib import Path
 
 import mistune
-import nbformat
-from nbconvert import HTMLExporter
 
-from reidkit.core.io import atomic_write_bytes
+from reidkit.core.io import atomic_write_bytes, nbformat_read
 
 #: links to a notebook of the course, in a rendered page: ``href="03_clustering.ipynb#anchor"``
 _NB_LINK = re.compile(r'href="(?:\.\./|\./)?(?:notebooks/)?(\d\d_[\w-]+)\.ipynb(#[^"]*)?"')
@@ -61,7 +59,10 @@ def _embed_images(text: str, base: Path) -> str:
 
 def render_notebook(executed: Path, stems: set[str]) -> str:
     """One executed notebook as a standalone HTML page (figures embedded by nbconvert)."""
-    nb = nbformat.read(str(executed), as_version=4)
+    # a measured start-up cost, as core.io.nbformat_read's: nbconvert is imported when a run writes its pages
+    from nbconvert import HTMLExporter
+
+    nb = nbformat_read(executed)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
     return _page_links(_embed_images(body, executed.parent), stems)  # the lessons' drawn figures too
 

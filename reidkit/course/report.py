@@ -10,13 +10,12 @@ import subprocess
 from pathlib import Path
 from typing import Any, Sequence
 
-import nbformat
 import torch
 
 import reidkit
 from reidkit.config import apply_overrides, camera_parts, get_profile
 from reidkit.core.device import amp_dtype, resolve_device
-from reidkit.core.io import atomic_write_bytes
+from reidkit.core.io import atomic_write_bytes, nbformat_read
 from reidkit.course.runctx import project_root
 from reidkit.dgl.evaluate import dgl_amp_dtype
 from reidkit.retrieval.knn import faiss_gpu_available
@@ -115,7 +114,7 @@ def cell_timings(executed: str | Path) -> list[tuple[int, float, str]]:
     papermill (read from the cells' ``papermill.duration`` metadata), slowest first."""
 
     try:
-        nb = nbformat.read(str(executed), as_version=4)
+        nb = nbformat_read(executed)
     except Exception:
         return []
     rows = []

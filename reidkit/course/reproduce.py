@@ -23,13 +23,14 @@ import json
 import os
 import shutil
 import sys
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-import nbformat
 
 from reidkit.config import (
     CAMERA_AWARE_RECIPE,
@@ -39,7 +40,7 @@ from reidkit.config import (
     parse_set,
     validate_overrides,
 )
-from reidkit.core.io import atomic_write_json
+from reidkit.core.io import atomic_write_json, nbformat_read
 from reidkit.course.html_copy import export_html
 from reidkit.course.report import environment, write_report
 from reidkit.course.runctx import project_root, runs_dir
@@ -100,7 +101,7 @@ def _failing_cell(executed: Path) -> str | None:
     executed notebook."""
 
     try:
-        nb = nbformat.read(executed, as_version=4)
+        nb = nbformat_read(executed)
     except Exception:
         return None
     for cell in nb.cells:
@@ -216,13 +217,28 @@ def run_notebooks(profile: str = "workshop", data_root: str | None = None, run_d
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = runs_dir() / f"{prof.name}-{stamp}"
     run_dir = Path(run_dir).resolve()
-    with RunLock(run_dir):
-        results = _run_locked(pm, spec, run_dir, device, seed, notebooks, timeout, force, log, overrides)
+    with RunLock(run_dir), _kernel_sockets() as kernel:
+        results = _run_locked(pm, spec, run_dir, device, seed, notebooks, timeout, force, log, overrides,
+                              kernel)
     return run_dir, results
 
 
+@contextmanager
+def _kernel_sockets():
+    """papermill's keyword arguments that start each notebook's kernel on unix sockets in a private
+    temporary folder: no TCP port on 127.0.0.1 that another user of a shared workshop machine could
+    reach, and no warning from ipykernel about one after every notebook. Windows keeps TCP."""
+    if os.name == "nt":
+        yield {}
+        return
+    from traitlets.config import Config  # run time only, as papermill, which brings it
+
+    with tempfile.TemporaryDirectory(prefix="reidkit-kernel-") as folder:
+        yield {"config": Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "k")}})}
+
+
 def _run_locked(pm, spec, run_dir: Path, device, seed, notebooks, timeout, force, log,
-                overrides: dict) -> list[NotebookResult]:
+                overrides: dict, kernel: dict) -> list[NotebookResult]:
     """The body of :func:`run_notebooks`, run while ``run_dir`` is locked. ``device`` is what the
     notebooks are given (``auto`` stays ``auto``: each kernel resolves it as ``spec`` did)."""
     prof, data_root = spec.profile, spec.data_root
@@ -265,7 +281,7 @@ def _run_locked(pm, spec, run_dir: Path, device, seed, notebooks, timeout, force
             try:
                 pm.execute_notebook(str(nb), str(executed), parameters=params, kernel_name="python3",
                                     cwd=str(nb.parent), progress_bar=False, execution_timeout=timeout,
-                                    log_output=False)
+                                    log_output=False, **kernel)
             except pm.PapermillExecutionError as exc:
                 cell = _failing_cell(executed)
                 raise NotebookFailed(nb.stem, cell, exc.ename, exc.evalue, executed) from None
