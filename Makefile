@@ -38,8 +38,9 @@ $(DEV_STAMP): $(STAMP)
 	touch $(DEV_STAMP)
 
 # TEST_WORKERS pytest processes (pytest-xdist), a test file per worker at a time (--dist loadfile: a
-# module's fixtures are built once); the workshop reproduction is made once for all of them
-# (tests/conftest.py); the 30 slowest tests are listed
+# module's fixtures are built once), each with its share of the cores, as are the processes its tests
+# start; the workshop reproduction is made once for all of them, at a cut budget (tests/conftest.py
+# WORKSHOP_CUTS; make rehearsal runs it uncut); the 30 slowest tests are listed
 TEST_WORKERS ?= 2
 test: dev-venv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30

@@ -27,13 +27,21 @@ def pytest_collection_modifyitems(config, items):
 
 
 def pytest_configure(config):
-    """A pytest-xdist worker shares the cores with the other workers: torch gets its share of the
-    threads (a subprocess the tests start, such as the workshop reproduction, keeps torch's default)."""
+    """A pytest-xdist worker shares the cores with the other workers: torch and the BLAS libraries
+    get the worker's share of the threads, and so does every process a test starts (the workshop
+    reproduction and its notebook kernels, the GPU check's dry run, the CLI runs), through
+    ``OMP_NUM_THREADS`` unless it is set already. Without that each of them would take every core:
+    on two cores, two workers and their subprocesses ran three to four OpenMP threads whose idle
+    spinning made the whole suite two to three times slower than its work."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT") or 1)
     if workers > 1:
         import torch
+        from threadpoolctl import threadpool_limits
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        share = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+        torch.set_num_threads(share)
+        threadpool_limits(share)
 
 
 SOLUTIONS = ROOT / "notebooks" / "solutions"
@@ -60,11 +68,19 @@ def smoke_ctx(tmp_path_factory):
     return RunContext.open("smoke", None, str(run_dir), "cpu", 1, name="tests")
 
 
+#: the test suite's cut of the workshop reproduction: the same notebooks, code paths and sample, with
+#: two short HHCL epochs (5 iterations each), two DGL epochs, one unary-only epoch and 128x64 images,
+#: recorded in run.json as overrides that the notebooks opened in the browser apply in turn.
+#: ``make rehearsal`` (REIDKIT_REHEARSAL_LIMIT set), the timed workshop day, reproduces the profile as it is.
+WORKSHOP_CUTS = ("hhcl.epochs=2", "hhcl.iters=5", "dgl.epochs=2", "dgl.milestones=[1]", "dgl.uo_epochs=1",
+                 "data.height=128", "data.width=64")
+
+
 @pytest.fixture(scope="session")
 def workshop_run(tmp_path_factory):
     """The dress rehearsal's first half, once per session: ``reidkit reproduce --profile workshop``
     as ``make reproduce`` runs it (a subprocess, its run folder under ``runs/``, here
-    ``$REIDKIT_RUNS`` = a temporary folder). Returns ``(run_dir, runs base, output lines)``.
+    ``$REIDKIT_RUNS`` = a temporary folder). Returns ``(run_dir, runs base, stdout lines, stderr lines)``.
     test_browser.py checks the chain, then opens every notebook as the guide says, RUN_DIR unset
     (its tests are the only users, so that one worker makes the run and reads it)."""
     import json
@@ -84,14 +100,17 @@ def workshop_run(tmp_path_factory):
             runs = shared / "workshop-runs"
             runs.mkdir()
             env = {**os.environ, "REIDKIT_RUNS": str(runs)}
-            out = subprocess.run([sys.executable, "-m", "reidkit", "reproduce", "--profile", "workshop"],
+            full = bool(os.environ.get("REIDKIT_REHEARSAL_LIMIT"))
+            cuts = [] if full else sum((["--set", c] for c in WORKSHOP_CUTS), [])
+            out = subprocess.run([sys.executable, "-m", "reidkit", "reproduce", "--profile", "workshop",
+                                  *cuts],
                                  cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
             assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
             (run_dir,) = runs.glob("workshop-*")
             done.write_text(json.dumps({"run_dir": str(run_dir), "runs": str(runs),
-                                        "lines": out.stdout.splitlines()}))
+                                        "lines": out.stdout.splitlines(), "errors": out.stderr.splitlines()}))
     found = json.loads(done.read_text())
-    return Path(found["run_dir"]), Path(found["runs"]), found["lines"]
+    return Path(found["run_dir"]), Path(found["runs"]), found["lines"], found["errors"]
 
 
 @pytest.fixture(scope="module")

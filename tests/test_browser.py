@@ -2,7 +2,9 @@
 headless Chromium (Debian's ``chromium`` + ``chromium-driver``, through selenium from PyPI).
 
 The dress rehearsal: ``reidkit reproduce --profile workshop`` as ``make reproduce`` runs it (the
-session's ``workshop_run``; the first tests of this file check that chain and its rerun), then EVERY
+session's ``workshop_run``; the first tests of this file check that chain and its rerun; ``make test``
+cuts its training budget and image size with ``--set``, conftest's ``WORKSHOP_CUTS``, and ``make
+rehearsal`` runs it uncut), then EVERY
 notebook opened as the guide says, as committed, RUN_DIR unset, so that it finds the reproduction by
 itself. For each notebook the test runs all cells,
 checks that no cell fails, that it read the reproduction's run folder, that no training happened
@@ -44,6 +46,7 @@ import nbformat
 import pytest
 
 from reidkit.course.reproduce import list_notebooks, run_notebooks
+from reidkit.course.runctx import run_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 NOTEBOOKS = Path(os.environ.get("REIDKIT_BROWSER_NOTEBOOKS") or ROOT / "notebooks")
@@ -132,7 +135,7 @@ def rehearsal(tools, tmp_path_factory, request):
     ``REIDKIT_BROWSER_RUN_DIR`` placed in a runs folder of its own."""
     given = os.environ.get("REIDKIT_BROWSER_RUN_DIR")
     if not given:
-        run_dir, runs, _ = request.getfixturevalue("workshop_run")
+        run_dir, runs, _, _ = request.getfixturevalue("workshop_run")
         return run_dir, runs
     runs = tmp_path_factory.mktemp("runs")
     run = runs / Path(given).name
@@ -230,7 +233,7 @@ ALL_NOTEBOOKS = sorted(NOTEBOOKS.glob("[0-9][0-9]_*.ipynb"))
 # (in this file, so that the worker that made the workshop run also opens it: tests/conftest.py)
 
 def test_the_workshop_chain_runs_every_notebook(workshop_run):
-    run_dir, _, logs = workshop_run
+    run_dir, _, logs, errors = workshop_run
     names = [p.stem for p in list_notebooks()]
     assert [line.split("]")[1].split(":")[0].strip() for line in logs if line.startswith("[")
             and line.endswith("running ...")] == names
@@ -244,6 +247,9 @@ def test_the_workshop_chain_runs_every_notebook(workshop_run):
     assert "Slowest cells of each notebook" in report
     assert re.search(r"^\| 04_hybrid_contrast \| \d+ \| [\d.]+ \| `.+` \|$", report, re.M)
     assert any("done in" in line for line in logs)
+    # what a teacher sees in the terminal carries no warning (the kernels listen on unix sockets, so
+    # ipykernel has no unencrypted TCP port to warn about after every notebook)
+    assert errors == [], errors[-20:]
     # what the run really has, and the static web copy of the executed notebooks
     assert json.loads((run_dir / "run.json").read_text())["identities"] == {"train": 16, "test": 16}
     assert "every identity of the dataset: 16 training, 16 test" in report
@@ -257,9 +263,11 @@ def test_the_workshop_chain_runs_every_notebook(workshop_run):
 
 
 def test_rerun_skips_completed_notebooks(workshop_run):
-    run_dir, _, _ = workshop_run
+    """The same command again (with the overrides the run recorded) skips every notebook."""
+    run_dir, _, _, _ = workshop_run
     logs = []
-    _, again = run_notebooks("workshop", run_dir=run_dir, log=logs.append)
+    _, again = run_notebooks("workshop", run_dir=run_dir, log=logs.append,
+                             overrides=run_overrides(run_dir, "workshop"))
     assert all(r.status == "skipped" for r in again)
     assert all("skipped" in line for line in logs if line.startswith("["))
 
@@ -267,7 +275,7 @@ def test_rerun_skips_completed_notebooks(workshop_run):
 def test_run_json_records_the_environment(workshop_run):
     import torch
 
-    run_dir, _, _ = workshop_run
+    run_dir, _, _, _ = workshop_run
     env = json.loads((run_dir / "run.json").read_text())["environment"]
     assert env["torch"] == torch.__version__ and env["device"].startswith("cpu: CPU")
     assert env["knn"] == "torch-cpu" and env["amp"] in ("fp32 (no autocast)", "bfloat16 autocast")
