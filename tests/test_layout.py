@@ -54,7 +54,8 @@ FLOORS = {"core": 0, "config": 0, "data": 1, "nets": 2, "retrieval": 2, "train":
 #: inside hhcl/ and dgl/, the kernels stand on floor 3 and the methods on floor 5
 METHOD_MODULES = {"reidkit.hhcl.method": 5, "reidkit.hhcl.supervised": 5, "reidkit.dgl.method": 5,
                   "reidkit.dgl.evaluate": 5}
-#: function-level imports allowed, each an optional or run-time-only dependency (see the architecture page)
+#: function-level imports allowed, each an optional or run-time-only dependency or a measured start-up
+#: cost (see the architecture page)
 OPTIONAL = {"faiss", "papermill", "traitlets", "IPython", "ipywidgets", "torchvision",
             "nbformat", "nbconvert"}
 

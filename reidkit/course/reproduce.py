@@ -31,7 +31,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Sequence
 
-
 from reidkit.config import (
     CAMERA_AWARE_RECIPE,
     OverrideError,
