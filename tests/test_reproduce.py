@@ -34,6 +34,34 @@ def test_failure_names_notebook_and_cell(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "02_never").exists(), "stops at the first failure"
 
 
+def test_kernel_logs_go_to_the_run_folder_not_the_terminal(tmp_path, monkeypatch, capfd):
+    """ipykernel's own log (here an error it logs, as it does when jupyter_client's interrupt at
+    shutdown lands during its last reply) goes to RUN_DIR/<name>/kernel.log; a quiet kernel
+    leaves no log file, and the cells' output still reaches the saved notebook."""
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    for name, body in (("01_noisy", 'get_ipython().kernel.log.error("kernel-side noise")\n'
+                                    'import sys\nprint("raw stderr noise", file=sys.__stderr__, flush=True)\n'
+                                    'print("cell output")'),
+                       ("02_quiet", "x = 1")):
+        nb = nbformat.v4.new_notebook()
+        params = nbformat.v4.new_code_cell('PROFILE = "smoke"\nRUN_DIR = ""')
+        params.metadata["tags"] = ["parameters"]
+        nb.cells = [params, nbformat.v4.new_code_cell(body)]
+        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+        nbformat.write(nb, nbdir / f"{name}.ipynb")
+    monkeypatch.setenv("REIDKIT_NOTEBOOKS", str(nbdir))
+    run_dir, results = run_notebooks("smoke", run_dir=tmp_path / "run", log=lambda *_: None)
+    assert [r.status for r in results] == ["ran", "ran"]
+    out, err = capfd.readouterr()
+    assert "noise" not in out + err
+    log = (run_dir / "01_noisy" / "kernel.log").read_text()
+    assert "kernel-side noise" in log and "raw stderr noise" in log
+    assert not (run_dir / "02_quiet" / "kernel.log").exists()
+    saved = nbformat.read(run_dir / "notebooks" / "01_noisy.ipynb", as_version=4)
+    assert "cell output" in json.dumps(saved.cells[-1].outputs)
+
+
 def test_cli_reports_failure_with_nonzero_exit(tmp_path):
     out = subprocess.run([sys.executable, "-m", "reidkit", "reproduce", "--profile", "nope",
                           "--run-dir", str(tmp_path)], capture_output=True, text=True)

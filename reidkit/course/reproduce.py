@@ -11,6 +11,8 @@
 - on a rerun with the same RUN_DIR skips the notebooks already completed with the same parameters
   (``RUN_DIR/<name>/done.json``);
 - writes ``RUN_DIR/report.md`` gathering every ``metrics.json``;
+- keeps each kernel's own log (ipykernel's messages, not the cells' output) in
+  ``RUN_DIR/<name>/kernel.log`` rather than in the terminal, and removes it when empty;
 - holds ``RUN_DIR``'s run lock (``reidkit.train.run_lock``) throughout, so a second reproduction on
   the same folder stops at once; the notebooks' training runs lock their own subfolders
   (``RUN_DIR/04_hybrid_contrast/<memory>``, ``RUN_DIR/05_weak_graphical/<variant>``), not ``RUN_DIR``.
@@ -224,16 +226,42 @@ def run_notebooks(profile: str = "workshop", data_root: str | None = None, run_d
 
 @contextmanager
 def _kernel_sockets():
-    """papermill's keyword arguments that start each notebook's kernel on unix sockets in a private
-    temporary folder: no TCP port on 127.0.0.1 that another user of a shared workshop machine could
-    reach, and no warning from ipykernel about one after every notebook. Windows keeps TCP."""
-    if os.name == "nt":
-        yield {}
-        return
-    from traitlets.config import Config  # run time only, as papermill, which brings it
+    """A function of a notebook's kernel log path giving papermill's keyword arguments for that
+    notebook's kernel:
 
+    - on unix sockets in a private temporary folder: no TCP port on 127.0.0.1 that another user of a
+      shared workshop machine could reach, and no warning from ipykernel about one after every
+      notebook (Windows keeps TCP);
+    - with the kernel process's stdout and stderr in the log file. These carry ipykernel's own log,
+      not the cells' output (which the kernel sends to the notebook). jupyter_client interrupts
+      every kernel as it shuts it down; a kernel still finishing its last reply then logs
+      "KeyboardInterrupt caught in kernel", a harmless line a teacher should not have to read."""
+    # run time only, as papermill, which brings both
+    from jupyter_client import AsyncKernelManager
+    from traitlets.config import Config
+
+    class LoggedKernelManager(AsyncKernelManager):
+        log_path: Path | None = None
+
+        async def start_kernel(self, **kw):
+            if self.log_path is None:
+                return await super().start_kernel(**kw)
+            with open(self.log_path, "ab") as f:   # the kernel holds its own copy of the descriptor
+                return await super().start_kernel(**{"stdout": f, "stderr": f, **kw})
+
+    def options(log_path: Path) -> dict:
+        manager = type("LoggedKernelManager", (LoggedKernelManager,), {"log_path": log_path})
+        opts: dict = {"kernel_manager_class": manager}
+        if folder is not None:
+            opts["config"] = Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "k")}})
+        return opts
+
+    if os.name == "nt":
+        folder = None
+        yield options
+        return
     with tempfile.TemporaryDirectory(prefix="reidkit-kernel-") as folder:
-        yield {"config": Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "k")}})}
+        yield options
 
 
 def _run_locked(pm, spec, run_dir: Path, device, seed, notebooks, timeout, force, log,
@@ -275,15 +303,25 @@ def _run_locked(pm, spec, run_dir: Path, device, seed, notebooks, timeout, force
                 continue
             executed = run_dir / "notebooks" / nb.name
             executed.parent.mkdir(parents=True, exist_ok=True)
+            kernel_log = run_dir / nb.stem / "kernel.log"
+            kernel_log.parent.mkdir(parents=True, exist_ok=True)
             log(f"{tag}: running ...")
             t0 = time.time()
             try:
                 pm.execute_notebook(str(nb), str(executed), parameters=params, kernel_name="python3",
                                     cwd=str(nb.parent), progress_bar=False, execution_timeout=timeout,
-                                    log_output=False, **kernel)
+                                    log_output=False, **kernel(kernel_log))
             except pm.PapermillExecutionError as exc:
                 cell = _failing_cell(executed)
                 raise NotebookFailed(nb.stem, cell, exc.ename, exc.evalue, executed) from None
+            except BaseException:
+                # a kernel that died or would not start: its own log says why
+                if kernel_log.is_file() and kernel_log.stat().st_size:
+                    log(f"{tag}: the kernel's own log: {kernel_log}")
+                raise
+            finally:
+                if kernel_log.is_file() and not kernel_log.stat().st_size:
+                    kernel_log.unlink()
             seconds = time.time() - t0
             atomic_write_json(_done_file(run_dir, nb.stem), {"digest": digest, "seconds": round(seconds, 2),
                                                              "finished": datetime.now().isoformat()})
