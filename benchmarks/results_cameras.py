@@ -116,19 +116,26 @@ def table(summary: dict) -> str:
 
 
 def merge(files: list[str], out: Path) -> int:
-    """One result file (and table) from several, e.g. seed 1 of every row and seeds 2-3 of some."""
+    """One result file (and table) from several, e.g. seed 1 of every row and seeds 2-3 of some. A
+    file that is itself a merge (its ``meta`` a list) can be merged again."""
     docs = [json.loads(Path(f).read_text()) for f in files]
     runs = [r for d in docs for r in d["runs"]]
-    for r, work in ((r, Path(d["meta"].get("work_dir", ""))) for d in docs for r in d["runs"]):
-        hist = work / f"{r['row']}-seed{r['seed']}" / "history.json"
-        if "ids_joined_across_share_epoch0" not in r and r["row"] not in ("direct", "supervised") and hist.is_file():
-            r.update(label_quality(json.loads(hist.read_text())))  # results written before this field
+    for d in docs:
+        if isinstance(d["meta"], list):
+            continue   # a merge: its runs were backfilled when it was written
+        work = Path(d["meta"].get("work_dir", ""))
+        for r in d["runs"]:
+            hist = work / f"{r['row']}-seed{r['seed']}" / "history.json"
+            if ("ids_joined_across_share_epoch0" not in r and r["row"] not in ("direct", "supervised")
+                    and hist.is_file()):
+                r.update(label_quality(json.loads(hist.read_text())))  # results written before this field
     seen = {(r["row"], r["seed"]) for r in runs}
     if len(seen) != len(runs):
         raise SystemExit("the files repeat a (row, seed) run")
     runs.sort(key=lambda r: (list(ROWS).index(r["row"]), r["seed"]))
     summary = summarise(runs)
-    atomic_write_json(out, {"meta": [d["meta"] for d in docs], "runs": runs, "summary": summary})
+    metas = [m for d in docs for m in (d["meta"] if isinstance(d["meta"], list) else [d["meta"]])]
+    atomic_write_json(out, {"meta": metas, "runs": runs, "summary": summary})
     print(table(summary))
     return 0
 

@@ -47,3 +47,17 @@ def test_merge_refuses_a_repeated_run(rc, tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(doc))
     with pytest.raises(SystemExit, match="repeat"):
         rc.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "a.json"), "--out", str(tmp_path / "m.json")])
+
+
+def test_a_merged_file_merges_again(rc, tmp_path):
+    """Rows added later (other rows, same budget) join an earlier merge; meta stays one flat list."""
+    for name, runs in (("a.json", [_run("hhcl", 1, 0.02, 0.1)]), ("b.json", [_run("hhcl", 2, 0.04, 0.2)]),
+                       ("c.json", [_run("cc", 1, 0.03, 0.1)])):
+        (tmp_path / name).write_text(json.dumps({"meta": {"work_dir": str(tmp_path / name)}, "runs": runs}))
+    rc.main(["--merge", str(tmp_path / "a.json"), str(tmp_path / "b.json"), "--out", str(tmp_path / "ab.json")])
+    assert rc.main(["--merge", str(tmp_path / "ab.json"), str(tmp_path / "c.json"), "--out",
+                    str(tmp_path / "abc.json")]) == 0
+    merged = json.loads((tmp_path / "abc.json").read_text())
+    assert [m["work_dir"] for m in merged["meta"]] == [str(tmp_path / n) for n in ("a.json", "b.json", "c.json")]
+    assert [(r["row"], r["seed"]) for r in merged["runs"]] == [("cc", 1), ("hhcl", 1), ("hhcl", 2)]
+    assert merged["summary"]["hhcl"]["mAP"] == pytest.approx(0.03)
