@@ -56,8 +56,8 @@ METHOD_MODULES = {"reidkit.hhcl.method": 5, "reidkit.hhcl.supervised": 5, "reidk
                   "reidkit.dgl.evaluate": 5}
 #: function-level imports allowed, each an optional or run-time-only dependency or a measured start-up
 #: cost (see the architecture page)
-OPTIONAL = {"faiss", "papermill", "traitlets", "jupyter_client", "IPython", "ipywidgets", "torchvision",
-            "nbformat", "nbconvert"}
+OPTIONAL = {"faiss", "papermill", "traitlets", "jupyter_client", "nbclient", "IPython", "ipywidgets",
+            "torchvision", "nbformat", "nbconvert"}
 
 
 def _module(path: Path) -> str:

@@ -34,6 +34,30 @@ def test_failure_names_notebook_and_cell(tmp_path, monkeypatch):
     assert not (tmp_path / "run" / "02_never").exists(), "stops at the first failure"
 
 
+def test_a_dead_kernel_is_named_with_its_cell_and_log(tmp_path, monkeypatch):
+    """A kernel that dies (on a laptop, most often stopped for want of memory) stops the run with
+    the notebook, the cell it was running and its own log, not nbclient's traceback."""
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    nb = nbformat.v4.new_notebook()
+    params = nbformat.v4.new_code_cell('PROFILE = "smoke"\nRUN_DIR = ""')
+    params.metadata["tags"] = ["parameters"]
+    nb.cells = [params, nbformat.v4.new_code_cell("x = 1"),
+                nbformat.v4.new_code_cell('import os, sys\nprint("last words", file=sys.__stderr__, flush=True)\n'
+                                          "os._exit(9)"),
+                nbformat.v4.new_code_cell("y = 2")]
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nbformat.write(nb, nbdir / "01_dies.ipynb")
+    monkeypatch.setenv("REIDKIT_NOTEBOOKS", str(nbdir))
+    with pytest.raises(NotebookFailed) as info:
+        run_notebooks("smoke", run_dir=tmp_path / "run", log=lambda *_: None)
+    err = info.value
+    assert err.notebook == "01_dies" and err.ename == "DeadKernelError"
+    assert err.cell is not None and "import os, sys" in err.cell
+    log = tmp_path / "run" / "01_dies" / "kernel.log"
+    assert str(log) in err.evalue and "last words" in log.read_text()
+
+
 def test_kernel_logs_go_to_the_run_folder_not_the_terminal(tmp_path, monkeypatch, capfd):
     """ipykernel's own log (here an error it logs, as it does when jupyter_client's interrupt at
     shutdown lands during its last reply) goes to RUN_DIR/<name>/kernel.log; a quiet kernel

@@ -97,18 +97,21 @@ def is_complete(run_dir: Path, notebook: Path, digest: str) -> bool:
         return False
 
 
-def _failing_cell(executed: Path) -> str | None:
+def _failing_cell(executed: Path, died: bool = False) -> str | None:
     """Describe the cell that raised (its execution count and first source line), read from the
-    executed notebook."""
+    executed notebook; with ``died``, the cell a dead kernel was running: the last one it numbered."""
 
     try:
         nb = nbformat_read(executed)
     except Exception:
         return None
-    for cell in nb.cells:
-        if any(out.get("output_type") == "error" for out in cell.get("outputs", [])):
-            first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
-            return f"In [{cell.get('execution_count')}] `{first.strip()[:80]}`"
+    if died:
+        cells = [c for c in nb.cells if c.get("execution_count") is not None][-1:]
+    else:
+        cells = [c for c in nb.cells if any(out.get("output_type") == "error" for out in c.get("outputs", []))]
+    for cell in cells:
+        first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
+        return f"In [{cell.get('execution_count')}] `{first.strip()[:80]}`"
     return None
 
 
@@ -268,6 +271,8 @@ def _run_locked(pm, spec, run_dir: Path, device, seed, notebooks, timeout, force
                 overrides: dict, kernel: dict) -> list[NotebookResult]:
     """The body of :func:`run_notebooks`, run while ``run_dir`` is locked. ``device`` is what the
     notebooks are given (``auto`` stays ``auto``: each kernel resolves it as ``spec`` did)."""
+    from nbclient.exceptions import DeadKernelError  # run time only, as papermill, which brings it
+
     prof, data_root = spec.profile, spec.data_root
 
     nbs = list_notebooks()
@@ -314,8 +319,13 @@ def _run_locked(pm, spec, run_dir: Path, device, seed, notebooks, timeout, force
             except pm.PapermillExecutionError as exc:
                 cell = _failing_cell(executed)
                 raise NotebookFailed(nb.stem, cell, exc.ename, exc.evalue, executed) from None
+            except DeadKernelError:
+                said = kernel_log.is_file() and kernel_log.stat().st_size
+                raise NotebookFailed(nb.stem, _failing_cell(executed, died=True), "DeadKernelError",
+                                     "the kernel died (a system short of memory stops the largest process)"
+                                     + (f"; its own log: {kernel_log}" if said else ""), executed) from None
             except BaseException:
-                # a kernel that died or would not start: its own log says why
+                # a kernel that would not start, an interrupted run: its own log may say why
                 if kernel_log.is_file() and kernel_log.stat().st_size:
                     log(f"{tag}: the kernel's own log: {kernel_log}")
                 raise
