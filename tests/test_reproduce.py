@@ -13,6 +13,8 @@ import pytest
 from reidkit.course.reproduce import NotebookFailed, run_notebooks
 
 ROOT = Path(__file__).resolve().parent.parent
+#: what ipykernel logs when the SIGINT jupyter_client sends at shutdown lands inside a message handler
+SHUTDOWN_RACE = "[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel."
 
 
 def test_failure_names_notebook_and_cell(tmp_path, monkeypatch):
@@ -60,8 +62,8 @@ def test_a_dead_kernel_is_named_with_its_cell_and_log(tmp_path, monkeypatch):
 
 def test_kernel_logs_go_to_the_run_folder_not_the_terminal(tmp_path, monkeypatch, capfd):
     """ipykernel's own log (here an error it logs, as it does when jupyter_client's interrupt at
-    shutdown lands during its last reply) goes to RUN_DIR/<name>/kernel.log; a quiet kernel
-    leaves no log file, and the cells' output still reaches the saved notebook."""
+    shutdown lands during its last reply) goes to RUN_DIR/<name>/kernel.log, and the cells' output
+    still reaches the saved notebook."""
     nbdir = tmp_path / "nbs"
     nbdir.mkdir()
     for name, body in (("01_noisy", 'get_ipython().kernel.log.error("kernel-side noise")\n'
@@ -81,7 +83,10 @@ def test_kernel_logs_go_to_the_run_folder_not_the_terminal(tmp_path, monkeypatch
     assert "noise" not in out + err
     log = (run_dir / "01_noisy" / "kernel.log").read_text()
     assert "kernel-side noise" in log and "raw stderr noise" in log
-    assert not (run_dir / "02_quiet" / "kernel.log").exists()
+    # a quiet kernel leaves no log, unless jupyter_client's interrupt at shutdown caught it finishing
+    # its last reply (seen in CI): then that one line, the reason the log is not the terminal
+    quiet = run_dir / "02_quiet" / "kernel.log"
+    assert not quiet.exists() or quiet.read_text().splitlines() == [SHUTDOWN_RACE]
     saved = nbformat.read(run_dir / "notebooks" / "01_noisy.ipynb", as_version=4)
     assert "cell output" in json.dumps(saved.cells[-1].outputs)
 

@@ -99,19 +99,21 @@ def is_complete(run_dir: Path, notebook: Path, digest: str) -> bool:
 
 def _failing_cell(executed: Path, died: bool = False) -> str | None:
     """Describe the cell that raised (its execution count and first source line), read from the
-    executed notebook; with ``died``, the cell a dead kernel was running: the last one it numbered."""
+    executed notebook; with ``died``, the cell a dead kernel was running: the last one papermill
+    started (a kernel can die before it numbers the cell)."""
 
     try:
         nb = nbformat_read(executed)
     except Exception:
         return None
     if died:
-        cells = [c for c in nb.cells if c.get("execution_count") is not None][-1:]
+        cells = [c for c in nb.cells if (c.metadata.get("papermill") or {}).get("start_time")][-1:]
     else:
         cells = [c for c in nb.cells if any(out.get("output_type") == "error" for out in c.get("outputs", []))]
     for cell in cells:
         first = next((ln for ln in cell.source.splitlines() if ln.strip()), "")
-        return f"In [{cell.get('execution_count')}] `{first.strip()[:80]}`"
+        count = cell.get("execution_count")
+        return f"In [{count if count is not None else ' '}] `{first.strip()[:80]}`"
     return None
 
 
