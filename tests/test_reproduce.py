@@ -17,16 +17,21 @@ ROOT = Path(__file__).resolve().parent.parent
 SHUTDOWN_RACE = "[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel."
 
 
-def test_failure_names_notebook_and_cell(tmp_path, monkeypatch):
-    nbdir = tmp_path / "nbs"
-    nbdir.mkdir()
+def _notebook(path: Path, *sources: str) -> None:
+    """A notebook of the driver's shape: a ``parameters`` cell, then one code cell per source."""
     nb = nbformat.v4.new_notebook()
     params = nbformat.v4.new_code_cell('PROFILE = "smoke"\nRUN_DIR = ""')
     params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell("x = 1"), nbformat.v4.new_code_cell("raise ValueError('boom here')")]
+    nb.cells = [params] + [nbformat.v4.new_code_cell(src) for src in sources]
     nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, nbdir / "01_broken.ipynb")
-    nbformat.write(nb, nbdir / "02_never.ipynb")
+    nbformat.write(nb, path)
+
+
+def test_failure_names_notebook_and_cell(tmp_path, monkeypatch):
+    nbdir = tmp_path / "nbs"
+    nbdir.mkdir()
+    for name in ("01_broken", "02_never"):
+        _notebook(nbdir / f"{name}.ipynb", "x = 1", "raise ValueError('boom here')")
     monkeypatch.setenv("REIDKIT_NOTEBOOKS", str(nbdir))
     with pytest.raises(NotebookFailed) as info:
         run_notebooks("smoke", run_dir=tmp_path / "run", log=lambda *_: None)
@@ -41,15 +46,8 @@ def test_a_dead_kernel_is_named_with_its_cell_and_log(tmp_path, monkeypatch):
     the notebook, the cell it was running and its own log, not nbclient's traceback."""
     nbdir = tmp_path / "nbs"
     nbdir.mkdir()
-    nb = nbformat.v4.new_notebook()
-    params = nbformat.v4.new_code_cell('PROFILE = "smoke"\nRUN_DIR = ""')
-    params.metadata["tags"] = ["parameters"]
-    nb.cells = [params, nbformat.v4.new_code_cell("x = 1"),
-                nbformat.v4.new_code_cell('import os, sys\nprint("last words", file=sys.__stderr__, flush=True)\n'
-                                          "os._exit(9)"),
-                nbformat.v4.new_code_cell("y = 2")]
-    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-    nbformat.write(nb, nbdir / "01_dies.ipynb")
+    _notebook(nbdir / "01_dies.ipynb", "x = 1",
+              'import os, sys\nprint("last words", file=sys.__stderr__, flush=True)\nos._exit(9)', "y = 2")
     monkeypatch.setenv("REIDKIT_NOTEBOOKS", str(nbdir))
     with pytest.raises(NotebookFailed) as info:
         run_notebooks("smoke", run_dir=tmp_path / "run", log=lambda *_: None)
@@ -70,12 +68,7 @@ def test_kernel_logs_go_to_the_run_folder_not_the_terminal(tmp_path, monkeypatch
                                     'import sys\nprint("raw stderr noise", file=sys.__stderr__, flush=True)\n'
                                     'print("cell output")'),
                        ("02_quiet", "x = 1")):
-        nb = nbformat.v4.new_notebook()
-        params = nbformat.v4.new_code_cell('PROFILE = "smoke"\nRUN_DIR = ""')
-        params.metadata["tags"] = ["parameters"]
-        nb.cells = [params, nbformat.v4.new_code_cell(body)]
-        nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
-        nbformat.write(nb, nbdir / f"{name}.ipynb")
+        _notebook(nbdir / f"{name}.ipynb", body)
     monkeypatch.setenv("REIDKIT_NOTEBOOKS", str(nbdir))
     run_dir, results = run_notebooks("smoke", run_dir=tmp_path / "run", log=lambda *_: None)
     assert [r.status for r in results] == ["ran", "ran"]

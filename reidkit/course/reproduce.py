@@ -29,9 +29,10 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from datetime import datetime
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from reidkit.config import (
     CAMERA_AWARE_RECIPE,
@@ -223,14 +224,14 @@ def run_notebooks(profile: str = "workshop", data_root: str | None = None, run_d
         stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
         run_dir = runs_dir() / f"{prof.name}-{stamp}"
     run_dir = Path(run_dir).resolve()
-    with RunLock(run_dir), _kernel_sockets() as kernel:
+    with RunLock(run_dir), _kernel_options() as kernel:
         results = _run_locked(pm, spec, run_dir, device, seed, notebooks, timeout, force, log, overrides,
                               kernel)
     return run_dir, results
 
 
 @contextmanager
-def _kernel_sockets():
+def _kernel_options():
     """A function of a notebook's kernel log path giving papermill's keyword arguments for that
     notebook's kernel:
 
@@ -245,32 +246,30 @@ def _kernel_sockets():
     from jupyter_client import AsyncKernelManager
     from traitlets.config import Config
 
-    class LoggedKernelManager(AsyncKernelManager):
-        log_path: Path | None = None
+    def options(folder: str | None, log_path: Path) -> dict:
+        class LoggedKernelManager(AsyncKernelManager):
+            async def start_kernel(self, **kw):
+                with open(log_path, "ab") as f:   # the kernel holds its own copy of the descriptor
+                    return await super().start_kernel(**{"stdout": f, "stderr": f, **kw})
 
-        async def start_kernel(self, **kw):
-            if self.log_path is None:
-                return await super().start_kernel(**kw)
-            with open(self.log_path, "ab") as f:   # the kernel holds its own copy of the descriptor
-                return await super().start_kernel(**{"stdout": f, "stderr": f, **kw})
-
-    def options(log_path: Path) -> dict:
-        manager = type("LoggedKernelManager", (LoggedKernelManager,), {"log_path": log_path})
-        opts: dict = {"kernel_manager_class": manager}
+        opts: dict = {"kernel_manager_class": LoggedKernelManager}
         if folder is not None:
             opts["config"] = Config({"KernelManager": {"transport": "ipc", "ip": os.path.join(folder, "k")}})
         return opts
 
     if os.name == "nt":
-        folder = None
-        yield options
+        yield partial(options, None)
         return
     with tempfile.TemporaryDirectory(prefix="reidkit-kernel-") as folder:
-        yield options
+        yield partial(options, folder)
+
+
+def _said_something(log: Path) -> bool:
+    return log.is_file() and log.stat().st_size > 0
 
 
 def _run_locked(pm, spec, run_dir: Path, device, seed, notebooks, timeout, force, log,
-                overrides: dict, kernel: dict) -> list[NotebookResult]:
+                overrides: dict, kernel: Callable[[Path], dict]) -> list[NotebookResult]:
     """The body of :func:`run_notebooks`, run while ``run_dir`` is locked. ``device`` is what the
     notebooks are given (``auto`` stays ``auto``: each kernel resolves it as ``spec`` did)."""
     from nbclient.exceptions import DeadKernelError  # run time only, as papermill, which brings it
@@ -322,18 +321,18 @@ def _run_locked(pm, spec, run_dir: Path, device, seed, notebooks, timeout, force
                 cell = _failing_cell(executed)
                 raise NotebookFailed(nb.stem, cell, exc.ename, exc.evalue, executed) from None
             except DeadKernelError:
-                said = kernel_log.is_file() and kernel_log.stat().st_size
                 raise NotebookFailed(nb.stem, _failing_cell(executed, died=True), "DeadKernelError",
                                      "the kernel died (a system short of memory stops the largest process)"
-                                     + (f"; its own log: {kernel_log}" if said else ""), executed) from None
+                                     + (f"; its own log: {kernel_log}" if _said_something(kernel_log) else ""),
+                                     executed) from None
             except BaseException:
                 # a kernel that would not start, an interrupted run: its own log may say why
-                if kernel_log.is_file() and kernel_log.stat().st_size:
+                if _said_something(kernel_log):
                     log(f"{tag}: the kernel's own log: {kernel_log}")
                 raise
             finally:
-                if kernel_log.is_file() and not kernel_log.stat().st_size:
-                    kernel_log.unlink()
+                if not _said_something(kernel_log):
+                    kernel_log.unlink(missing_ok=True)
             seconds = time.time() - t0
             atomic_write_json(_done_file(run_dir, nb.stem), {"digest": digest, "seconds": round(seconds, 2),
                                                              "finished": datetime.now().isoformat()})
