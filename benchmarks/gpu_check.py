@@ -83,7 +83,7 @@ from reidkit.retrieval.market import evaluate_rank  # noqa: E402
 from reidkit.retrieval.protocol import extract_records  # noqa: E402
 from reidkit.retrieval.rerank import re_ranking  # noqa: E402
 from reidkit.retrieval.sysu import sysu30k_evaluate  # noqa: E402
-from reidkit.train.gpu_cost import gpu_cost  # noqa: E402
+from reidkit.methods import gpu_cost  # noqa: E402
 
 ITEMS = "abcdefg"
 TITLES = {
@@ -729,7 +729,7 @@ def item_e(ctx: Ctx, res: dict) -> None:
     prof = paper.replace(model__pretrained=False, **S["sets"])
     method = DGL(prof, data_root=str(tree))
     method.prepare(dev, "last", SEED, ctx.log)
-    method.stream.num_classes = method.num_classes = S["classes"]  # the real heads: one class per folder
+    method.source.num_classes = method.num_classes = S["classes"]  # the real heads: one class per folder
     seed_everything(SEED)
     _fresh_peak(dev)
     model = method.build_model(dev)

@@ -22,13 +22,12 @@ from reidkit.data.datasets import load_dataset
 from reidkit.data.records import CorruptImageError, LayoutError, check_images
 from reidkit.data.subset import subset_identities
 from reidkit.data.transforms import ImageDataset
-from reidkit.methods import REGISTRY, method_class, resolve_run
+from reidkit.methods import REGISTRY, format_cost, method_class, resolve_run
 from reidkit.nets.features import extract_features
 from reidkit.nets.imagenet import REQUIRED, resolve_weights
 from reidkit.nets.released import load_released
 from reidkit.retrieval.protocol import rank_metrics, sysu30k_protocol
 from reidkit.train.engine import fit
-from reidkit.train.gpu_cost import format_cost
 from reidkit.train.run_lock import RunLockedError
 
 
@@ -87,16 +86,18 @@ def _prepare_train(args):
         overrides["hhcl.memory"] = args.memory
     spec = resolve_run(args.profile, args.data_root, _check_device(args.device), overrides, method=args.method)
     prof, method = spec.profile, spec.method
-    if args.variant and method != "dgl":
+    sections = method_class(method).sections   # the profile sections the method reads
+    if args.variant and "dgl" not in sections:
         raise _UserError(f"--variant is DGL's (full | unary_only | supervised); this run's method is {method}")
-    if args.memory and method == "dgl":
+    if args.memory and "hhcl" not in sections:
         raise _UserError(f"--memory is HHCL's (CM | CMhybrid | CMhybrid_v2); this run's method is {method}")
-    if prof.camera != CameraConfig() and method == "dgl":
-        raise _UserError("--camera-aware and camera.* are HHCL's; this run's method is dgl")
+    if prof.camera != CameraConfig() and "camera" not in sections:
+        raise _UserError(f"--camera-aware and camera.* are HHCL's; this run's method is {method}")
     _check_weights(prof)
-    if spec.streamed and method != "dgl":
+    if spec.streamed and not method_class(method).trains_on_bags:
+        bag_methods = " or ".join(f"--method {n}" for n, c in REGISTRY.items() if c.trains_on_bags)
         raise _UserError("SYSU-30k's training images carry bag labels only (no cameras): train it with "
-                         "--method dgl (the sysu30k profile's method)")
+                         f"{bag_methods} (the sysu30k profile's method)")
     spec.dataset()
     return spec
 

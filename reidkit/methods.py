@@ -11,14 +11,15 @@ from __future__ import annotations
 
 from typing import Any
 
-from reidkit.config import METHODS, apply_overrides
+from reidkit.config import METHODS, apply_overrides, get_profile
 from reidkit.dgl.method import DGL
 from reidkit.hhcl.method import HHCL
 from reidkit.hhcl.supervised import Supervised
 from reidkit.train.engine import Method
+from reidkit.train.gpu_cost import DATASET_SIZES, cost_line, estimate
 from reidkit.train.runspec import RunSpec
 
-__all__ = ["REGISTRY", "method_class", "resolve_run"]
+__all__ = ["REGISTRY", "format_cost", "gpu_cost", "method_class", "resolve_run"]
 
 #: every trainable method by its ``name``
 REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (HHCL, Supervised, DGL)}
@@ -44,3 +45,30 @@ def resolve_run(profile, data_root: str | None = None, device: Any = "auto", ove
     spec = RunSpec.resolve(prof, data_root, device, method=cls.name, amp_policy=cls.amp_policy, dataset=dataset)
     spec.overrides = dict(overrides or {})
     return spec
+
+
+def gpu_cost(profile) -> dict[str, Any]:
+    """Expected peak GPU memory and time per epoch of a paper profile, **derived** from its method's
+    :meth:`~reidkit.train.engine.Method.gpu_plan` (fields: :func:`reidkit.train.gpu_cost.estimate`).
+    ``ValueError`` for a profile on no paper dataset or a method without a cost model; ``KeyError``
+    for a network whose cost is not cached."""
+
+    prof = get_profile(profile)
+    if prof.data.dataset not in DATASET_SIZES:
+        raise ValueError(f"gpu_cost covers the paper datasets ({', '.join(DATASET_SIZES)}); "
+                         f"profile {prof.name} reads {prof.data.dataset}")
+    plan = method_class(prof.method).gpu_plan(prof)
+    if plan is None:
+        raise ValueError(f"method {prof.method!r} has no GPU cost model (Method.gpu_plan)")
+    return estimate(prof, plan)
+
+
+def format_cost(profile) -> str | None:
+    """One line for the start of a run (:func:`reidkit.train.gpu_cost.cost_line`), or None where no
+    figure can be derived: a profile on no paper dataset (``smoke``), a method without a cost model,
+    a network whose cost is not cached (``laptop``'s MobileNetV2)."""
+
+    try:
+        return cost_line(gpu_cost(profile))
+    except (KeyError, ValueError):
+        return None

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 from _modules import load_module
-from _tiny import one_torch_thread
+from _tiny import QUIET, one_torch_thread, tiny_dataset, tiny_hhcl_profile
 
 # tests never reach the network for weights, and show no progress bars
 os.environ.setdefault("REIDKIT_OFFLINE", "1")
@@ -66,6 +66,18 @@ def smoke_ctx(tmp_path_factory):
     for split in ("train", "query", "gallery"):
         ctx.save_array(f"features_{split}", ctx.features(split))
     return RunContext.open("smoke", None, str(run_dir), "cpu", 1, name="tests")
+
+
+@pytest.fixture(scope="session")
+def tiny_hhcl_run(tmp_path_factory):
+    """One finished 1-epoch HHCL run on the tiny set (``tests/_tiny.py``), trained once per session
+    (per xdist worker): the tests that damage, resume or read a run copy its files."""
+    from reidkit.hhcl.method import train_hhcl
+
+    out = tmp_path_factory.mktemp("tiny-hhcl-run")
+    with one_torch_thread():
+        train_hhcl(tiny_hhcl_profile(hhcl__epochs=1), tiny_dataset(), out_dir=out, **QUIET)
+    return out
 
 
 #: the test suite's cut of the workshop reproduction: the same notebooks, code paths and sample, with

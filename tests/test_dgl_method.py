@@ -71,6 +71,35 @@ def test_each_variant_trains_and_writes_checkpoints(tmp_path, sample, variant):
                   evaluate=False, log=lambda s: None)
 
 
+def test_the_variant_is_a_strategy_chosen_once():
+    """DGL holds one Variant and asks it; dgl/method.py never compares a variant's name, and the
+    two ways a batch's bags are known (simulated from a PK batch, or carried by the stream) agree."""
+    import ast
+
+    from reidkit.config import get_profile
+    from reidkit.dgl import method as dgl_method
+    from reidkit.dgl.variants import VARIANTS, SimulatedBags, StreamedBags
+
+    tree = ast.parse(Path(dgl_method.__file__).read_text())
+    compared = [n.lineno for n in ast.walk(tree) if isinstance(n, ast.Compare)
+                and any(isinstance(x, ast.Attribute) and x.attr in ("variant", "stream") for x in ast.walk(n))]
+    assert not compared, f"dgl/method.py tests its variant or stream at lines {compared}"
+    cfg = get_profile("smoke").dgl
+    for name, cls in VARIANTS.items():
+        method = dgl_method.DGL("smoke", variant=name)
+        assert type(method.strategy) is cls and method.variant == name
+        assert (method.bag_size, method.bags_per_batch) == cls().batch_layout(cfg)
+        assert method.find_unused == (name == "unary_only")
+    # a PK batch of 4 ids x 2 images, bags of 2 ids; the stream would carry each image's bag index and ids
+    y = torch.tensor([3, 3, 5, 5, 1, 1, 7, 7])
+    cfg4 = cfg.__class__(**{**cfg.__dict__, "ids_per_batch": 4, "images_per_id": 2, "ids_per_bag": 2})
+    simulated = SimulatedBags(y, cfg4, num_classes=8, bag_size=4)
+    streamed = StreamedBags({"bag": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]),
+                             "bag_labels": torch.tensor([[3, 5]] * 4 + [[1, 7]] * 4)}, num_classes=8)
+    assert torch.equal(simulated.vectors(), streamed.vectors())
+    assert simulated.spans() == streamed.spans() == [(0, 4, [3, 5]), (4, 8, [1, 7])]
+
+
 def test_resume_is_bit_exact(tmp_path, sample):
     kw = dict(variant="full", device="cpu", epochs=2, iters=1, log=lambda s: None)
     a = train_dgl("smoke", sample, tmp_path / "a", **kw)

@@ -105,6 +105,29 @@ def test_a_stub_method_trains_through_the_command_line(tmp_path, monkeypatch, ca
     assert "shrink | profile smoke" in (out / "train.log").read_text()
 
 
+def test_gpu_cost_asks_the_profiles_method_for_its_plan(monkeypatch):
+    """The derived GPU cost is the method's own account of a run (``Method.gpu_plan``); a method
+    without one has no cost line rather than HHCL's."""
+    from reidkit.hhcl.method import HHCL
+
+    monkeypatch.setitem(methods.REGISTRY, "shrink", Shrink)
+    prof = get_profile("market1501").replace(method="shrink")
+    assert methods.format_cost(prof) is None
+    with pytest.raises(ValueError, match="method 'shrink' has no GPU cost model"):
+        methods.gpu_cost(prof)
+
+    class CostedShrink(Shrink):
+        @classmethod
+        def gpu_plan(cls, prof):
+            return HHCL.gpu_plan(prof) | {"method": cls.name, "batch": 64}
+
+    monkeypatch.setitem(methods.REGISTRY, "shrink", CostedShrink)
+    cost, hhcl = methods.gpu_cost(prof), methods.gpu_cost("market1501")
+    assert cost["method"] == "shrink" and cost["batch"] == 64 and hhcl["batch"] == 256
+    assert cost["memory_gb"] < hhcl["memory_gb"] and cost["epoch_minutes"] == hhcl["epoch_minutes"]
+    assert methods.format_cost(prof).startswith("GPU cost of market1501 (derived")
+
+
 def test_the_run_is_resolved_once_and_the_python_api_reads_the_clis_subset(tmp_path, monkeypatch):
     """``train_hhcl("laptop", data_root=R)`` from Python and ``reidkit train --profile laptop`` read
     the same identity subset: both resolve one RunSpec, whose dataset is read once."""

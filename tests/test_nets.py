@@ -530,7 +530,7 @@ def test_amp_channels_last_and_forward_fn_on_cpu():
 
 
 # --------------------------------------------------------------------------------------------
-# GPU cost of the paper profiles (reidkit.train.gpu_cost): derived from cached CPU measurements
+# GPU cost of the paper profiles (reidkit.methods.gpu_cost: the method's plan, reidkit.train.gpu_cost's arithmetic)
 # --------------------------------------------------------------------------------------------
 def test_cached_network_cost_matches_a_fresh_measurement():
     from reidkit.train.gpu_cost import NETWORK_COSTS, measure_network
@@ -547,7 +547,8 @@ def test_cached_network_cost_matches_a_fresh_measurement():
 
 
 def test_gpu_cost_of_market1501_is_the_documented_arithmetic():
-    from reidkit.train.gpu_cost import GPU, NETWORK_COSTS, format_cost, gpu_cost
+    from reidkit.methods import format_cost, gpu_cost
+    from reidkit.train.gpu_cost import GPU, NETWORK_COSTS
 
     c = gpu_cost("market1501")
     net = NETWORK_COSTS[("reidnet:resnet50:ls1", 256, 128)]
@@ -568,7 +569,8 @@ def test_gpu_cost_of_market1501_is_the_documented_arithmetic():
 
 def test_gpu_cost_of_every_paper_profile_and_amp_halves_activations():
     from reidkit.config import apply_overrides
-    from reidkit.train.gpu_cost import PAPER_PROFILES, gpu_cost
+    from reidkit.methods import gpu_cost
+    from reidkit.train.gpu_cost import PAPER_PROFILES
 
     costs = {p: gpu_cost(p) for p in PAPER_PROFILES}
     assert costs["msmt17"]["epoch_minutes"] > costs["market1501"]["epoch_minutes"]   # 300 iterations

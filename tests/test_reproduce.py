@@ -209,7 +209,7 @@ def test_report_sets_the_measured_row_beside_hhcls_table(tmp_path):
     import torch
 
     from reidkit.course.report import write_report
-    from reidkit.train.gpu_cost import gpu_cost
+    from reidkit.methods import gpu_cost
 
     hist = [{"epoch": 0, "t_epoch": 3.0},
             {"epoch": 1, "t_epoch": 5.0, "test": {"mAP": 0.5, "rank1": 0.7, "rank5": 0.8, "rank10": 0.9}}]

@@ -5,7 +5,7 @@ one line naming the file; too few pseudo-identities for a batch, ``resume=False`
 below the epochs already done are each handled in the open."""
 
 import pytest
-from _tiny import QUIET, one_torch_thread, tiny_dataset, tiny_hhcl_profile
+from _tiny import QUIET, tiny_dataset, tiny_hhcl_profile
 
 from reidkit.config import get_profile
 from reidkit.core.io import CheckpointError, read_train_checkpoint, torch_load
@@ -17,15 +17,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conft
 
 def _tiny_profile(**kw):
     return tiny_hhcl_profile(**{"hhcl__epochs": 1, **kw})
-
-
-@pytest.fixture(scope="module")
-def one_epoch(tmp_path_factory):
-    """A finished 1-epoch run (its checkpoint is copied by the tests that damage or resume it)."""
-    out = tmp_path_factory.mktemp("run")
-    with one_torch_thread():
-        train_hhcl(_tiny_profile(), tiny_dataset(), out_dir=out, **QUIET)
-    return out
 
 
 def _copy_run(src, dst):
@@ -57,8 +48,8 @@ def test_val_split_queries_every_camera_and_meets_same_camera_images():
 # 2. a damaged checkpoint ---------------------------------------------------------------------
 
 @pytest.mark.parametrize("damage", ["empty", "truncated"])
-def test_damaged_checkpoint_is_refused_naming_the_file(one_epoch, tmp_path, damage):
-    out = _copy_run(one_epoch, tmp_path / damage)
+def test_damaged_checkpoint_is_refused_naming_the_file(tiny_hhcl_run, tmp_path, damage):
+    out = _copy_run(tiny_hhcl_run, tmp_path / damage)
     ck = out / "checkpoint.pt"
     data = ck.read_bytes()
     ck.write_bytes(b"" if damage == "empty" else data[: len(data) // 2])
@@ -72,8 +63,8 @@ def test_damaged_checkpoint_is_refused_naming_the_file(one_epoch, tmp_path, dama
 
 # 3. a checkpoint records its settings; resuming under others is refused -----------------------
 
-def test_checkpoint_records_the_settings(one_epoch):
-    ck = torch_load(one_epoch / "checkpoint.pt")
+def test_checkpoint_records_the_settings(tiny_hhcl_run):
+    ck = torch_load(tiny_hhcl_run / "checkpoint.pt")
     for key in ("model", "profile", "arch", "pooling", "memory", "method", "settings"):
         assert key in ck
     s = ck["settings"]
@@ -81,7 +72,7 @@ def test_checkpoint_records_the_settings(one_epoch):
     assert {"arch", "init", "overrides"} <= set(s) and s["overrides"]["hhcl.iters"] == 1
     assert ck["init_source"]  # what the init resolved to (path, hub cache or random)
     assert "hhcl.epochs" not in s["overrides"]
-    best = torch_load(one_epoch / "model_best.pt")
+    best = torch_load(tiny_hhcl_run / "model_best.pt")
     assert {"model", "profile", "arch", "pooling", "settings"} <= set(best)
 
 
@@ -90,8 +81,8 @@ def test_checkpoint_records_the_settings(one_epoch):
     (dict(prof_kw={"model__arch": "resnet50"}), ["arch: checkpoint 'mobilenetv2' vs now 'resnet50'"]),
     (dict(prof_kw={"hhcl__temp": 0.1}), ["hhcl.temp"]),
 ])
-def test_resume_under_other_settings_is_refused_naming_both_sides(one_epoch, tmp_path, change, words):
-    out = _copy_run(one_epoch, tmp_path / "r")
+def test_resume_under_other_settings_is_refused_naming_both_sides(tiny_hhcl_run, tmp_path, change, words):
+    out = _copy_run(tiny_hhcl_run, tmp_path / "r")
     prof = _tiny_profile(hhcl__epochs=2, **change.get("prof_kw", {}))
     with pytest.raises(CheckpointError) as exc:
         train_hhcl(prof, tiny_dataset(), out_dir=out, memory=change.get("memory"), **QUIET)
@@ -101,8 +92,8 @@ def test_resume_under_other_settings_is_refused_naming_both_sides(one_epoch, tmp
         assert w in msg
 
 
-def test_resume_under_another_profile_is_refused(one_epoch, tmp_path):
-    out = _copy_run(one_epoch, tmp_path / "p")
+def test_resume_under_another_profile_is_refused(tiny_hhcl_run, tmp_path):
+    out = _copy_run(tiny_hhcl_run, tmp_path / "p")
     other = _tiny_profile(hhcl__epochs=2)
     other = other.replace(name="workshop")
     with pytest.raises(CheckpointError, match="profile: checkpoint 'smoke' vs now 'workshop'"):
@@ -119,9 +110,9 @@ def test_too_few_clusters_for_a_batch_is_a_clear_error(tmp_path):
 
 # 5. resume=False moves old files aside --------------------------------------------------------
 
-def test_no_resume_moves_old_checkpoints_aside(one_epoch, tmp_path):
-    out = _copy_run(one_epoch, tmp_path / "n")
-    (out / "model_best.pt").write_bytes((one_epoch / "model_best.pt").read_bytes())
+def test_no_resume_moves_old_checkpoints_aside(tiny_hhcl_run, tmp_path):
+    out = _copy_run(tiny_hhcl_run, tmp_path / "n")
+    (out / "model_best.pt").write_bytes((tiny_hhcl_run / "model_best.pt").read_bytes())
     old = (out / "checkpoint.pt").read_bytes()
     logs = []
     train_hhcl(_tiny_profile(hhcl__iters=0), tiny_dataset(), out_dir=out, resume=False,
@@ -134,8 +125,8 @@ def test_no_resume_moves_old_checkpoints_aside(one_epoch, tmp_path):
 
 # 6. epochs below the epochs already done -----------------------------------------------------
 
-def test_epochs_below_the_epochs_done_is_an_error(one_epoch, tmp_path):
-    out = _copy_run(one_epoch, tmp_path / "e")
+def test_epochs_below_the_epochs_done_is_an_error(tiny_hhcl_run, tmp_path):
+    out = _copy_run(tiny_hhcl_run, tmp_path / "e")
     with pytest.raises(ValueError, match=r"1 epochs done.*0 asked"):
         train_hhcl(_tiny_profile(), tiny_dataset(), out_dir=out, epochs=0, **QUIET)
 

@@ -14,12 +14,11 @@ import torch
 
 import reidkit
 from reidkit.config import apply_overrides, camera_parts, get_profile
-from reidkit.core.device import amp_dtype, resolve_device
+from reidkit.core.device import resolve_device
 from reidkit.core.io import atomic_write_bytes, nbformat_read
 from reidkit.course.runctx import project_root
-from reidkit.dgl.evaluate import dgl_amp_dtype
+from reidkit.methods import format_cost, method_class
 from reidkit.retrieval.knn import faiss_gpu_available
-from reidkit.train.gpu_cost import format_cost
 
 #: the papers' tables (spec hhcl §7, spec dgl-sysu30k §5), in percent; the first row of each
 #: dataset is the row the profile reproduces (the measured row's difference is taken to it)
@@ -259,8 +258,7 @@ def _backends(prof, dev) -> dict[str, str]:
 
     knn = ("faiss-gpu" if faiss_gpu_available() else "torch-cuda") if dev.type == "cuda" else f"torch-{dev.type}"
     try:
-        amp_of = dgl_amp_dtype if getattr(prof, "method", "hhcl") == "dgl" else amp_dtype
-        amp = amp_of(prof, dev)
+        amp = method_class(prof.method).amp_policy(prof, dev)
     except Exception as exc:  # noqa: BLE001 - report what is known rather than fail the run
         return {"knn": knn, "amp": f"unknown ({type(exc).__name__})"}
     return {"knn": knn, "amp": "fp32 (no autocast)" if amp is None else str(amp).replace("torch.", "")

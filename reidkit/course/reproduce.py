@@ -201,12 +201,15 @@ def identity_counts(spec) -> dict[str, int]:
     return {"train": len({r.pid for r in ds.train}), "test": len({r.pid for r in ds.query})}
 
 
-def skipped_notebooks(prof, notebooks: Sequence[Path]) -> dict[str, str]:
-    """``{stem: reason}`` of the notebooks a profile's method does not run."""
-    if prof.method != "dgl":
+def skipped_notebooks(spec, notebooks: Sequence[Path]) -> dict[str, str]:
+    """``{stem: reason}`` of the notebooks a run skips: those that need camera-labelled training
+    identities, when its training set is SYSU-30k's bags (``spec.streamed``)."""
+    if not spec.streamed:
         return {}
-    return {nb.stem: f"skipped for profile {prof.name} (method DGL): {WEAK_SKIPS[nb.stem]}; run it with an "
-                     f"HHCL profile, e.g. --profile workshop" for nb in notebooks if nb.stem in WEAK_SKIPS}
+    prof = spec.profile
+    return {nb.stem: f"skipped for profile {prof.name} (method {spec.method}, training set of bags): "
+                     f"{WEAK_SKIPS[nb.stem]}; run it with an HHCL profile, e.g. --profile workshop"
+            for nb in notebooks if nb.stem in WEAK_SKIPS}
 
 
 def run_notebooks(profile: str = "workshop", data_root: str | None = None, run_dir: str | Path | None = None,
@@ -282,7 +285,7 @@ def _run_locked(pm, spec, run_dir: Path, device, seed, notebooks, timeout, force
         nbs = [p for p in nbs if p.stem in wanted or p.stem[:2] in wanted]
     params = {"PROFILE": prof.name, "DATA_ROOT": str(data_root) if data_root else "",
               "RUN_DIR": str(run_dir), "DEVICE": device, "SEED": int(seed), "INTERACTIVE": False}
-    skip = skipped_notebooks(prof, nbs)
+    skip = skipped_notebooks(spec, nbs)
     atomic_write_json(run_dir / "run.json", {"parameters": params, "overrides": overrides, "skipped": skip,
                                              "device": str(spec.device),
                                              "identities": identity_counts(spec),

@@ -14,7 +14,7 @@ from reidkit.config import Profile, get_profile
 from reidkit.core.device import resolve_device
 from reidkit.data.records import Record, ReIDDataset, relabel
 from reidkit.data.samplers import PKBagSampler
-from reidkit.data.sysu30k import iter_sysu_bags
+from reidkit.data.sysu30k import iter_sysu_bags, streams_training
 from reidkit.data.transforms import ImageDataset, test_transform
 from reidkit.dgl.evaluate import evaluate_weak, extract_weak_features, sample_sysu_protocol
 from reidkit.dgl.graphical import bag_label_vectors, weak_triplet_loss
@@ -41,7 +41,7 @@ def example_bag(profile: str | Profile, dataset: ReIDDataset, seed: int = 0, sys
     prof = get_profile(profile)
     cfg = prof.dgl
     vector, num_classes = None, None
-    if not dataset.train and dataset.name == "sysu30k":
+    if streams_training(dataset):
         bags = iter_sysu_bags(Path(dataset.root) / "sysu_train_set_all", bag_size=8, seed=seed)
         bag = next(b for b in bags if len(b.labels) == sysu_ids)
         records = list(bag.records)
@@ -133,7 +133,7 @@ def evaluate_variants(runs: dict, dataset: ReIDDataset, profile: str | Profile, 
     the metrics are computed from them with the same code either way.
     Returns ``{variant: {"market": ..., "sysu_protocol": ...}}`` (or ``{"sysu30k": ...}``)."""
     results = {}
-    if dataset.name == "sysu30k" and not dataset.train:
+    if streams_training(dataset):
         return {v: {"sysu30k": run.test} for v, run in runs.items()}
     q_pids = np.array([r.pid for r in dataset.query]); g_pids = np.array([r.pid for r in dataset.gallery])
     q_cams = np.array([r.camid for r in dataset.query]); g_cams = np.array([r.camid for r in dataset.gallery])
@@ -171,7 +171,7 @@ def results_table(ctx, results: dict, dataset: ReIDDataset) -> tuple[list[str], 
             continue
         m, s = res["market"], res["sysu_protocol"]
         rows.append([name, sup, _pct(m["mAP"]), _pct(m["rank1"]), _pct(m["rank5"]), _pct(s["rank1"]), _pct(s["mAP"])])
-    if dataset.name == "sysu30k" and not dataset.train:
+    if streams_training(dataset):
         return list(RESULT_COLUMNS), rows
     ours = {VARIANT_NAMES[v].replace("_", " ") for v in VARIANT_NAMES}
     found = {k: v for k, v in ctx.eval_features().items() if k not in ours}

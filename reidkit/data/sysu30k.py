@@ -425,6 +425,12 @@ def _check_sysu_train_list(train_list: Path, train_dir: Path) -> list[str]:
     return []
 
 
+def streams_training(ds: ReIDDataset) -> bool:
+    """Whether ``ds`` is SYSU-30k loaded without its training listing, so that training streams its
+    folders as bags (the whole dataset; an identity subset lists its images)."""
+    return ds.name == "sysu30k" and not ds.train and (Path(ds.root) / "sysu_train_set_all").is_dir()
+
+
 __all__ = ['SYSUBagStream']
 
 

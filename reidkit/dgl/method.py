@@ -53,54 +53,22 @@ from typing import Any, Callable
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-import torchvision.transforms as T
 from torch.utils.data import DataLoader
 
-from reidkit.config import DGL_ERASING_FILL, Profile, get_profile
+from reidkit.config import Profile, get_profile
 from reidkit.core.device import channels_last
-from reidkit.data.records import ReIDDataset, check_batch_fill, relabel
-from reidkit.data.samplers import ConsecutiveBagSampler, PKBagSampler
+from reidkit.data.records import ReIDDataset, relabel
 from reidkit.data.subset import load_profile_dataset
-from reidkit.data.sysu30k import SYSUBagStream
-from reidkit.data.transforms import IMAGENET_MEAN, IMAGENET_STD, ImageDataset, RandomErasing, train_transform
+from reidkit.data.sysu30k import SYSUBagStream, streams_training
+from reidkit.data.transforms import ImageDataset
 from reidkit.dgl.evaluate import dgl_amp_dtype, evaluate_sysu30k, evaluate_weak
-from reidkit.dgl.graphical import bag_label_vectors
-from reidkit.dgl.objectives import bag_matrix, bags_of_batch, balanced_targets, full_dgl_loss, supervised_loss
-from reidkit.nets.weak import (
-    UO_RESIZE,
-    build_weak_model,
-    check_variant,
-    forward_heads,
-    network_for,
-    weak_input_size,
-)
+from reidkit.dgl.variants import SimulatedBags, StreamedBags, Variant, variant_for
+from reidkit.nets.weak import build_weak_model, forward_heads, network_for
 from reidkit.train.checkpoints import run_settings
 from reidkit.train.distributed import RankSlice, all_gather_cat, dist_info, gather_with_grad
 from reidkit.train.engine import Method, TrainResult, fit, make_val_split
+from reidkit.train.gpu_cost import DATASET_SIZES, network_cost
 from reidkit.train.runspec import RunSpec
-
-
-def _train_transform(prof: Profile, variant: str):
-    """full / supervised: resize, flip, random erasing filled with 0 (``DGL_ERASING_FILL``; no crop,
-    spec §3.2). unary-only (ft_net): resize by 224/192, random crop, flip, erasing (spec §3.3)."""
-
-    h, w = weak_input_size(prof, variant)
-    if variant != "unary_only":
-        return train_transform(h, w, flip=prof.data.flip, pad=0, erasing_p=prof.data.erasing_p,
-                               erasing_fill=DGL_ERASING_FILL)
-    steps = []
-    jitter = float(getattr(prof.dgl, "uo_color_jitter", 0.0) or 0.0)
-    if jitter:
-        steps.append(T.ColorJitter(jitter, jitter, jitter, 0))
-    steps += [T.Resize((round(h * UO_RESIZE), round(w * UO_RESIZE)), interpolation=T.InterpolationMode.BICUBIC),
-              T.RandomCrop((h, w))]
-    if prof.data.flip:
-        steps.append(T.RandomHorizontalFlip())
-    steps += [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-    if prof.data.erasing_p > 0:
-        steps.append(RandomErasing(p=prof.data.erasing_p, fill=DGL_ERASING_FILL))
-    return T.Compose(steps)
 
 
 def _mean(vals):
@@ -108,17 +76,60 @@ def _mean(vals):
     return float(np.mean(vals)) if vals else None
 
 
-def is_sysu_stream(ds: ReIDDataset) -> bool:
-    """A SYSU-30k dataset loaded without its training listing: training streams its folders."""
-    return ds.name == "sysu30k" and not ds.train and (Path(ds.root) / "sysu_train_set_all").is_dir()
+class RecordBags:
+    """Training images from parsed records: the variant's sampler over the relabelled identities,
+    each batch's bags simulated from its labels."""
+
+    note = ""
+
+    def __init__(self, records, variant: Variant, cfg, bag_size: int):
+        self.records, self.variant, self.cfg, self.bag_size = records, variant, cfg, bag_size
+        self.labels, self.class_of_pid = relabel(records)
+        self.num_classes = len(self.class_of_pid)
+
+    def loader(self, epoch: int, eseed: int, transform, batch_size: int, **common) -> tuple[DataLoader, int]:
+        """This rank's batches of the epoch and their count (the sampler sets the batch size)."""
+        rank, world = dist_info()
+        sampler = self.variant.sampler(self.labels, self.cfg, eseed)
+        loader = DataLoader(ImageDataset(self.records, transform, labels=self.labels),
+                            batch_sampler=RankSlice(sampler, rank, world), **common)
+        return loader, len(loader)
+
+    def bags(self, y: torch.Tensor, batch_bags: dict) -> SimulatedBags:
+        return SimulatedBags(y, self.cfg, self.num_classes, self.bag_size)
+
+
+class StreamBags:
+    """SYSU-30k's training folders streamed as bags (consecutive-folder rule), sharded over ranks
+    and loader workers by the stream itself; each batch carries its bags."""
+
+    note = " | SYSU-30k bags streamed"
+
+    def __init__(self, ds: ReIDDataset, transform, bag_size: int, seed: int):
+        root = Path(ds.root)
+        train_list = root / "meta" / "train.txt"
+        self.stream = SYSUBagStream(root / "sysu_train_set_all", train_list if train_list.is_file() else None,
+                                    transform, bag_size=bag_size, seed=seed)
+        self.num_classes, self.class_of_pid = self.stream.num_classes, {}
+
+    def loader(self, epoch: int, eseed: int, transform, batch_size: int, **common) -> tuple[DataLoader, None]:
+        """This rank's share of the epoch's bags; the stream has no length."""
+        self.stream.set_epoch(epoch)
+        return DataLoader(self.stream, batch_size=batch_size, drop_last=True, **common), None
+
+    def bags(self, y: torch.Tensor, batch_bags: dict) -> StreamedBags:
+        return StreamedBags(batch_bags, self.num_classes)
 
 
 class DGL(Method):
-    """The weakly supervised method on the engine: bags of images labelled only with their ids."""
+    """The weakly supervised method on the engine: bags of images labelled only with their ids. Its
+    variant (:mod:`reidkit.dgl.variants`) is chosen once, in the constructor, and its source of bags
+    (records or the SYSU-30k stream) once, in :meth:`prepare`."""
 
     name = "dgl"
     sections = ("data", "model", "dgl", "seed")
     default_selection = "last"  # the reference keeps the final model
+    trains_on_bags = True
     amp_policy = staticmethod(dgl_amp_dtype)  # fp32 unless the profile asks, bf16 only where native
 
     @classmethod
@@ -129,33 +140,48 @@ class DGL(Method):
                  epochs: int | None = None, iters: int | None = None, eval_every: int | None = None,
                  assignment: str = "greedy", flip: bool | None = None, data_root: str | None = None):
         prof = get_profile(profile)
-        self.variant = variant or prof.dgl.variant
-        check_variant(self.variant)
+        self.strategy = variant_for(variant or prof.dgl.variant)
+        self.variant = self.label = self.strategy.name
         self.prof, self.cfg = prof, prof.dgl
         self.dataset, self.data_root = dataset, data_root
-        default = self.cfg.uo_epochs if self.variant == "unary_only" else self.cfg.epochs
-        self.epochs = int(epochs) if epochs is not None else default
+        self.epochs = int(epochs) if epochs is not None else self.strategy.epochs(self.cfg)
         self.iters = self.cfg.iters if iters is None else iters
         self.assignment, self.flip = assignment, flip
         self.eval_every = self.cfg.eval_step if eval_every is None else eval_every
-        self.bag_size, self.bags_per_batch = self._batch_layout()
+        self.bag_size, self.bags_per_batch = self.strategy.batch_layout(self.cfg)
         self.batch_size = self.bag_size * self.bags_per_batch
         self.ghost_bn = self.cfg.ghost_bn
-        self.label = self.variant
-        self.find_unused = self.variant == "unary_only"  # ft_net's BN neck is outside the loss
+        self.find_unused = self.strategy.find_unused
         self.val_q, self.val_g = [], []
 
-    def _batch_layout(self) -> tuple[int, int]:
-        """(bag size, bags per batch) of the variant."""
-        c = self.cfg
-        if self.variant == "unary_only":
-            return c.uo_batch_size // c.uo_bags_per_batch, c.uo_bags_per_batch
-        return c.ids_per_bag * c.images_per_id, c.ids_per_batch // c.ids_per_bag
+    @classmethod
+    def gpu_plan(cls, prof) -> dict[str, Any]:
+        """The run as the GPU cost model counts it: the variant's network with its classifier heads
+        (added analytically: 28,310 classes on SYSU-30k), the images of one epoch (the bag stream's
+        three bags per folder on SYSU-30k), evaluation at the variant's test size."""
+
+        cfg, variant = prof.dgl, variant_for(prof.dgl.variant)
+        n_train, classes, n_q, n_g = DATASET_SIZES[prof.data.dataset]
+        shape, (bag, bags) = variant.gpu_shape(prof), variant.batch_layout(cfg)
+        net, (h, w), heads, dim = shape["network"], shape["input"], shape["heads"], shape["dim"]
+        cost, ev = network_cost(net, h, w), network_cost(net, *shape["eval_input"])
+        head_gflop = heads * 2 * dim * classes / 1e9          # forward; training is 3x
+        eval_gflop = 2 * (ev["fwd_gflop"] + head_gflop * shape["eval_head"]) * (n_q + n_g)
+        if prof.data.dataset == "sysu30k":
+            images, note = 3 * classes * bag, f"one pass of the bag stream: {3 * classes:,} bags x {bag} images"
+        else:
+            images, note = variant.records_epoch(cfg, n_train, classes)
+        return {"method": cls.name, "network": net, "input": (h, w), "batch": bag * bags, "amp": bool(cfg.amp),
+                "epochs": variant.epochs(cfg), "train_images": images,
+                "train_gflop": cost["train_gflop"] + 3 * head_gflop, "fwd_gflop_epoch": 0.0, "eval_gflop": eval_gflop,
+                "act_mb": cost["act_mb"] + heads * classes * 4 * 3 / 2**20,   # logits, softmax, their gradient
+                "params_m": cost["params_m"] + heads * (dim + 1) * classes / 1e6, "opt_states": shape["opt_states"],
+                "resident_gb": 0.0, "head": f"{heads} x Linear({dim}, {classes:,})", "epoch_note": note}
 
     def describe(self) -> str:
         return (f"DGL ({self.variant}, {self.network}) | profile {self.prof.name} | {self.num_classes} classes | "
                 f"batch {self.batch_size} = {self.bags_per_batch} bags x {self.bag_size} | {self.epochs} epochs"
-                + ("" if self.stream is None else " | SYSU-30k bags streamed"))
+                + self.source.note)
 
     def settings(self) -> dict:
 
@@ -167,34 +193,33 @@ class DGL(Method):
 
     def result_info(self) -> dict:
         return {"variant": self.variant, "network": self.network, "num_classes": self.num_classes,
-                "class_of_pid": self.class_of_pid}
+                "class_of_pid": self.source.class_of_pid}
 
     def prepare(self, dev, selection: str, seed: int, log) -> None:
-        """The dataset, the training stream or records, the classes, and the validation split."""
+        """The dataset, its source of bags (the SYSU-30k stream or the records), the classes, and
+        the validation split."""
 
         self.ds = self._load_dataset()
         self.use_amp = self.run_amp(dev)
-        self.train_tf = _train_transform(self.prof, self.variant)
-        self.stream, self.records, self.labels, self.class_of_pid = None, [], None, {}
+        self.train_tf = self.strategy.train_transform(self.prof)
         self.val_q, self.val_g = [], []
-        world = dist_info()[1]
-        if is_sysu_stream(self.ds):
+        if streams_training(self.ds):
             if selection == "val":
                 raise ValueError("selection='val' needs camera-labelled training identities; SYSU-30k's training "
                                  "images carry none: use selection='last' (the reference) or 'test'")
+            world = dist_info()[1]
             if self.bags_per_batch % world:
                 raise ValueError(f"{self.bags_per_batch} bags per batch do not split over {world} processes")
-            self.stream = self._stream(seed)
-            self.num_classes = self.stream.num_classes
+            self.source = StreamBags(self.ds, self.train_tf, self.bag_size, seed)
         else:
-            self.records = list(self.ds.train)
-            if not self.records:
+            records = list(self.ds.train)
+            if not records:
                 raise ValueError(f"{self.ds.name}: no training images")
             if selection == "val":
-                self.records, self.val_q, self.val_g = make_val_split(self.records, seed=seed)
-            self.labels, self.class_of_pid = relabel(self.records)
-            self.num_classes = len(self.class_of_pid)
-            self._check_batch_fills()
+                records, self.val_q, self.val_g = make_val_split(records, seed=seed)
+            self.source = RecordBags(records, self.strategy, self.cfg, self.bag_size)
+            self.strategy.check_fill(records, self.source.num_classes, self.bags_per_batch, self.cfg, self.ds.name)
+        self.num_classes = self.source.num_classes
         self.network = network_for(self.prof, self.variant)
 
     def _load_dataset(self) -> ReIDDataset:
@@ -203,70 +228,24 @@ class DGL(Method):
             return self.dataset
         return load_profile_dataset(self.prof, self.data_root)  # the subset applied; SYSU-30k streamed
 
-    def _stream(self, seed: int):
-
-        root = Path(self.ds.root)
-        train_list = root / "meta" / "train.txt"
-        return SYSUBagStream(root / "sysu_train_set_all", train_list if train_list.is_file() else None,
-                             self.train_tf, bag_size=self.bag_size, seed=seed)
-
-    def _check_batch_fills(self) -> None:
-        """Stop at the start when not one batch can be drawn from the training identities."""
-
-        c = self.cfg
-        if self.variant == "unary_only":  # a batch of bags: each bag holds its own identities
-            if self.num_classes < self.bags_per_batch:
-                raise ValueError(f"{self.ds.name}: {self.num_classes} training identities cannot fill a batch "
-                                 f"of {self.bags_per_batch} bags (dgl.uo_bags_per_batch); lower it with --set, "
-                                 "or use more identities")
-            return
-        check_batch_fill(self.records, c.ids_per_batch, c.images_per_id, f"{self.ds.name} training split",
-                         hint="Lower dgl.ids_per_batch or dgl.images_per_id with --set, or use more identities")
-
     def build_model(self, dev) -> nn.Module:
 
         return build_weak_model(self.prof, self.variant, self.num_classes, device=dev)
 
     def optimizer(self, model: nn.Module):
-        c = self.cfg
-        if self.variant == "unary_only":
-            head = [p for p in model.classifier.parameters() if p.requires_grad]
-            head_ids = {id(p) for p in head}
-            body = [p for p in model.parameters() if p.requires_grad and id(p) not in head_ids]
-            opt = torch.optim.SGD([{"params": body, "lr": c.uo_lr_backbone, "name": "body"},
-                                   {"params": head, "lr": c.uo_lr_head, "name": "classifier"}],
-                                  lr=c.uo_lr_backbone, momentum=0.9, nesterov=True, weight_decay=c.weight_decay)
-            return opt, torch.optim.lr_scheduler.StepLR(opt, step_size=c.uo_step, gamma=c.gamma)
-        params = [p for p in model.parameters() if p.requires_grad]  # the frozen neck bias is left out
-        opt = torch.optim.Adam(params, lr=c.lr, weight_decay=c.weight_decay, amsgrad=c.amsgrad)
-        return opt, torch.optim.lr_scheduler.MultiStepLR(opt, milestones=list(c.milestones), gamma=c.gamma)
+        return self.strategy.optimizer(model, self.cfg)
 
     def begin_epoch(self, epoch: int, eseed: int, model, dev, entry: dict, log) -> tuple[Any, int | None]:
-        """The epoch's bags: PK bag batches (or consecutive-class bags) of the records, or the stream."""
+        """The epoch's bags from the source, at most ``iters`` batches of them."""
 
-        loader = self._loader(eseed, epoch, dev)
-        total = len(loader) if self.stream is None else None
+        rank, world = dist_info()
+        gen = torch.Generator().manual_seed(eseed + 7919 * rank)
+        loader, total = self.source.loader(epoch, eseed, self.train_tf, batch_size=self.batch_size // world,
+                                           num_workers=self.prof.data.workers, pin_memory=dev.type == "cuda",
+                                           generator=gen)
         if self.iters is not None:
             total = self.iters if total is None else min(total, self.iters)
         return loader, total
-
-    def _loader(self, eseed: int, epoch: int, dev):
-
-        c = self.cfg
-        rank, world = dist_info()
-        gen = torch.Generator().manual_seed(eseed + 7919 * rank)
-        common = dict(num_workers=self.prof.data.workers, pin_memory=dev.type == "cuda", generator=gen)
-        if self.stream is not None:  # the stream shards whole bags over ranks and workers itself
-            self.stream.set_epoch(epoch)
-            return DataLoader(self.stream, batch_size=self.batch_size // world, drop_last=True, **common)
-        if self.variant == "unary_only":
-            sampler = ConsecutiveBagSampler(self.labels, batch_size=c.uo_batch_size,
-                                            bags_per_batch=c.uo_bags_per_batch, seed=eseed)
-        else:
-            sampler = PKBagSampler(self.labels, ids_per_batch=c.ids_per_batch, images_per_id=c.images_per_id,
-                                   ids_per_bag=c.ids_per_bag, seed=eseed)
-        return DataLoader(ImageDataset(self.records, self.train_tf, labels=self.labels),
-                          batch_sampler=RankSlice(sampler, rank, world), **common)
 
     def _forward(self, net, x: torch.Tensor):
         """Outputs of this rank's slice, gathered (with their gradients) into the global batch."""
@@ -286,35 +265,13 @@ class DGL(Method):
         logits, embeddings, low = self._forward(net, x)
         gather = all_gather_cat if dist_info()[1] > 1 else (lambda t: t)
         y = gather(torch.as_tensor(batch["label"]).long().to(dev))
-        bags = {k: gather(batch[k].to(dev)) for k in ("bag", "bag_labels") if k in batch}
-        res, acc = self._loss(logits, embeddings, low, y, bags)
+        bags = self.source.bags(y, {k: gather(batch[k].to(dev)) for k in ("bag", "bag_labels") if k in batch})
+        res, acc = self.strategy.loss(logits, embeddings, low, y, bags, self.cfg, self.assignment)
         opt.zero_grad(set_to_none=True)
         res["loss"].backward()
         opt.step()
         return {"loss": float(res["loss"].detach()), "ce": res["ce"], "pairwise": res["pairwise"],
                 "triplet": res["triplet"], "pseudo_acc": acc, "images": int(y.shape[0])}
-
-    def _loss(self, logits, embeddings, low, y, bags: dict) -> tuple[dict, float | None]:
-
-        c = self.cfg
-        if self.variant == "supervised":
-            return supervised_loss(logits, embeddings, y, c), None
-        if self.variant == "full":
-            if self.stream is not None:
-                vectors = bag_matrix(bags["bag_labels"], self.num_classes)
-            else:
-                vectors = bag_label_vectors(y, c.ids_per_bag, c.ids_per_batch, c.images_per_id, self.num_classes)
-            res = full_dgl_loss(logits, embeddings, low, vectors, c)
-            return res, float(torch.stack([(p == y).float().mean() for p in res["pseudo"]]).mean())
-        if self.stream is not None:
-            bag_list = bags_of_batch(bags["bag"], bags["bag_labels"])
-        else:
-            yl, size = y.tolist(), self.bag_size
-            bag_list = [(s, s + size, sorted(set(yl[s:s + size]))) for s in range(0, len(yl), size)]
-        targets = balanced_targets(logits[0], bag_list, self.assignment)
-        ce = F.cross_entropy(logits[0], targets)
-        res = {"loss": ce, "ce": float(ce.detach()), "pairwise": None, "triplet": None}
-        return res, float((targets == y).float().mean())
 
     def end_epoch(self, steps: list[dict]) -> dict:
         out = {"iters": len(steps), "images": sum(s["images"] for s in steps), "losses": [s["loss"] for s in steps]}

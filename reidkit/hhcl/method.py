@@ -56,6 +56,7 @@ from reidkit.train.distributed import (
     sync_buffers,
 )
 from reidkit.train.engine import Method, TrainResult, fit, make_val_split
+from reidkit.train.gpu_cost import DATASET_SIZES, network_cost
 from reidkit.train.runspec import RunSpec
 
 
@@ -138,6 +139,26 @@ class HHCL(Method):
         take 2 of its only 4 training identities seen by two cameras, and score epochs on a gallery
         of 2 identities (notebook 04 shows the cost)."""
         return "last" if prof.data.dataset.lower() in ("mini-mars", "minimars", "sample") else cls.default_selection
+
+    @classmethod
+    def gpu_plan(cls, prof) -> dict[str, Any]:
+        """The run as the GPU cost model counts it: the batches of an epoch, the extraction of every
+        training image for clustering (and its kNN product), evaluation every ``eval_step`` epochs,
+        the clustering features and the memory's proxies resident. The supervised bound shares it."""
+
+        h, w, cfg = prof.data.height, prof.data.width, prof.hhcl
+        n_train, _, n_q, n_g = DATASET_SIZES[prof.data.dataset]
+        net = f"reidnet:{prof.model.arch}:ls{prof.model.last_stride}"
+        cost = network_cost(net, h, w)
+        return {"method": cls.name, "network": net, "input": (h, w), "batch": cfg.batch_size, "amp": bool(cfg.amp),
+                "epochs": cfg.epochs, "train_images": cfg.batch_size * cfg.iters, "train_gflop": cost["train_gflop"],
+                "fwd_gflop_epoch": cost["fwd_gflop"] * (n_train + (n_q + n_g) / max(cfg.eval_step, 1))
+                + 2 * n_train ** 2 * 2048 / 1e9,
+                "eval_gflop": cost["fwd_gflop"] * (n_q + n_g), "act_mb": cost["act_mb"],
+                "params_m": cost["params_m"], "opt_states": 2,
+                "resident_gb": 2 * n_train * 2048 * 4 / 1e9,   # clustering features + the memory's proxies
+                "head": "", "epoch_note": f"{cfg.iters} iterations x {cfg.batch_size} + extraction of "
+                                          f"{n_train:,} training images"}
 
     def describe(self) -> str:
         c = self.cfg

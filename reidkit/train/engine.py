@@ -221,7 +221,9 @@ class Method(abc.ABC):
 
     Class attributes: ``name`` (what ``--method`` and checkpoints call it), ``sections`` (the
     profile sections that shape its training: their overrides go into the checkpoint and are
-    compared on resume), ``default_selection`` (its model-selection rule unless asked otherwise).
+    compared on resume), ``default_selection`` (its model-selection rule unless asked otherwise),
+    ``amp_policy`` (its AMP dtype for a profile and device), ``trains_on_bags`` (it can train on
+    SYSU-30k's bag-labelled stream); :meth:`gpu_plan` is its GPU cost.
     Attributes the engine reads on an instance: ``label`` (for log lines), ``prof``, ``epochs``,
     ``eval_every`` (0: the last epoch only), ``batch_size`` (global), ``ghost_bn`` and
     ``find_unused`` (DDP). The abstract methods below are the hooks the engine calls."""
@@ -229,6 +231,8 @@ class Method(abc.ABC):
     name: str = ""
     sections: tuple[str, ...] = ("data", "model", "seed")
     default_selection: str = "last"
+    #: whether it trains on data labelled only by bags (SYSU-30k's streamed training set)
+    trains_on_bags = False
     #: the method's AMP policy, ``(profile, device) -> dtype | None``, asked once per run by its RunSpec
     amp_policy = staticmethod(amp_dtype)
     find_unused = False
@@ -254,6 +258,12 @@ class Method(abc.ABC):
     def selection_for(cls, prof) -> str:
         """The model-selection rule of a run of ``prof`` unless one is asked for."""
         return cls.default_selection
+
+    @classmethod
+    def gpu_plan(cls, prof) -> dict | None:
+        """The run of ``prof`` as :func:`reidkit.train.gpu_cost.estimate` counts it (its fields are
+        listed there), or None: no GPU cost model for this method."""
+        return None
 
     def run_amp(self, dev) -> torch.dtype | None:
         """The AMP dtype of this run: its RunSpec's, decided once; a method built without one asks

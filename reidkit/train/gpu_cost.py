@@ -36,11 +36,11 @@ import torch
 import torchvision
 from torch.utils.flop_counter import FlopCounterMode
 
-from reidkit.config import dgl_input_size, get_profile
 from reidkit.nets.backbones import ReIDNet
 from reidkit.nets.mgn import build_mgn
 
-__all__ = ['gpu_cost', 'format_cost', 'measure_network', 'NETWORK_COSTS', 'GPU', 'DATASET_SIZES', 'PAPER_PROFILES']
+__all__ = ['estimate', 'cost_line', 'measure_network', 'network_cost', 'NETWORK_COSTS', 'GPU', 'DATASET_SIZES',
+           'PAPER_PROFILES']
 
 
 PAPER_PROFILES = ("market1501", "dukemtmcreid", "msmt17", "sysu30k")
@@ -163,75 +163,22 @@ def _rate_tflops(amp: bool) -> float:
     return GPU["ref_img_s"]["bf16" if amp else "fp32"] * ref / 1e3
 
 
-def _method(prof) -> str:
-    method = getattr(prof, "method", None)
-    return str(method) if method else ("dgl" if prof.data.dataset == "sysu30k" else "hhcl")
-
-
-def _hhcl_plan(prof) -> dict[str, Any]:
-    h, w, cfg = prof.data.height, prof.data.width, prof.hhcl
-    n_train, _, n_q, n_g = DATASET_SIZES[prof.data.dataset]
-    net = f"reidnet:{prof.model.arch}:ls{prof.model.last_stride}"
-    cost = network_cost(net, h, w)
-    return {"network": net, "input": (h, w), "batch": cfg.batch_size, "amp": bool(cfg.amp),
-            "train_images": cfg.batch_size * cfg.iters, "train_gflop": cost["train_gflop"],
-            # clustering extraction every epoch (+ its kNN product), evaluation every eval_step epochs
-            "fwd_gflop_epoch": cost["fwd_gflop"] * (n_train + (n_q + n_g) / max(cfg.eval_step, 1))
-            + 2 * n_train ** 2 * 2048 / 1e9,
-            "eval_gflop": cost["fwd_gflop"] * (n_q + n_g), "act_mb": cost["act_mb"],
-            "params_m": cost["params_m"], "opt_states": 2,
-            "resident_gb": 2 * n_train * 2048 * 4 / 1e9,   # clustering features + the memory's proxies
-            "head": "", "epoch_note": f"{cfg.iters} iterations x {cfg.batch_size} + extraction of "
-                                      f"{n_train:,} training images"}
-
-
-def _dgl_plan(prof) -> dict[str, Any]:
-
-    cfg = prof.dgl
-    n_train, classes, n_q, n_g = DATASET_SIZES[prof.data.dataset]
-    if cfg.variant == "unary_only":
-        net, (h, w), batch = "reidnet:resnet50:ls2", (cfg.uo_height, cfg.uo_width), cfg.uo_batch_size
-        bag, heads, dim, opt_states = cfg.uo_batch_size // cfg.uo_bags_per_batch, 1, 2048, 1
-        ev = network_cost(net, 256, 128)                  # the official SYSU-30k test size
-    else:
-        net, (h, w), batch = "mgn", dgl_input_size(prof), cfg.ids_per_batch * cfg.images_per_id
-        bag, heads, dim, opt_states = cfg.ids_per_bag * cfg.images_per_id, cfg.num_heads, 256, 3 if cfg.amsgrad else 2
-        ev = network_cost(net, h, w)
-    cost = network_cost(net, h, w)
-    head_gflop = heads * 2 * dim * classes / 1e9          # forward; training is 3x
-    if prof.data.dataset == "sysu30k":                    # the bag stream: 3 bags per folder
-        images, note = 3 * classes * bag, f"one pass of the bag stream: {3 * classes:,} bags x {bag} images"
-    elif cfg.variant == "unary_only":
-        images, note = n_train, f"one pass over the {n_train:,} training images"
-    else:                                                 # PK bags: every identity once per epoch
-        images, note = classes * cfg.images_per_id, f"{classes:,} identities x {cfg.images_per_id} images"
-    return {"network": net, "input": (h, w), "batch": batch, "amp": bool(cfg.amp), "train_images": images,
-            "train_gflop": cost["train_gflop"] + 3 * head_gflop, "fwd_gflop_epoch": 0.0,
-            "eval_gflop": 2 * (ev["fwd_gflop"] + head_gflop * (cfg.variant == "unary_only")) * (n_q + n_g),
-            "act_mb": cost["act_mb"] + heads * classes * 4 * 3 / 2**20,   # logits, softmax, their gradient
-            "params_m": cost["params_m"] + heads * (dim + 1) * classes / 1e6, "opt_states": opt_states,
-            "resident_gb": 0.0, "head": f"{heads} x Linear({dim}, {classes:,})", "epoch_note": note}
-
-
-def gpu_cost(profile) -> dict[str, Any]:
-    """Expected peak GPU memory (GB) and minutes per training epoch of a paper profile on one
-    GPU (:data:`GPU`), **derived** from the network's FLOPs and activation size (module docstring).
+def estimate(prof, plan: dict[str, Any]) -> dict[str, Any]:
+    """Expected peak GPU memory (GB) and minutes per training epoch of a paper profile on one GPU
+    (:data:`GPU`), **derived** from the network's FLOPs and activation size (module docstring).
+    ``plan`` is the method's own account of a run (``Method.gpu_plan``): ``method``, ``network``,
+    ``input``, ``batch``, ``amp``, ``epochs``, ``train_images`` per epoch, ``train_gflop`` per
+    training image, ``fwd_gflop_epoch`` (other forward passes per epoch), ``eval_gflop``, ``act_mb``,
+    ``params_m``, ``opt_states``, ``resident_gb``, ``head``, ``epoch_note``.
+    :func:`reidkit.methods.gpu_cost` asks the profile's method for its plan.
 
     Fields: ``memory_gb``, ``epoch_minutes``, ``eval_minutes`` (one full evaluation),
     ``run_hours`` (all epochs), ``decode_img_s`` (JPEG decoding needed to keep up), ``basis``
     (starts with ``"derived: "``), ``method``, ``network``, ``input``, ``batch``, ``amp``, ``gpu``."""
 
-    prof = get_profile(profile)
-    if prof.data.dataset not in DATASET_SIZES:
-        raise ValueError(f"gpu_cost covers the paper datasets ({', '.join(DATASET_SIZES)}); "
-                         f"profile {prof.name} reads {prof.data.dataset}")
-    method = _method(prof)
-    plan = _dgl_plan(prof) if method == "dgl" else _hhcl_plan(prof)  # supervised: HHCL's recipe
     rate = _rate_tflops(plan["amp"]) * 1e3                # GFLOP/s
     train_s = plan["train_images"] * plan["train_gflop"] / rate
     epoch_s = train_s + plan["fwd_gflop_epoch"] / rate
-    epochs = (prof.dgl.uo_epochs if prof.dgl.variant == "unary_only" else prof.dgl.epochs) if method == "dgl" \
-        else prof.hhcl.epochs
     static_gb = plan["params_m"] * 1e6 * 4 * (2 + plan["opt_states"]) / 1e9
     act_gb = plan["act_mb"] * 2**20 * plan["batch"] * (AMP_ACTIVATION if plan["amp"] else 1.0) / 1e9
     memory = static_gb + BACKWARD_TRANSIENT * act_gb + plan["resident_gb"] + CONTEXT_GB
@@ -242,27 +189,19 @@ def gpu_cost(profile) -> dict[str, Any]:
              f"image (counted on the CPU), batch {plan['batch']}, {precision}; {plan['epoch_note']}; "
              f"{GPU['name']} at {_rate_tflops(plan['amp']):.0f} effective TFLOP/s ({GPU['source']}); "
              f"time is a lower bound (data loading keeping up, CPU clustering steps not counted)")
-    return {"profile": prof.name, "method": method, "network": plan["network"], "input": plan["input"],
+    return {"profile": prof.name, "method": plan["method"], "network": plan["network"], "input": plan["input"],
             "batch": plan["batch"], "amp": plan["amp"], "gpu": GPU["name"],
             "memory_gb": round(memory, 1), "epoch_minutes": round(epoch_s / 60, 1),
             "eval_minutes": round(plan["eval_gflop"] / rate / 60, 1),
-            "run_hours": round(epochs * epoch_s / 3600, 1),
+            "run_hours": round(plan["epochs"] * epoch_s / 3600, 1),
             "decode_img_s": round(plan["train_images"] / train_s) if train_s else 0,
             "basis": basis}
 
 
-def format_cost(profile) -> str | None:
-    """One line for the start of a run (None for a profile on no paper dataset, e.g. ``smoke``, or
-    with a network whose cost is not cached, e.g. ``laptop``'s MobileNetV2):
-    ``GPU cost of market1501 (derived ...; one A100 80GB): ~21.2 GB peak, >= 1 min per epoch ...``.
-    The basis of the figures is :func:`gpu_cost`'s ``basis``."""
+def cost_line(c: dict[str, Any]) -> str:
+    """One line for the start of a run, of an :func:`estimate`:
+    ``GPU cost of market1501 (derived ...; one A100 80GB): ~21.2 GB peak, >= 1 min per epoch ...``."""
 
-    if get_profile(profile).data.dataset not in DATASET_SIZES:
-        return None
-    try:
-        c = gpu_cost(profile)
-    except KeyError:            # a network with no cached cost (e.g. laptop's MobileNetV2 on Market)
-        return None
     return (f"GPU cost of {c['profile']} (derived from FLOPs and activation size, not measured; one "
             f"{c['gpu']}): ~{c['memory_gb']:g} GB peak, >= {c['epoch_minutes']:g} min per epoch "
             f"({c['run_hours']:g} h for all epochs), evaluation >= {c['eval_minutes']:g} min; needs "
