@@ -43,18 +43,18 @@ $(DEV_STAMP): $(STAMP)
 # WORKSHOP_CUTS; make rehearsal runs it uncut); the 30 slowest tests are listed
 TEST_WORKERS ?= 2
 test: dev-venv
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=30
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=30
 
 # the tests without the training runs, the papermill chain and the browser (tests/conftest.py SLOW_FILES)
 test-fast: dev-venv
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not slow"
 
 # the workshop day timed (docs/workshop.md): make reproduce's workshop run, then every notebook opened in
 # JupyterLab in headless Chromium as a student opens it, each within REHEARSAL_LIMIT seconds; prints the
 # seconds per notebook (JSON). REIDKIT_BROWSER_RUN_DIR=<a finished workshop run> skips the reproduction.
 REHEARSAL_LIMIT ?= 120
 rehearsal: dev-venv
-	REIDKIT_REHEARSAL_LIMIT=$(REHEARSAL_LIMIT) $(BIN)/python -m pytest -q tests/test_browser.py -k "jupyterlab or html_copy"
+	REIDKIT_REHEARSAL_LIMIT=$(REHEARSAL_LIMIT) $(BIN)/python -m pytest -q tests/course/test_browser.py -k "jupyterlab or html_copy"
 	@cat $${REIDKIT_SCREENSHOTS:-runs/browser-screenshots}/timings.json
 
 reproduce: venv

@@ -21,10 +21,10 @@ e. DGL on sysu30k: MGN (28,310-way heads) on bags streamed from a SYSU-layout tr
 f. torchrun with one process (nccl on CUDA), both methods: a clean exit, and a run killed after
    its first epoch and resumed, against one uninterrupted run (default flags, then the
    deterministic ones: which of them makes it exact).
-g. The paper-profile dry runs of ``tests/test_paper_dryrun.py`` (train, resume, evaluate on each
+g. The paper-profile dry runs of ``tests/cli/test_paper_dryrun.py`` (train, resume, evaluate on each
    tree; ``reproduce`` where papermill is installed) on the device.
 
-``--dry-run`` runs the same code on the CPU at tiny sizes (``tests/test_gpu_check.py``, part of
+``--dry-run`` runs the same code on the CPU at tiny sizes (``tests/benchmarks/test_gpu_check.py``, part of
 ``make test``). On the device (no venv)::
 
     PYTHONPATH=. python3 benchmarks/gpu_check.py --out-dir $OUT     # or: make gpu-check GPU_PY=python3
@@ -57,7 +57,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
-for _p in (ROOT, ROOT / "tests", HERE):
+# the kit, the tests' shared trees (tests/trees.py) and the dry-run cases (tests/cli/test_paper_dryrun.py)
+for _p in (ROOT, ROOT / "tests", ROOT / "tests" / "cli", HERE):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
@@ -93,7 +94,7 @@ TITLES = {
     "d": "SYSU-30k search streamed: bf16 screen + exact re-check vs a bare fp32 product; ranks vs the CPU",
     "e": "DGL on sysu30k: MGN on streamed bags, decode rate vs GPU rate",
     "f": "torchrun with one process, both methods: clean exit; resume after a kill vs an uninterrupted run",
-    "g": "the paper-profile dry runs of tests/test_paper_dryrun.py on the device",
+    "g": "the paper-profile dry runs of tests/cli/test_paper_dryrun.py on the device",
 }
 SEED = 1
 #: relative agreement of the fp32 and AMP loss curves (item a): first iteration, and the mean of the
@@ -967,7 +968,7 @@ def item_g(ctx: Ctx, res: dict) -> None:
     try:
         from test_paper_dryrun import CUTS, PROFILE_OF  # optional: the test module imports pytest
     except Exception as exc:  # noqa: BLE001
-        raise RuntimeError(f"tests/test_paper_dryrun.py could not be imported ({type(exc).__name__}: {exc}): "
+        raise RuntimeError(f"tests/cli/test_paper_dryrun.py could not be imported ({type(exc).__name__}: {exc}): "
                            "its CUTS and PROFILE_OF are what this item runs") from exc
     sets = sum((["--set", s] for s in [*CUTS, *S["sets"]]), [])
     m, checks = res["measured"], res["checks"]

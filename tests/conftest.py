@@ -12,18 +12,22 @@ os.environ.setdefault("REIDKIT_PROGRESS", "0")
 ROOT = Path(__file__).resolve().parent.parent
 
 #: test files that train, run the papermill chain or drive the browser (each over about 30 s on two
-#: cores in the full run's --durations): marked ``slow``, so ``make test-fast`` (``-m "not slow"``) skips them
-SLOW_FILES = {"test_paper_dryrun.py", "test_browser.py", "test_gpu_check.py", "test_engine.py",
-              "test_hhcl_method.py", "test_c10d.py", "test_dgl_method.py", "test_reproduce.py"}
+#: cores in the full run's --durations), longest first: marked ``slow``, so ``make test-fast``
+#: (``-m "not slow"``) skips them
+SLOW_FILES = ("test_paper_dryrun.py", "test_browser.py", "test_gpu_check.py", "test_engine.py",
+              "test_hhcl_method.py", "test_reproduce.py", "test_c10d.py", "test_dgl_method.py")
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
-    # the dress rehearsal first: its workshop reproduction is the suite's longest piece, so under
-    # pytest-xdist (make test) one worker starts it at once while the other runs the rest
-    items.sort(key=lambda item: item.path.name != "test_browser.py")
+    # the longest files first, each a whole unit of pytest-xdist's --dist loadfile, which hands the
+    # files out in collection order under --no-loadscope-reorder (make test): the two workers start
+    # on the two longest (the paper dry runs, and the dress rehearsal's workshop reproduction) and
+    # the short files fill in behind them, so neither worker is left alone with a long file at the end
+    rank = {name: i for i, name in enumerate(SLOW_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
 
 
 def pytest_configure(config):

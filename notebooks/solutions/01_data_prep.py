@@ -4,7 +4,7 @@ Load them in a new notebook cell with ``%run solutions/01_data_prep.py`` (nothin
 then call ``exercise_K(ctx)``. Each one measures its answer on the run's dataset (a
 :class:`reidkit.course.runctx.RunContext`), prints a conclusion drawn from the numbers it measured
 and returns those numbers, with the printed text under ``explanation``.
-``tests/test_solutions_01.py`` runs them all.
+``tests/notebooks/test_solutions_01.py`` runs them all.
 """
 
 from __future__ import annotations

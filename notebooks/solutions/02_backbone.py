@@ -5,7 +5,7 @@ Load them in a new notebook cell with ``%run solutions/02_backbone.py``, then ca
 :class:`reidkit.course.runctx.RunContext`; the ImageNet features come from ``ctx.features``),
 prints a conclusion that follows from the numbers it measured, and returns those numbers with the
 conclusion under ``explanation``. Nothing runs when the file is loaded.
-``tests/test_solutions_02.py`` runs them all on the smoke profile.
+``tests/notebooks/test_solutions_02.py`` runs them all on the smoke profile.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Load them in a new notebook cell with ``%run solutions/06_evaluation.py`` (nothi
 then call ``exercise_K(ctx)``. Each one scores the first model of the run folder
 (``ctx.eval_features()``: notebook 02's ImageNet features when it ran), like the notebook does,
 prints a conclusion drawn from the numbers it measured, and returns those numbers with the printed
-text under ``explanation``. ``tests/test_solutions_06.py`` runs them all.
+text under ``explanation``. ``tests/notebooks/test_solutions_06.py`` runs them all.
 """
 
 from __future__ import annotations

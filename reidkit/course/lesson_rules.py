@@ -2,7 +2,7 @@
 
 ``python -m reidkit.course [NOTEBOOK ...]`` prints, per notebook, the prose word count, the
 formulas, the longest code cell, the functions defined outside exercises, and every rule it
-breaks; ``tests/test_course.py`` asserts the rules for every notebook.
+breaks; ``tests/course/test_course.py`` asserts the rules for every notebook.
 
 The lesson shape (``../shared/spec/course.md``, DESIGN.md "A notebook as a lesson"):
 - the first cell is front matter: learning goals, prerequisites, time, what it reads and writes;

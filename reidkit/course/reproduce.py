@@ -207,7 +207,7 @@ def skipped_notebooks(spec, notebooks: Sequence[Path]) -> dict[str, str]:
     if not spec.streamed:
         return {}
     prof = spec.profile
-    return {nb.stem: f"skipped for profile {prof.name} (method {spec.method}, training set of bags): "
+    return {nb.stem: f"skipped for profile {prof.name} (method {spec.method}): "
                      f"{WEAK_SKIPS[nb.stem]}; run it with an HHCL profile, e.g. --profile workshop"
             for nb in notebooks if nb.stem in WEAK_SKIPS}
 

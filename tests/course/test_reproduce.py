@@ -12,7 +12,7 @@ import pytest
 
 from reidkit.course.reproduce import NotebookFailed, run_notebooks
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 #: what ipykernel logs when the SIGINT jupyter_client sends at shutdown lands inside a message handler
 SHUTDOWN_RACE = "[IPKernelApp] ERROR | KeyboardInterrupt caught in kernel."
 

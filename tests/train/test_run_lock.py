@@ -21,7 +21,7 @@ from reidkit import cli
 from reidkit.train.engine import fit
 from reidkit.train.run_lock import LOCK_NAME, RunLock, RunLockedError, read_holder
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 HOST = socket.gethostname()
 
 

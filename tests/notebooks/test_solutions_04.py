@@ -18,7 +18,7 @@ SOLUTION = "04_hybrid_contrast"  # the conftest fixture `sol` loads notebooks/so
 
 def test_solution_file_does_no_work_when_run():
     """``%run solutions/04_hybrid_contrast.py`` only defines the exercises (the notebook's hint)."""
-    path = Path(__file__).resolve().parents[1] / "notebooks" / "solutions" / f"{SOLUTION}.py"
+    path = Path(__file__).resolve().parents[2] / "notebooks" / "solutions" / f"{SOLUTION}.py"
     t0 = time.time()
     ns = runpy.run_path(str(path), run_name="__main__")
     assert time.time() - t0 < 10

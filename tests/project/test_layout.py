@@ -6,7 +6,7 @@ import ast
 import collections
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "reidkit"
+PKG = Path(__file__).resolve().parents[2] / "reidkit"
 
 
 def _functions():

@@ -22,7 +22,7 @@ from reidkit.hhcl.method import HHCL, train_hhcl
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # torch at one thread (conftest)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _env():

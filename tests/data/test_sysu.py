@@ -8,7 +8,7 @@ from reidkit.data.sysu import BAG_MODES, bag_id, bag_index, bag_members, bag_slo
 
 
 def test_maintainers_example():
-    # issue #7: around folder 3 (ordinal 2 of folders 1..5) the bags [3], [2, 3, 4], [1..5]
+    # the maintainers in wanggrun/SYSU-30k issue #7: around folder 3 (ordinal 2 of folders 1..5) the bags [3], [2, 3, 4], [1..5]
     folders = [1, 2, 3, 4, 5]
     assert [[folders[j] for j in bag_members(2, mode, 5)] for mode in BAG_MODES] == [
         [3], [2, 3, 4], [1, 2, 3, 4, 5]]
@@ -16,7 +16,7 @@ def test_maintainers_example():
 
 
 def test_real_set_ends():
-    # 28,310 folders 0000000001 .. 0000028310 (no 0000000000, issue #15)
+    # 28,310 folders 0000000001 .. 0000028310 (no 0000000000: wanggrun/SYSU-30k issue #15)
     n = 28_310
     assert bag_id(n, 2) == "bag0000084932" and bag_id(1, 0) == "bag0000000003"
     assert bag_index(n - 1, 2) == 3 * n - 1  # the last of 84,930 bags

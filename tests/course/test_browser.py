@@ -48,7 +48,7 @@ import pytest
 from reidkit.course.reproduce import list_notebooks, run_notebooks
 from reidkit.course.runctx import run_overrides
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NOTEBOOKS = Path(os.environ.get("REIDKIT_BROWSER_NOTEBOOKS") or ROOT / "notebooks")
 RUN_ALL_TIMEOUT = float(os.environ.get("REIDKIT_BROWSER_TIMEOUT", "1200"))
 UPDATE_TIMEOUT = 180.0          # seconds a widget may take to redraw after a slider move

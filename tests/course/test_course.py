@@ -89,6 +89,6 @@ def test_the_guides_solution_step_works_as_written(nb):
 
 
 def test_the_guide_gives_the_same_solution_step():
-    guide = (Path(__file__).resolve().parents[1] / "docs" / "workshop.md").read_text()
+    guide = (Path(__file__).resolve().parents[2] / "docs" / "workshop.md").read_text()
     assert "%run solutions/03_clustering.py" in guide and "exercise_3(ctx)" in guide
     assert "%load" not in guide

@@ -18,7 +18,7 @@ from _cli import one_line_error
 from reidkit import cli
 from reidkit.config import OverrideError, parse_set, validate_overrides
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
