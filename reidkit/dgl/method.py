@@ -82,16 +82,17 @@ class RecordBags:
 
     note = ""
 
-    def __init__(self, records, variant: Variant, cfg, bag_size: int):
-        self.records, self.variant, self.cfg, self.bag_size = records, variant, cfg, bag_size
+    def __init__(self, records, transform, variant: Variant, cfg, bag_size: int):
+        self.records, self.transform, self.variant = records, transform, variant
+        self.cfg, self.bag_size = cfg, bag_size
         self.labels, self.class_of_pid = relabel(records)
         self.num_classes = len(self.class_of_pid)
 
-    def loader(self, epoch: int, eseed: int, transform, batch_size: int, **common) -> tuple[DataLoader, int]:
-        """This rank's batches of the epoch and their count (the sampler sets the batch size)."""
+    def loader(self, epoch: int, eseed: int, batch_size: int, **common) -> tuple[DataLoader, int]:
+        """This rank's batches of the epoch and their count (the variant's sampler sizes them)."""
         rank, world = dist_info()
         sampler = self.variant.sampler(self.labels, self.cfg, eseed)
-        loader = DataLoader(ImageDataset(self.records, transform, labels=self.labels),
+        loader = DataLoader(ImageDataset(self.records, self.transform, labels=self.labels),
                             batch_sampler=RankSlice(sampler, rank, world), **common)
         return loader, len(loader)
 
@@ -112,7 +113,7 @@ class StreamBags:
                                     transform, bag_size=bag_size, seed=seed)
         self.num_classes, self.class_of_pid = self.stream.num_classes, {}
 
-    def loader(self, epoch: int, eseed: int, transform, batch_size: int, **common) -> tuple[DataLoader, None]:
+    def loader(self, epoch: int, eseed: int, batch_size: int, **common) -> tuple[DataLoader, None]:
         """This rank's share of the epoch's bags; the stream has no length."""
         self.stream.set_epoch(epoch)
         return DataLoader(self.stream, batch_size=batch_size, drop_last=True, **common), None
@@ -217,7 +218,7 @@ class DGL(Method):
                 raise ValueError(f"{self.ds.name}: no training images")
             if selection == "val":
                 records, self.val_q, self.val_g = make_val_split(records, seed=seed)
-            self.source = RecordBags(records, self.strategy, self.cfg, self.bag_size)
+            self.source = RecordBags(records, self.train_tf, self.strategy, self.cfg, self.bag_size)
             self.strategy.check_fill(records, self.source.num_classes, self.bags_per_batch, self.cfg, self.ds.name)
         self.num_classes = self.source.num_classes
         self.network = network_for(self.prof, self.variant)
@@ -240,7 +241,7 @@ class DGL(Method):
 
         rank, world = dist_info()
         gen = torch.Generator().manual_seed(eseed + 7919 * rank)
-        loader, total = self.source.loader(epoch, eseed, self.train_tf, batch_size=self.batch_size // world,
+        loader, total = self.source.loader(epoch, eseed, batch_size=self.batch_size // world,
                                            num_workers=self.prof.data.workers, pin_memory=dev.type == "cuda",
                                            generator=gen)
         if self.iters is not None:
