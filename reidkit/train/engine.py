@@ -31,6 +31,7 @@ import json
 import math
 import os
 import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -518,9 +519,22 @@ def _train_one_epoch(run: _Run, epoch: int) -> dict:
             meter.update(it, step["images"], step["loss"])
         entry["t_train"] = time.time() - t1
         entry.update(m.end_epoch(steps))
-    run.sched.step()
+    _step_schedule(run.sched, stepped=bool(steps))
     entry["t_epoch"] = time.time() - t0
     return entry
+
+
+def _step_schedule(sched, stepped: bool) -> None:
+    """The schedule counts epochs, so it steps after every one, also an epoch that took no
+    optimiser step (``iters=0``, or a method that skipped its steps); torch then warns that the
+    schedule stepped before the optimiser, which is what such an epoch means, so not there."""
+    if stepped:
+        sched.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before",
+                                category=UserWarning)
+        sched.step()
 
 
 def _evaluate_epoch(run: _Run, entry: dict) -> None:
