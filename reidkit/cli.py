@@ -124,7 +124,7 @@ def _cmd_train(args) -> int:
         return 2
     if spec.profile.data.subset_ids is not None:
         print(spec.dataset().notes[-1])
-    _print_cost(spec.profile)
+    _print_cost(spec)
     cls = method_class(spec.method)
     try:
         res = fit(cls.from_spec(spec, epochs=args.epochs, iters=args.iters), args.out, device=spec.device,
@@ -139,13 +139,12 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _print_cost(prof) -> None:
-    """The expected GPU memory and time per epoch of a paper profile, before the run starts."""
+def _print_cost(spec) -> None:
+    """The expected GPU memory and time per epoch of the run's method on its paper profile as
+    defined (whatever this run's overrides cut), before the run starts; nothing where no figure can
+    be derived (a sample profile, an uncached network, a method without a cost model)."""
 
-    try:  # the paper-scale figure, whatever this run's overrides cut
-        line = format_cost(PROFILES.get(prof.name, prof))
-    except (KeyError, ValueError):  # no cost known for this network: say nothing rather than stop
-        return
+    line = format_cost(PROFILES.get(spec.profile.name, spec.profile).replace(method=spec.method))
     if line:
         print(line, flush=True)
 

@@ -128,6 +128,22 @@ def test_gpu_cost_asks_the_profiles_method_for_its_plan(monkeypatch):
     assert methods.format_cost(prof).startswith("GPU cost of market1501 (derived")
 
 
+def test_the_start_of_a_run_prints_its_own_methods_cost(monkeypatch, capsys):
+    """``reidkit train`` prints the cost of the method it runs on the profile as defined, not the
+    profile's default method's."""
+    from types import SimpleNamespace
+
+    market = get_profile("market1501").replace(hhcl__iters=1)        # a run's override: not in the cost
+    cli._print_cost(SimpleNamespace(profile=market, method="hhcl"))
+    assert capsys.readouterr().out == methods.format_cost("market1501") + "\n"
+    cli._print_cost(SimpleNamespace(profile=market, method="dgl"))
+    assert "mgn with 8 x Linear(256, 751)" in methods.gpu_cost(get_profile("market1501").replace(method="dgl"))["basis"]
+    assert capsys.readouterr().out == methods.format_cost(get_profile("market1501").replace(method="dgl")) + "\n"
+    monkeypatch.setitem(methods.REGISTRY, "shrink", Shrink)
+    cli._print_cost(SimpleNamespace(profile=market, method="shrink"))
+    assert capsys.readouterr().out == ""
+
+
 def test_the_run_is_resolved_once_and_the_python_api_reads_the_clis_subset(tmp_path, monkeypatch):
     """``train_hhcl("laptop", data_root=R)`` from Python and ``reidkit train --profile laptop`` read
     the same identity subset: both resolve one RunSpec, whose dataset is read once."""
