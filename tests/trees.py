@@ -268,3 +268,13 @@ def build_tree(key: str, root: str | Path, **kwargs) -> Path:
         raise KeyError(f"unknown tree {key!r}; known: {', '.join(PAPER_TREES)}")
     _, builder, defaults = PAPER_TREES[key]
     return builder(root, **{**defaults, **kwargs})
+
+
+def folder_tree(root, ds):
+    """The tiny dataset in the plain folder layout (camera as a _c<k> token), linked to the sample."""
+    for split in ("train", "query", "gallery"):
+        for i, r in enumerate(getattr(ds, split)):
+            d = root / split / f"{r.pid:04d}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{r.pid:04d}_c{r.camid + 1}_{i:04d}.jpg").symlink_to(r.path)
+    return root

@@ -9,18 +9,9 @@ import sys
 import numpy as np
 import torch
 from _tiny import tiny_dataset
+from trees import folder_tree
 
 from reidkit.core.io import torch_load
-
-
-def _folder_tree(root, ds):
-    """The tiny dataset in the plain folder layout (camera as a _c<k> token), linked to the sample."""
-    for split in ("train", "query", "gallery"):
-        for i, r in enumerate(getattr(ds, split)):
-            d = root / split / f"{r.pid:04d}"
-            d.mkdir(parents=True, exist_ok=True)
-            (d / f"{r.pid:04d}_c{r.camid + 1}_{i:04d}.jpg").symlink_to(r.path)
-    return root
 
 
 def _torchrun_and_one_process(tmp_path, common, sets_ddp, sets_one, port):
@@ -49,7 +40,7 @@ def _torchrun_and_one_process(tmp_path, common, sets_ddp, sets_one, port):
 def test_ddp_two_cpu_processes_match_one_process_with_ghost_bn(tmp_path):
     """torchrun with 2 gloo processes (each a contiguous half of every global batch, the memory
     updated with the gathered batch) trains like one process whose BN normalises the same halves."""
-    root = _folder_tree(tmp_path / "data", tiny_dataset())
+    root = folder_tree(tmp_path / "data", tiny_dataset())
     sets = ["data.flip=false", "data.pad=0", "data.erasing_p=0", "data.workers=0", "hhcl.amp=false", "hhcl.iters=2",
             "hhcl.batch_size=16", "hhcl.num_instances=4", "hhcl.epochs=1", "hhcl.eval_step=1",
             "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.6"]
@@ -66,7 +57,7 @@ def test_dgl_ddp_two_cpu_processes_match_one_process(tmp_path):
     """DGL under torchrun with 2 gloo processes: each rank forwards half of every global batch, the
     outputs are gathered with their gradients, and every rank computes the bag loss over the whole
     batch, so training follows one process whose BN normalises the same halves (ghost BN)."""
-    root = _folder_tree(tmp_path / "data", tiny_dataset())
+    root = folder_tree(tmp_path / "data", tiny_dataset())
     sets = ["data.flip=false", "data.erasing_p=0", "data.workers=0", "dgl.amp=false", "dgl.epochs=1",
             "dgl.ids_per_batch=4", "dgl.images_per_id=4", "dgl.ids_per_bag=2"]
     common = ["--method", "dgl", "--variant", "full", "--profile", "smoke", "--dataset", "folder", "--data-root",

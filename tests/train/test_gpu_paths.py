@@ -377,9 +377,9 @@ def test_ddp_ranks_extract_with_the_same_bn_buffers(tmp_path):
     import sys
 
     from _tiny import tiny_dataset
-    from test_hhcl_method import _folder_tree
+    from trees import folder_tree
 
-    root = _folder_tree(tmp_path / "data", tiny_dataset())
+    root = folder_tree(tmp_path / "data", tiny_dataset())
     sets = ["data.flip=false", "data.pad=0", "data.erasing_p=0", "data.workers=0", "hhcl.amp=false",
             "hhcl.iters=2", "hhcl.batch_size=16", "hhcl.num_instances=4", "hhcl.epochs=2", "hhcl.eval_step=2",
             "hhcl.ghost_bn=null", "cluster.k1=10", "cluster.k2=3", "cluster.eps=0.6"]
