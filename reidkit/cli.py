@@ -86,7 +86,8 @@ def _prepare_train(args):
         overrides["hhcl.memory"] = args.memory
     spec = resolve_run(args.profile, args.data_root, _check_device(args.device), overrides, method=args.method)
     prof, method = spec.profile, spec.method
-    sections = method_class(method).sections   # the profile sections the method reads
+    cls = method_class(method)
+    sections = cls.sections   # the profile sections the method reads
     if args.variant and "dgl" not in sections:
         raise _UserError(f"--variant is DGL's (full | unary_only | supervised); this run's method is {method}")
     if args.memory and "hhcl" not in sections:
@@ -94,7 +95,7 @@ def _prepare_train(args):
     if prof.camera != CameraConfig() and "camera" not in sections:
         raise _UserError(f"--camera-aware and camera.* are HHCL's; this run's method is {method}")
     _check_weights(prof)
-    if spec.streamed and not method_class(method).trains_on_bags:
+    if spec.streamed and not cls.trains_on_bags:
         bag_methods = " or ".join(f"--method {n}" for n, c in REGISTRY.items() if c.trains_on_bags)
         raise _UserError("SYSU-30k's training images carry bag labels only (no cameras): train it with "
                          f"{bag_methods} (the sysu30k profile's method)")

@@ -58,7 +58,7 @@ from torch.utils.data import DataLoader
 from reidkit.config import Profile, get_profile
 from reidkit.core.device import channels_last
 from reidkit.data.records import ReIDDataset, relabel
-from reidkit.data.subset import load_profile_dataset
+from reidkit.data.subset import load_profile_dataset, streams_sysu30k
 from reidkit.data.sysu30k import SYSUBagStream, streams_training
 from reidkit.data.transforms import ImageDataset
 from reidkit.dgl.evaluate import dgl_amp_dtype, evaluate_sysu30k, evaluate_weak
@@ -168,7 +168,7 @@ class DGL(Method):
         cost, ev = network_cost(net, h, w), network_cost(net, *shape["eval_input"])
         head_gflop = heads * 2 * dim * classes / 1e9          # forward; training is 3x
         eval_gflop = 2 * (ev["fwd_gflop"] + head_gflop * shape["eval_head"]) * (n_q + n_g)
-        if prof.data.dataset == "sysu30k":
+        if streams_sysu30k(prof):
             images, note = 3 * classes * bag, f"one pass of the bag stream: {3 * classes:,} bags x {bag} images"
         else:
             images, note = variant.records_epoch(cfg, n_train, classes)

@@ -36,7 +36,7 @@ class SimulatedBags:
         self.y, self.cfg, self.num_classes, self.bag_size = y, cfg, num_classes, bag_size
 
     def vectors(self) -> torch.Tensor:
-        """(B, C) 0/1: the ids of each image's bag."""
+        """(B, C): ``1 / ids_per_bag`` at each id of the image's bag (``bag_label_vectors``)."""
         c = self.cfg
         return bag_label_vectors(self.y, c.ids_per_bag, c.ids_per_batch, c.images_per_id, self.num_classes)
 

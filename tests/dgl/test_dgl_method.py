@@ -92,7 +92,7 @@ def test_the_variant_is_a_strategy_chosen_once():
         assert method.find_unused == (name == "unary_only")
     # a PK batch of 4 ids x 2 images, bags of 2 ids; the stream would carry each image's bag index and ids
     y = torch.tensor([3, 3, 5, 5, 1, 1, 7, 7])
-    cfg4 = cfg.__class__(**{**cfg.__dict__, "ids_per_batch": 4, "images_per_id": 2, "ids_per_bag": 2})
+    cfg4 = get_profile("smoke").replace(dgl__ids_per_batch=4, dgl__images_per_id=2, dgl__ids_per_bag=2).dgl
     simulated = SimulatedBags(y, cfg4, num_classes=8, bag_size=4)
     streamed = StreamedBags({"bag": torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]),
                              "bag_labels": torch.tensor([[3, 5]] * 4 + [[1, 7]] * 4)}, num_classes=8)
