@@ -123,10 +123,6 @@ _NUMPY_CHUNK_ELEMS = 1 << 22
 _TORCH_CHUNK_ELEMS = 1 << 25
 
 
-#: tests set this to run the torch (GPU) code paths of the SYSU kernel on CPU tensors.
-_FORCE_TORCH_OPS = False
-
-
 def _row_count(mask: np.ndarray) -> np.ndarray:
     """Number of True entries per row of a 2-D boolean array (faster than ``count_nonzero``)."""
     return mask.view(np.uint8).sum(axis=1, dtype=np.int32)

@@ -15,12 +15,13 @@ from reidkit.retrieval.exact import (
     _TINY,
     U_F32,
     exact_pair_dots,
+    Workspace,
+    fp32_pair_dots,
     resolve_precision,
     score_bound,
     screen_matmul,
 )
 from reidkit.retrieval.market import (
-    _FORCE_TORCH_OPS,
     ArrayLike,
     _excl_cumsum,
     _is_tensor,
@@ -35,6 +36,9 @@ __all__ = ['sysu30k_evaluate']
 
 
 GalleryChunk = tuple[ArrayLike, ArrayLike, ArrayLike]
+
+#: tests set this to run the torch (GPU) code paths of the kernel on CPU tensors.
+_FORCE_TORCH_OPS = False
 
 
 def _is_array_triple(g: Any) -> bool:
@@ -130,26 +134,31 @@ class _ScorePool:
     def add(self, s: Any) -> None:
         """Add the kept scores of one chunk (``s``: torch (nq, B), junk already ``-inf``)."""
 
-        nq, b = s.shape
-        theta = -self.neg_theta
-        if self.neg.shape[1] == 0 and b > 2 * self.k and s.device.type == "cpu" and not _FORCE_TORCH_OPS:
+        theta = self.theta
+        if self.takes_whole(s):
             # first chunk, everything enters: keep each row's k best at once (the same pool as
             # adding all then cutting; rows with fewer than k kept scores keep theta = -inf)
-            self.neg = np.ascontiguousarray(np.partition(-s.numpy(), self.k - 1, axis=1)[:, : self.k])
+            self.neg = np.ascontiguousarray(np.partition(-s.float().numpy(), self.k - 1, axis=1)[:, : self.k])
             self.fill[:] = self.k
             self.neg_theta = self.neg.max(axis=1)
             return
-        if s.device.type == "cpu" and not _FORCE_TORCH_OPS:
-            sn = s.numpy()
-            flat = np.flatnonzero(sn > theta[:, None])  # much faster than a 2-D nonzero
-            rows, _ = np.divmod(flat, b)
-            vals = sn.reshape(-1)[flat]
-        else:
-            mask = s > torch.as_tensor(theta, device=s.device)[:, None]
-            rows = mask.nonzero()[:, 0].cpu().numpy()
-            vals = s[mask].cpu().numpy()
+        rows, _, vals = _entries_above(s, theta, strict=True)
+        self.add_entries(rows, vals)
+
+    def takes_whole(self, s: Any) -> bool:
+        """Whether :meth:`add` keeps ``s``'s k best per row at once (the first chunk on a CPU)."""
+        return self.neg.shape[1] == 0 and s.shape[1] > 2 * self.k and s.device.type == "cpu" and not _FORCE_TORCH_OPS
+
+    @property
+    def theta(self) -> np.ndarray:
+        """Per query, the pool holds every earlier kept score above this."""
+        return -self.neg_theta
+
+    def add_entries(self, rows: np.ndarray, vals: np.ndarray) -> None:
+        """Add a chunk's kept scores above ``theta`` (``rows`` in ascending order)."""
         if len(rows) == 0:
             return
+        nq = len(self.fill)
         cnt = np.bincount(rows, minlength=nq)
         pos = self.fill[rows] + np.arange(len(rows)) - _excl_cumsum(cnt)[rows]
         self.fill += cnt
@@ -197,55 +206,115 @@ class _SysuScorer:
         self.inflate = 1 + (self.dim + 2) * U_F32
         self.qnorm = qf.norm(dim=1).double().cpu().numpy() * self.inflate
         self.beta = score_bound(self.dim, precision) * (1 + 64 * U_F32)
+        self.beta32 = score_bound(self.dim, "fp32") * (1 + 64 * U_F32)
         self.tiny = 4 * self.dim * _TINY
+        self.work = Workspace()  # the chunk's products reuse its buffers (valid until the next chunk)
 
     def scores(self, feats: Any, rows: np.ndarray | None = None) -> tuple[Any, Any, float]:
-        """Screening scores ``Q[rows] @ G^T`` (float32 tensor), the float32 gallery chunk on the
-        device and the largest gallery norm of the chunk."""
+        """Screening scores ``Q[rows] @ G^T`` (float32; bfloat16 on a CPU when the screen is bf16),
+        the float32 gallery chunk on the device and the largest gallery norm of the chunk."""
 
         g = torch.as_tensor(_to_numpy(feats) if not _is_tensor(feats) else feats)
         g = g.to(device=self.dev, dtype=torch.float32)
         q = self.qs if rows is None else self.qs[torch.as_tensor(rows, device=self.dev)]
         gmax = float(g.norm(dim=1).max()) * self.inflate if len(g) else 0.0
-        return screen_matmul(q, g, self.precision), g, gmax
+        # on a CPU the bf16 product stays bf16: the passes over it read its 16-bit patterns
+        return screen_matmul(q, g, self.precision, self.work, as_float=self.dev.type != "cpu"), g, gmax
 
-    def bound(self, rows: np.ndarray, gmax: float) -> np.ndarray:
-        """Per query: ``|screening score - RN32(q.g)| <= bound`` for gallery norms ``<= gmax``."""
-        return self.beta * self.qnorm[rows] * gmax + self.tiny
+    def bound(self, rows: np.ndarray, gmax: float, beta: float | None = None) -> np.ndarray:
+        """Per query: ``|screening score - RN32(q.g)| <= bound`` for gallery norms ``<= gmax``
+        (``beta``: another screen's, e.g. :attr:`beta32` for the fp32 level)."""
+        return (self.beta if beta is None else beta) * self.qnorm[rows] * gmax + self.tiny
 
     def exact(self, rows: np.ndarray, g: Any, cols: np.ndarray) -> np.ndarray:
         """Canonical scores ``RN32(q_rows . g_cols)`` (:func:`reidkit.retrieval.exact.exact_pair_dots`)."""
 
         return exact_pair_dots(self.qf, g, rows, cols, x64=self.q64)
 
-    def count_above(self, s: Any, rows: np.ndarray, c: np.ndarray, bnd: np.ndarray, g: Any) -> np.ndarray:
-        """Per row r of ``s`` (screening scores of query ``rows[r]``, junk ``-inf``): the number of
-        gallery items whose canonical score is ``> c[r]``. Items with ``s > c + bnd`` count, items
-        with ``s < c - bnd`` do not, the few in between are scored exactly."""
-        lo = np.nextafter((c - bnd).astype(np.float32), np.float32(-np.inf))
-        hi = np.nextafter((c + bnd).astype(np.float32), np.float32(np.inf))
-        r, j, v = _entries_at_least(s, lo)
+    def band(self, rows: np.ndarray, c: np.ndarray, gmax: float) -> tuple[np.ndarray, np.ndarray]:
+        """Float32 ``lo <= c - bound`` and ``hi >= c + bound`` (``c``: canonical scores of query
+        ``rows``, shape ``(len(rows),)`` or ``(len(rows), slots)``; ``+inf`` stays ``+inf``)."""
+        bnd = self.bound(rows, gmax)
+        if c.ndim == 2:
+            bnd = bnd[:, None]
+        with np.errstate(invalid="ignore"):
+            lo = np.nextafter((c - bnd).astype(np.float32), np.float32(-np.inf))
+            hi = np.nextafter((c + bnd).astype(np.float32), np.float32(np.inf))
+        return lo, hi
+
+    def count_above(self, s: Any, rows: np.ndarray, c: np.ndarray, gmax: float, g: Any) -> np.ndarray:
+        """Per row r of ``s`` (screening scores of query ``rows[r]``, junk ``-inf``; gallery norms
+        ``<= gmax``): the number of gallery items whose canonical score is ``> c[r]``."""
+        lo, hi = self.band(rows, c, gmax)
+        r, j, v = _entries_above(s, lo, strict=False)
+        return self.count_band(r, j, v, rows, c, hi, gmax, g)
+
+    def count_band(self, r: np.ndarray, j: np.ndarray, v: np.ndarray, rows: np.ndarray, c: np.ndarray,
+                   hi: np.ndarray, gmax: float, g: Any) -> np.ndarray:
+        """:meth:`count_above` from the entries already taken out of the block: ``(r, j, v)`` =
+        (index into ``rows``, gallery column, screening score), every entry with
+        ``v >= lo[r]`` among them. Items with ``v > hi`` count; the band between is scored in
+        fp32 when the screen was bf16 (decided outside the fp32 band, 100x narrower), the rest
+        exactly."""
         above = v > hi[r]
         cnt = np.bincount(r[above], minlength=len(rows)).astype(np.int64)
         amb = np.flatnonzero(~above)
+        if len(amb) and self.precision == "bf16":
+            f = fp32_pair_dots(self.qf, g, rows[r[amb]], j[amb]).astype(np.float64)
+            b32 = self.bound(rows[r[amb]], gmax, self.beta32) * (1 + 2.0**-30)  # + float64 rounding
+            ca = c[r[amb]].astype(np.float64)
+            cnt += np.bincount(r[amb][f - b32 > ca], minlength=len(rows))
+            amb = amb[np.abs(f - ca) <= b32]
         if len(amb):
             cs = self.exact(rows[r[amb]], g, j[amb])
             cnt += np.bincount(r[amb][cs > c[r[amb]]], minlength=len(rows))
         return cnt
 
 
-def _entries_at_least(s: Any, lo: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(row, column, value) of the entries of ``s`` with ``s[r, j] >= lo[r]``."""
+def _entries_above(s: Any, thr: np.ndarray, strict: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(row, column, float32 value) of the entries of ``s`` (float32 or bfloat16) with
+    ``s[r, j] > thr[r]`` (``strict``) or ``>= thr[r]``, in row-major order. On a CPU numpy's
+    ``flatnonzero`` (much faster than a 2-D ``nonzero``; splitting the rows over two threads
+    measured slower); a bf16 block is compared as its 16-bit patterns (:func:`_bf16_entries_at_least`)."""
 
-    if s.device.type == "cpu" and not _FORCE_TORCH_OPS:
-        sn = s.numpy()
-        flat = np.flatnonzero(sn >= lo[:, None])
-        r, j = np.divmod(flat, sn.shape[1])
-        return r, j, sn.reshape(-1)[flat]
-    mask = s >= torch.as_tensor(lo, device=s.device)[:, None]
-    idx = mask.nonzero()
-    r, j = idx[:, 0], idx[:, 1]
-    return r.cpu().numpy(), j.cpu().numpy(), s[r, j].cpu().numpy()
+    if s.device.type != "cpu" or _FORCE_TORCH_OPS:
+        t = torch.as_tensor(thr, device=s.device)[:, None]
+        mask = s > t if strict else s >= t  # a bf16 block is promoted to float32 for this
+        idx = mask.nonzero()
+        r, j = idx[:, 0], idx[:, 1]
+        return r.cpu().numpy(), j.cpu().numpy(), s[r, j].float().cpu().numpy()
+    thr = np.asarray(thr, np.float32)
+    if strict:  # s > t  <=>  s >= the next float32 above t (s is a float32 or bf16 value)
+        thr = np.nextafter(thr, np.float32(np.inf))
+    if s.dtype == torch.bfloat16:
+        return _bf16_entries_at_least(s, thr)
+    sn = s.numpy()
+    flat = np.flatnonzero(sn >= thr[:, None])
+    r, j = np.divmod(flat, sn.shape[1])
+    return r, j, sn.reshape(-1)[flat]
+
+
+def _bf16_entries_at_least(s: Any, thr: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_entries_above` (``>=``) of a CPU bfloat16 block without converting it to float32
+    (a 32 MB copy per chunk of 1,000 x 8,192): ``s >= t`` is ``s >= RU(t)``, ``t`` rounded up to
+    bf16, and for a bf16 ``T >= +0`` that is ``bits(s) >= bits(T)`` on the signed 16-bit
+    patterns (every negative value, -inf and -0 included, has a negative pattern). Otherwise
+    (a threshold <= 0) the block's order keys are compared: the non-sign bits of negative
+    patterns flipped."""
+    bits = s.view(torch.int16).numpy()
+    b = bits.shape[1]
+    t32 = thr.view(np.uint32)
+    up = ((t32 & 0xFFFF) != 0) & ((t32 >> 31) == 0)  # round up: positive values with lost bits
+    tb = ((t32 >> 16) + up).astype(np.uint16).view(np.int16)  # RU(t) as bf16 bits (+inf stays)
+    if (tb > 0).all():  # every threshold > +0: the raw patterns are in order
+        flat = np.flatnonzero(bits >= tb[:, None])
+    else:
+        kt = tb ^ ((tb >> 15) & np.int16(0x7FFF))
+        kt[(tb == 0) | (tb == np.int16(-32768))] = -1  # t = +-0: -0 (key -1) and +0 both qualify
+        flat = np.flatnonzero((bits ^ ((bits >> 15) & np.int16(0x7FFF))) >= kt[:, None])
+    r, j = np.divmod(flat, b)
+    vals = bits.reshape(-1)[flat]
+    return r, j, (vals.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
 
 
 class _SysuGoods:
@@ -336,18 +405,32 @@ def _sysu_register_goods(st: "_SysuStream", g: Any, offset: int, good) -> None:
 
 
 def _sysu_count_chunk(st: "_SysuStream", s: Any, g: Any, gmax: float) -> None:
-    """Step 2 of a chunk: for every known good match, the chunk's kept items scoring above it."""
+    """Steps 2-3 of a chunk: for every known good match, the chunk's kept items scoring above it;
+    then the chunk's scores above ``theta`` into the pool. One pass takes every entry at or above
+    the lowest threshold a query needs out of the block; the counts and the pool are made from it."""
 
-    goods = st.goods
-    for t in range(st.thr.shape[1]):
+    goods, nq = st.goods, st.nq
+    slots = st.thr.shape[1]
+    lo_all, hi_all = st.scorer.band(np.arange(nq), st.thr, gmax)
+    lo_min = lo_all.min(axis=1) if slots else np.full(nq, np.inf, np.float32)
+    whole = bool(st.K) and st.pool.takes_whole(s)
+    thr = np.minimum(lo_min, st.pool.theta) if st.K and not whole else lo_min
+    r, j, v = _entries_above(s, thr, strict=False) if (thr < np.inf).any() else (
+        np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
+    for t in range(slots):
         rows_t = np.flatnonzero(goods.n_good > t)
-        c = st.thr[rows_t, t]
-        st_rows = s if len(rows_t) == st.nq else s[torch.as_tensor(rows_t, device=s.device)]
-        cnt_t = st.scorer.count_above(st_rows, rows_t, c, st.scorer.bound(rows_t, gmax), g)
-        sel = goods.slot == t
-        pos = np.full(st.nq, -1, np.int64)
+        sel = v >= lo_all[r, t]  # +inf where the query has no t-th good match
+        pos = np.full(nq, -1, np.int64)
         pos[rows_t] = np.arange(len(rows_t))
-        goods.cnt[sel] += cnt_t[pos[goods.q[sel]]]
+        cnt_t = st.scorer.count_band(pos[r[sel]], j[sel], v[sel], rows_t, st.thr[rows_t, t],
+                                     hi_all[rows_t, t], gmax, g)
+        at_t = goods.slot == t
+        goods.cnt[at_t] += cnt_t[pos[goods.q[at_t]]]
+    if whole:
+        st.pool.add(s)
+    elif st.K:
+        keep = v > st.pool.theta[r]
+        st.pool.add_entries(r[keep], v[keep])
 
 
 class _SysuStream:
@@ -356,8 +439,10 @@ class _SysuStream:
     Streaming algorithm (memory ``O(queries x (chunk_size + 2 buffer_size) + #good)``): for
     each chunk, screening scores ``Q @ G_chunk^T`` are computed, junk entries are set to
     ``-inf``, and for every good match found so far the kept items of the chunk above it are
-    counted (:meth:`_SysuScorer.count_above`: screening, exact scores in the band). Items streamed *before* a good match appears are covered by a per-query
-    pool holding every earlier kept screening score above ``theta_q`` (at least the
+    counted (:meth:`_SysuScorer.count_band`: screening, then fp32 and exact scores in the
+    band); one pass over the block takes out the entries the counts and the pool need
+    (:func:`_sysu_count_chunk`). Items streamed *before* a good match appears are covered by a
+    per-query pool holding every earlier kept screening score above ``theta_q`` (at least the
     ``buffer_size`` best): when ``c_good - B > theta_q`` and no pooled score lies within ``B``
     of ``c_good``, the pool gives the exact count. Otherwise the count is completed by a second
     pass over the earlier chunks, which needs a re-iterable ``gallery`` (arrays, a list of
@@ -390,8 +475,6 @@ class _SysuStream:
         _sysu_count_chunk(self, s, g, gmax)
         kept = len(labels) - len(neg1) - np.bincount(junk[0], minlength=self.nq)
         self.gmax_past = max(self.gmax_past, gmax)
-        if self.K:
-            self.pool.add(s)
         self.n_past += kept
 
     def second_pass(self, chunks: Iterator) -> None:
@@ -414,8 +497,7 @@ class _SysuStream:
             cols = torch.arange(offset, offset + len(labels), device=s.device)[None, :]
             lim = torch.as_tensor(goods.start[u], device=s.device)[:, None]
             su.masked_fill_(cols >= lim, -math.inf)  # only the chunks before the good match's own
-            bnd = self.scorer.bound(goods.q[u], gmax)
-            goods.cnt[u] += self.scorer.count_above(su, goods.q[u], goods.s[u], bnd, g)
+            goods.cnt[u] += self.scorer.count_above(su, goods.q[u], goods.s[u], gmax, g)
 
 
 def _sysu_summary(goods: _SysuGoods, nq: int, num_gallery: int, max_rank: int | None) -> dict[str, Any]:
@@ -521,7 +603,9 @@ def sysu30k_evaluate(
     only screens: with ``|screen - c| <= B = beta ||q|| ||g||`` (:func:`reidkit.retrieval.jaccard.
     score_bound`; ``beta ~ 1.2e-4`` for fp32, ``~ 0.012`` for bf16 at d = 2048), an item with
     ``screen > c_good + B`` has ``c > c_good`` and one with ``screen < c_good - B`` has
-    ``c < c_good``; the items in between are scored exactly. So the fp32 and the bf16 screening
+    ``c < c_good``; the items in between are scored again (after a bf16 screen first in fp32,
+    whose band is 100 times narrower, :func:`reidkit.retrieval.exact.fp32_pair_dots`), and those
+    still within the fp32 band exactly. So the fp32 and the bf16 screening
     count the same items and give identical ranks. ``precision="auto"`` screens in bf16 where
     the device computes it natively (AMX / AVX512-BF16, CUDA >= 8.0) and the gallery can be
     iterated twice, else in fp32 (a one-shot generator keeps the narrow fp32 band, see below).

@@ -16,6 +16,7 @@ from reidkit.core.device import bf16_native
 from reidkit.retrieval import exact as ex
 from reidkit.retrieval import jaccard as jac
 from reidkit.retrieval import knn as kn
+from reidkit.retrieval import sysu as sysu_module
 from reidkit.retrieval.sysu import sysu30k_evaluate
 
 
@@ -114,6 +115,69 @@ def test_screening_bound_holds(precision):
     if precision == "bf16":  # and it is not vacuous: bf16 errors use a good part of it
         assert np.max(np.abs(s - exact) / norms) > beta / 20
     assert 0.0117 < ex.score_bound(2048, "bf16") < 0.0121 and ex.score_bound(2048, "fp32") < 1.3e-4
+
+
+def test_fp32_pair_dots_are_within_the_fp32_bound_and_workspace_products_equal_fresh_ones():
+    """The two-level screen's middle level: fp32 dot products of scattered pairs (a sampled product
+    on the CPU) within ``score_bound(d, "fp32")`` of the canonical scores; and the screening
+    product made in a workspace's reused buffers equals the freshly allocated one, in both dtypes."""
+    rng = np.random.default_rng(8)
+    a = (rng.standard_normal((50, 300)) * rng.uniform(0.1, 10, (50, 1))).astype(np.float32)
+    b = (rng.standard_normal((90, 300)) * rng.uniform(0.1, 10, (90, 1))).astype(np.float32)
+    at, bt = torch.from_numpy(a), torch.from_numpy(b)
+    rows, cols = rng.integers(0, 50, 700), rng.integers(0, 90, 700)  # unsorted, repeated pairs
+    f = ex.fp32_pair_dots(at, bt, rows, cols).astype(np.float64)
+    exact = ex.exact_pair_dots(at, bt, rows, cols).astype(np.float64)
+    norms = np.linalg.norm(a.astype(np.float64), axis=1)[rows] * np.linalg.norm(b.astype(np.float64), axis=1)[cols]
+    assert np.all(np.abs(f - exact) <= ex.score_bound(300, "fp32") * norms)
+    np.testing.assert_allclose(f, (a[rows].astype(np.float64) * b[cols]).sum(1), rtol=1e-5, atol=1e-4)
+    assert ex.fp32_pair_dots(at, bt, np.zeros(0, np.int64), np.zeros(0, np.int64)).shape == (0,)
+    work = ex.Workspace()
+    for precision in ("fp32", "bf16"):
+        for rows_b in (90, 40, 90):  # a smaller chunk is a view of the same buffers
+            fresh = ex.screen_matmul(at, bt[:rows_b], precision)
+            kept = ex.screen_matmul(at, bt[:rows_b], precision, work)
+            assert kept.dtype == torch.float32 and kept.is_contiguous()
+            np.testing.assert_array_equal(kept.numpy(), fresh.numpy())
+    streamed = ex.Workspace()  # buffers first made inside inference mode (a gallery extracted
+    with torch.inference_mode():  # under it) are written again outside it
+        ex.screen_matmul(at, bt, "bf16", streamed)
+    np.testing.assert_array_equal(ex.screen_matmul(at, bt, "bf16", streamed).numpy(), fresh.numpy())
+    raw = ex.screen_matmul(at, bt, "bf16", work, as_float=False)
+    assert raw.dtype == torch.bfloat16
+    np.testing.assert_array_equal(raw.float().numpy(), ex.screen_matmul(at, bt, "bf16").numpy())
+
+
+def test_bf16_blocks_are_searched_as_bit_patterns():
+    """The SYSU passes read a CPU bf16 score block as 16-bit patterns: the same entries as the
+    float32 comparison, for thresholds of every sign (+-0, +-inf, between two bf16 values, equal
+    to one) and blocks holding -inf (junk), -0 and ties."""
+    rng = np.random.default_rng(3)
+    vals = torch.from_numpy(rng.standard_normal((40, 300)).astype(np.float32)).to(torch.bfloat16)
+    vals[:, :5] = -math.inf
+    vals[:, 5:10] = -0.0
+    vals[:, 10:15] = 0.0
+    vals[:, 15:20] = vals[:, 20:25]  # ties
+    thr = np.concatenate([
+        rng.standard_normal(20).astype(np.float32),  # generic, both signs
+        vals[:6, 20].float().numpy(),  # exactly a value of the block
+        np.float32([0.0, -0.0, np.inf, -np.inf, 1e-30, -1e-30]),
+        np.nextafter(vals[:8, 21].float().numpy(), np.float32(np.inf)),  # just above a value
+    ])
+    assert len(thr) == 40
+    s32 = vals.float().numpy()
+    for strict in (False, True):
+        for sign in (1, -1):  # all thresholds > 0 (the raw-pattern path) or mixed (order keys)
+            t = np.abs(thr) + np.float32(1e-3) if sign == 1 else thr
+            r, j, v = sysu_module._entries_above(vals, t, strict)
+            ref = s32 > t[:, None] if strict else s32 >= t[:, None]
+            rr, jj = np.nonzero(ref)
+            np.testing.assert_array_equal(r, rr)
+            np.testing.assert_array_equal(j, jj)
+            np.testing.assert_array_equal(v, s32[rr, jj])
+            r2, j2, v2 = sysu_module._entries_above(vals.float(), t, strict)  # the float32 path
+            np.testing.assert_array_equal(r2, rr)
+            np.testing.assert_array_equal(v2, v)
 
 
 def test_precision_is_chosen_by_hardware():
