@@ -262,6 +262,7 @@ def main(argv=None) -> int:
 
     report = {
         "benchmark": "reidkit clustering step (kNN, k-reciprocal Jaccard, DBSCAN)",
+        "quick": args.quick,
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -133,8 +133,10 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="every script with --quick (smoke run)")
     ap.add_argument("--only", nargs="+", choices=SCRIPTS, help="run these; read the others' saved reports")
     ap.add_argument("--summary-only", action="store_true", help="no measuring: summarise the saved reports")
+    ap.add_argument("--out-dir", type=Path, help="where the reports go (default benchmarks/out, with "
+                    "--quick benchmarks/out/quick)")
     args = ap.parse_args(argv)
-    out_dir = OUT / "quick" if args.quick else OUT
+    out_dir = args.out_dir or (OUT / "quick" if args.quick else OUT)
     out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("REIDKIT_PROGRESS", "0")
     reports: dict = {}

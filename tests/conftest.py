@@ -14,8 +14,8 @@ ROOT = Path(__file__).resolve().parent.parent
 #: test files that train, run the papermill chain or drive the browser (each over about 30 s on two
 #: cores in the full run's --durations), longest first: marked ``slow``, so ``make test-fast``
 #: (``-m "not slow"``) skips them
-SLOW_FILES = ("test_paper_dryrun.py", "test_browser.py", "test_gpu_check.py", "test_ddp.py", "test_engine.py",
-              "test_hhcl_method.py", "test_reproduce.py", "test_c10d.py", "test_dgl_method.py")
+SLOW_FILES = ("test_paper_dryrun.py", "test_browser.py", "test_gpu_check.py", "test_bench_smoke.py", "test_ddp.py",
+              "test_engine.py", "test_hhcl_method.py", "test_reproduce.py", "test_c10d.py", "test_dgl_method.py")
 
 
 def pytest_collection_modifyitems(config, items):

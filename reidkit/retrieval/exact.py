@@ -282,23 +282,33 @@ def fp32_pair_dots(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, cols: np.
     cols = np.asarray(cols, np.int64)
     if len(rows) == 0:
         return np.zeros(0, np.float32)
-    dev = x.device
-    if dev.type != "cpu":
-        r, c = torch.from_numpy(rows).to(dev), torch.from_numpy(cols).to(dev)
-        return (x.index_select(0, r).float() * y.index_select(0, c).float()).sum(1).cpu().numpy()
-    key = rows * int(y.shape[0]) + cols
-    order = np.argsort(key, kind="stable")
-    ks = key[order]
+    if x.device.type != "cpu":
+        return _gathered_pair_dots(x, y, rows, cols)
+    order = np.argsort(rows * int(y.shape[0]) + cols, kind="stable")  # CSR: by row, then column
     r_sorted, c_sorted = rows[order], cols[order]
     crow = np.concatenate([[0], np.cumsum(np.bincount(r_sorted, minlength=int(x.shape[0])))])
     with warnings.catch_warnings():  # "sparse CSR support is in beta"
         warnings.simplefilter("ignore", UserWarning)
         pattern = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(c_sorted),
-                                          torch.zeros(len(ks), dtype=torch.float32),
+                                          torch.zeros(len(rows), dtype=torch.float32),
                                           size=(int(x.shape[0]), int(y.shape[0])), check_invariants=False)
         vals = torch.sparse.sampled_addmm(pattern, x.float(), y.float().T, beta=0.0).values().numpy()
     out = np.empty(len(rows), np.float32)
     out[order] = vals
+    return out
+
+
+def _gathered_pair_dots(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
+                        elems: int = 1 << 26) -> np.ndarray:
+    """:func:`fp32_pair_dots` on a GPU: the pairs' rows gathered and multiplied elementwise, in
+    blocks of at most ``elems`` gathered elements (the 28,310-d feature)."""
+    dev = x.device
+    step = max(1, elems // max(int(x.shape[1]), 1))
+    out = np.empty(len(rows), np.float32)
+    for s in range(0, len(rows), step):
+        r = torch.from_numpy(rows[s:s + step]).to(dev)
+        c = torch.from_numpy(cols[s:s + step]).to(dev)
+        out[s:s + step] = (x.index_select(0, r).float() * y.index_select(0, c).float()).sum(1).cpu().numpy()
     return out
 
 

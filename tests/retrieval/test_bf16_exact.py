@@ -132,6 +132,8 @@ def test_fp32_pair_dots_are_within_the_fp32_bound_and_workspace_products_equal_f
     assert np.all(np.abs(f - exact) <= ex.score_bound(300, "fp32") * norms)
     np.testing.assert_allclose(f, (a[rows].astype(np.float64) * b[cols]).sum(1), rtol=1e-5, atol=1e-4)
     assert ex.fp32_pair_dots(at, bt, np.zeros(0, np.int64), np.zeros(0, np.int64)).shape == (0,)
+    gathered = ex._gathered_pair_dots(at, bt, rows, cols, elems=300 * 64).astype(np.float64)  # the GPU's, 11 blocks
+    assert np.all(np.abs(gathered - exact) <= ex.score_bound(300, "fp32") * norms)
     work = ex.Workspace()
     for precision in ("fp32", "bf16"):
         for rows_b in (90, 40, 90):  # a smaller chunk is a view of the same buffers
