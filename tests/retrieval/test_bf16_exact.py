@@ -16,7 +16,7 @@ from reidkit.core.device import bf16_native
 from reidkit.retrieval import exact as ex
 from reidkit.retrieval import jaccard as jac
 from reidkit.retrieval import knn as kn
-from reidkit.retrieval import sysu as sysu_module
+from reidkit.retrieval import score_blocks
 from reidkit.retrieval.sysu import sysu30k_evaluate
 
 
@@ -171,13 +171,13 @@ def test_bf16_blocks_are_searched_as_bit_patterns():
     for strict in (False, True):
         for sign in (1, -1):  # all thresholds > 0 (the raw-pattern path) or mixed (order keys)
             t = np.abs(thr) + np.float32(1e-3) if sign == 1 else thr
-            r, j, v = sysu_module._entries_above(vals, t, strict)
+            r, j, v = score_blocks._entries_above(vals, t, strict)
             ref = s32 > t[:, None] if strict else s32 >= t[:, None]
             rr, jj = np.nonzero(ref)
             np.testing.assert_array_equal(r, rr)
             np.testing.assert_array_equal(j, jj)
             np.testing.assert_array_equal(v, s32[rr, jj])
-            r2, j2, v2 = sysu_module._entries_above(vals.float(), t, strict)  # the float32 path
+            r2, j2, v2 = score_blocks._entries_above(vals.float(), t, strict)  # the float32 path
             np.testing.assert_array_equal(r2, rr)
             np.testing.assert_array_equal(v2, v)
 

@@ -11,7 +11,7 @@ from _golden import load_golden
 from reidkit.retrieval import market as ev
 from reidkit.retrieval.distances import pairwise_distance
 from reidkit.retrieval.market import evaluate_rank
-from reidkit.retrieval import sysu as sysu_module
+from reidkit.retrieval import score_blocks
 from reidkit.retrieval.sysu import sysu30k_evaluate
 
 
@@ -269,12 +269,12 @@ def test_sysu_golden_generator(sysu, variant, sizes, chunk_size, buffer_size):
 
 def test_sysu_torch_code_paths(sysu, monkeypatch):
     """The GPU code paths (torch counting and pool updates) run on CPU tensors here."""
-    monkeypatch.setattr(sysu_module, "_FORCE_TORCH_OPS", True)
+    monkeypatch.setattr(score_blocks, "_FORCE_TORCH_OPS", True)
 
     def numpy_path(*args):
         raise AssertionError("the numpy bit-pattern pass ran instead of the torch one")
 
-    monkeypatch.setattr(sysu_module, "_bf16_entries_at_least", numpy_path)
+    monkeypatch.setattr(score_blocks, "_bf16_entries_at_least", numpy_path)
     z = sysu
     feats, labels, cams = sysu_gallery(z, "junk_")
     res = sysu30k_evaluate(z["query_feature"], z["query_label"], z["query_cam"],
