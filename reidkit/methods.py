@@ -16,7 +16,7 @@ from reidkit.dgl.method import DGL
 from reidkit.hhcl.method import HHCL
 from reidkit.hhcl.supervised import Supervised
 from reidkit.train.engine import Method
-from reidkit.train.gpu_cost import DATASET_SIZES, cost_line, estimate
+from reidkit.train.gpu_cost import DATASET_SIZES, NoCostModel, cost_line, estimate
 from reidkit.train.runspec import RunSpec
 
 __all__ = ["REGISTRY", "format_cost", "gpu_cost", "method_class", "resolve_run"]
@@ -50,25 +50,25 @@ def resolve_run(profile, data_root: str | None = None, device: Any = "auto", ove
 def gpu_cost(profile) -> dict[str, Any]:
     """Expected peak GPU memory and time per epoch of a paper profile, **derived** from its method's
     :meth:`~reidkit.train.engine.Method.gpu_plan` (fields: :func:`reidkit.train.gpu_cost.estimate`).
-    ``ValueError`` for a profile on no paper dataset or a method without a cost model; ``KeyError``
-    for a network whose cost is not cached."""
+    :class:`~reidkit.train.gpu_cost.NoCostModel` (a ``ValueError``) for a profile on no paper
+    dataset, a method without a cost model or a network whose cost is not cached."""
 
     prof = get_profile(profile)
     if prof.data.dataset not in DATASET_SIZES:
-        raise ValueError(f"gpu_cost covers the paper datasets ({', '.join(DATASET_SIZES)}); "
+        raise NoCostModel(f"gpu_cost covers the paper datasets ({', '.join(DATASET_SIZES)}); "
                          f"profile {prof.name} reads {prof.data.dataset}")
     plan = method_class(prof.method).gpu_plan(prof)
     if plan is None:
-        raise ValueError(f"method {prof.method!r} has no GPU cost model (Method.gpu_plan)")
+        raise NoCostModel(f"method {prof.method!r} has no GPU cost model (Method.gpu_plan)")
     return estimate(prof, plan)
 
 
 def format_cost(profile) -> str | None:
     """One line for the start of a run (:func:`reidkit.train.gpu_cost.cost_line`), or None where no
     figure can be derived: a profile on no paper dataset (``smoke``), a method without a cost model,
-    a network whose cost is not cached (``laptop``'s MobileNetV2)."""
+    a network whose cost is not cached (``laptop``'s MobileNetV2). Any other error propagates."""
 
     try:
         return cost_line(gpu_cost(profile))
-    except (KeyError, ValueError):
+    except NoCostModel:
         return None

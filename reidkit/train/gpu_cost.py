@@ -40,7 +40,12 @@ from reidkit.nets.backbones import ReIDNet
 from reidkit.nets.mgn import build_mgn
 
 __all__ = ['estimate', 'cost_line', 'measure_network', 'network_cost', 'NETWORK_COSTS', 'GPU', 'DATASET_SIZES',
-           'PAPER_PROFILES']
+           'PAPER_PROFILES', 'NoCostModel']
+
+
+class NoCostModel(ValueError):
+    """No figure can be derived for this run: a profile on no paper dataset, a method without a
+    cost model, a network whose cost is not cached. Any other error is a bug and propagates."""
 
 
 PAPER_PROFILES = ("market1501", "dukemtmcreid", "msmt17", "sysu30k")
@@ -148,7 +153,7 @@ def network_cost(network: str, height: int, width: int) -> dict[str, float]:
         return NETWORK_COSTS[key]
     base = next((k for k in NETWORK_COSTS if k[0] == network), None)
     if base is None:
-        raise KeyError(f"no cached cost of {network}; measure it with measure_network({network!r}, H, W)")
+        raise NoCostModel(f"no cached cost of {network}; measure it with measure_network({network!r}, H, W)")
     ratio = (height * width) / (base[1] * base[2])
     cost = dict(NETWORK_COSTS[base])
     for k in ("fwd_gflop", "train_gflop", "act_mb"):

@@ -116,6 +116,15 @@ def test_gpu_cost_asks_the_profiles_method_for_its_plan(monkeypatch):
     with pytest.raises(ValueError, match="method 'shrink' has no GPU cost model"):
         methods.gpu_cost(prof)
 
+    class BrokenPlan(Shrink):  # a bug in a cost model is not "no figure": it is raised
+        @classmethod
+        def gpu_plan(cls, prof):
+            return {}["batch"]
+
+    monkeypatch.setitem(methods.REGISTRY, "shrink", BrokenPlan)
+    with pytest.raises(KeyError, match="batch"):
+        methods.format_cost(prof)
+
     class CostedShrink(Shrink):
         @classmethod
         def gpu_plan(cls, prof):
