@@ -11,7 +11,9 @@ from _golden import load_golden
 from reidkit.retrieval import market as ev
 from reidkit.retrieval.distances import pairwise_distance
 from reidkit.retrieval.market import evaluate_rank
+from reidkit.retrieval import exact as exact_module
 from reidkit.retrieval import score_blocks
+from reidkit.retrieval import sysu as sysu_module
 from reidkit.retrieval.sysu import sysu30k_evaluate
 
 
@@ -267,20 +269,31 @@ def test_sysu_golden_generator(sysu, variant, sizes, chunk_size, buffer_size):
         np.testing.assert_allclose(res["cmc"], ref["cmc"][:50], atol=1e-12)
 
 
-def test_sysu_torch_code_paths(sysu, monkeypatch):
-    """The GPU code paths (torch counting and pool updates) run on CPU tensors here."""
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_sysu_torch_code_paths(sysu, monkeypatch, precision):
+    """The GPU code paths (torch passes over the block, pool updates, the gathered fp32 level of
+    the two-level screen) run on CPU tensors here."""
     monkeypatch.setattr(score_blocks, "_FORCE_TORCH_OPS", True)
 
     def numpy_path(*args):
         raise AssertionError("the numpy bit-pattern pass ran instead of the torch one")
 
     monkeypatch.setattr(score_blocks, "_bf16_entries_at_least", numpy_path)
+    calls = []
+
+    def gathered(*args):
+        calls.append(len(args[2]))
+        return exact_module._gathered_pair_dots(*args)
+
+    monkeypatch.setattr(sysu_module, "fp32_pair_dots", gathered)
     z = sysu
     feats, labels, cams = sysu_gallery(z, "junk_")
     res = sysu30k_evaluate(z["query_feature"], z["query_label"], z["query_cam"],
                            lambda: chunk_generator(feats, labels, cams, (700, 301)),
-                           buffer_size=8, max_rank=None, chunk_size=512, device="cpu")
+                           buffer_size=8, max_rank=None, chunk_size=512, device="cpu", precision=precision)
+    assert res["precision"] == precision
     check_sysu(res, z, "junk_")
+    assert (sum(calls) > 0) == (precision == "bf16")  # the fp32 level runs after a bf16 screen only
 
 
 def test_sysu_small_buffer_second_pass(sysu):
