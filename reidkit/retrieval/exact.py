@@ -4,6 +4,7 @@ neighbours as the exact computation."""
 
 from __future__ import annotations
 
+import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -130,9 +131,7 @@ class Workspace:
 
     def get(self, name: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """A contiguous ``shape`` tensor, a view of the buffer ``name`` (grown when too small)."""
-        n = 1
-        for d in shape:
-            n *= int(d)
+        n = math.prod(int(d) for d in shape)
         key = (name, dtype, torch.device(device))
         buf = self._bufs.get(key)
         if buf is None or buf.numel() < n:
@@ -242,6 +241,23 @@ def _f64_pair_dots(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, cols: np.
     return dots, norms
 
 
+def _sampled_dots(a: torch.Tensor, b: torch.Tensor, r: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """``a[r[t]] . b[c[t]]`` for every pair, in ``a``'s dtype and on its device: a sampled
+    dense-dense product over the pairs' CSR pattern (each distinct pair once, no gathered copy per
+    pair), returned in the pairs' order."""
+    nb = int(b.shape[0])
+    ukey, kinv = np.unique(r * nb + c, return_inverse=True)  # sorted by (row, col), no duplicates
+    pr, pc = ukey // nb, ukey % nb
+    crow = np.concatenate([[0], np.cumsum(np.bincount(pr, minlength=int(a.shape[0])))])
+    dev = a.device
+    with warnings.catch_warnings():  # "sparse CSR support is in beta"
+        warnings.simplefilter("ignore", UserWarning)
+        pattern = torch.sparse_csr_tensor(torch.from_numpy(crow).to(dev), torch.from_numpy(pc).to(dev),
+                                          torch.zeros(len(ukey), dtype=a.dtype, device=dev),
+                                          size=(int(a.shape[0]), nb), check_invariants=False)
+        return torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values().cpu().numpy()[kinv]
+
+
 def _f64_pair_dots_one(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
                        absolute: bool = False, x64: torch.Tensor | None = None,
                        ) -> tuple[np.ndarray, np.ndarray]:
@@ -256,16 +272,7 @@ def _f64_pair_dots_one(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, cols:
     b = y.index_select(0, torch.from_numpy(uc).to(dev)).double()
     if absolute:
         a, b = a.abs_(), b.abs_()
-    key = rinv.astype(np.int64) * len(uc) + cinv
-    ukey, kinv = np.unique(key, return_inverse=True)  # sorted by (row, col), no duplicates
-    pr, pc = ukey // len(uc), ukey % len(uc)
-    crow = np.concatenate([[0], np.cumsum(np.bincount(pr, minlength=len(ur)))])
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(torch.from_numpy(crow).to(dev), torch.from_numpy(pc).to(dev),
-                                          torch.zeros(len(ukey), dtype=torch.float64, device=dev),
-                                          size=(len(ur), len(uc)), check_invariants=False)
-        out = torch.sparse.sampled_addmm(pattern, a, b.T, beta=0.0).values().cpu().numpy()[kinv]
+    out = _sampled_dots(a, b, rinv.astype(np.int64), cinv.astype(np.int64))
     na = torch.linalg.vector_norm(a, dim=1).cpu().numpy()
     nb = na if (y is x and np.array_equal(ur, uc)) else torch.linalg.vector_norm(b, dim=1).cpu().numpy()
     return out, na[rinv] * nb[cinv]
@@ -284,18 +291,7 @@ def fp32_pair_dots(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, cols: np.
         return np.zeros(0, np.float32)
     if x.device.type != "cpu":
         return _gathered_pair_dots(x, y, rows, cols)
-    order = np.argsort(rows * int(y.shape[0]) + cols, kind="stable")  # CSR: by row, then column
-    r_sorted, c_sorted = rows[order], cols[order]
-    crow = np.concatenate([[0], np.cumsum(np.bincount(r_sorted, minlength=int(x.shape[0])))])
-    with warnings.catch_warnings():  # "sparse CSR support is in beta"
-        warnings.simplefilter("ignore", UserWarning)
-        pattern = torch.sparse_csr_tensor(torch.from_numpy(crow), torch.from_numpy(c_sorted),
-                                          torch.zeros(len(rows), dtype=torch.float32),
-                                          size=(int(x.shape[0]), int(y.shape[0])), check_invariants=False)
-        vals = torch.sparse.sampled_addmm(pattern, x.float(), y.float().T, beta=0.0).values().numpy()
-    out = np.empty(len(rows), np.float32)
-    out[order] = vals
-    return out
+    return _sampled_dots(x.float(), y.float(), rows, cols)
 
 
 def _gathered_pair_dots(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
