@@ -80,22 +80,16 @@ class _ScorePool:
         self.fill = np.zeros(nq, dtype=np.int64)
         self.neg_theta = np.full(nq, np.inf, dtype=np.float32)  # -theta
 
-    def add(self, s: Any) -> None:
-        """Add the kept scores of one chunk (``s``: torch (nq, B), junk already ``-inf``)."""
-
-        theta = self.theta
-        if self.takes_whole(s):
-            # first chunk, everything enters: keep each row's k best at once (the same pool as
-            # adding all then cutting; rows with fewer than k kept scores keep theta = -inf)
-            self.neg = np.ascontiguousarray(np.partition(-s.float().numpy(), self.k - 1, axis=1)[:, : self.k])
-            self.fill[:] = self.k
-            self.neg_theta = self.neg.max(axis=1)
-            return
-        rows, _, vals = _entries_above(s, theta, strict=True)
-        self.add_entries(rows, vals)
+    def add_whole(self, s: Any) -> None:
+        """The first chunk, where everything enters (``s``: torch (nq, B), junk already ``-inf``,
+        :meth:`takes_whole` true): each row's k best at once, the same pool as adding all then
+        cutting (rows with fewer than k kept scores keep ``theta = -inf``)."""
+        self.neg = np.ascontiguousarray(np.partition(-s.float().numpy(), self.k - 1, axis=1)[:, : self.k])
+        self.fill[:] = self.k
+        self.neg_theta = self.neg.max(axis=1)
 
     def takes_whole(self, s: Any) -> bool:
-        """Whether :meth:`add` keeps ``s``'s k best per row at once (the first chunk on a CPU)."""
+        """Whether ``s`` goes in by :meth:`add_whole` (the first chunk on a CPU, wider than 2k)."""
         return self.neg.shape[1] == 0 and s.shape[1] > 2 * self.k and s.device.type == "cpu" and not _FORCE_TORCH_OPS
 
     @property

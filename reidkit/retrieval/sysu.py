@@ -299,7 +299,7 @@ def _sysu_count_chunk(st: "_SysuStream", s: Any, g: Any, gmax: float) -> None:
         at_t = goods.slot == t
         goods.cnt[at_t] += cnt_t[pos[goods.q[at_t]]]
     if whole:
-        st.pool.add(s)
+        st.pool.add_whole(s)
     elif st.K:
         keep = v > st.pool.theta[r]
         st.pool.add_entries(r[keep], v[keep])
