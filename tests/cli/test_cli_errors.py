@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from _cli import one_line_error
 
-from reidkit import cli
+from reidkit import cli, commands
 from reidkit.config import OverrideError, parse_set, validate_overrides
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,7 @@ def no_training(monkeypatch):
     monkeypatch.setattr("reidkit.hhcl.method.fit", fit)
     monkeypatch.setattr("reidkit.dgl.method.fit", fit)
     monkeypatch.setattr("reidkit.hhcl.supervised.fit", fit)
-    monkeypatch.setattr("reidkit.cli.fit", fit)
+    monkeypatch.setattr("reidkit.commands.fit", fit)
 
 
 @pytest.mark.parametrize("extra, expect", [
@@ -94,7 +94,7 @@ def test_written_files_follow_the_umask(mask, want, tmp_path):
         assert current_umask() == mask
         paths = [atomic_write_json(tmp_path / "a.json", {"x": 1}), atomic_write_bytes(tmp_path / "b.md", b"x"),
                  atomic_torch_save({"w": 1}, tmp_path / "c.pt")]
-        cli._save_npz(tmp_path / "d.npz", [[1.0]], [types.SimpleNamespace(pid=1, camid=0, path="x.jpg")])
+        commands._save_npz(tmp_path / "d.npz", [[1.0]], [types.SimpleNamespace(pid=1, camid=0, path="x.jpg")])
         paths.append(tmp_path / "d.npz")
     finally:
         os.umask(old)

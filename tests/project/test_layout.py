@@ -50,7 +50,7 @@ def test_one_training_loop_for_both_methods():
 
 #: the floors of docs/architecture.md: a module imports only from its own floor or below
 FLOORS = {"core": 0, "config": 0, "data": 1, "nets": 2, "retrieval": 2, "train": 4, "methods": 5, "course": 6, "viz": 6,
-          "cli": 7, "__main__": 7, "__init__": 0}
+          "cli": 7, "commands": 7, "__main__": 7, "__init__": 0}
 #: inside hhcl/ and dgl/, the kernels stand on floor 3 and the methods on floor 5
 METHOD_MODULES = {"reidkit.hhcl.method": 5, "reidkit.hhcl.supervised": 5, "reidkit.dgl.method": 5,
                   "reidkit.dgl.evaluate": 5}
@@ -58,6 +58,9 @@ METHOD_MODULES = {"reidkit.hhcl.method": 5, "reidkit.hhcl.supervised": 5, "reidk
 #: cost (see the architecture page)
 OPTIONAL = {"faiss", "papermill", "traitlets", "jupyter_client", "nbclient", "IPython", "ipywidgets",
             "torchvision", "nbformat", "nbconvert"}
+#: run-time-only imports of the kit itself, by file: the command line parses its arguments before it
+#: loads the commands (and PyTorch with them), so that ``--help`` answers at once
+RUNTIME_ONLY = {("reidkit/cli.py", "reidkit.commands")}
 
 
 def _module(path: Path) -> str:
@@ -123,8 +126,10 @@ def test_imports_are_at_the_top_unless_optional():
             for node in ast.walk(fn):
                 if isinstance(node, (ast.Import, ast.ImportFrom)):
                     name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
-                    if name.split(".")[0] not in OPTIONAL:
-                        hidden.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {name}")
+                    full = f"{name}.{node.names[0].name}" if isinstance(node, ast.ImportFrom) else name
+                    if name.split(".")[0] in OPTIONAL or (str(path.relative_to(PKG.parent)), full) in RUNTIME_ONLY:
+                        continue
+                    hidden.append(f"{path.relative_to(PKG.parent)}:{node.lineno} {name}")
     assert not hidden, "function-level imports: " + ", ".join(hidden)
 
 

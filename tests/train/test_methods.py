@@ -10,7 +10,7 @@ from _tiny import tiny_dataset
 from torch import nn
 from torch.utils.data import DataLoader
 
-from reidkit import cli, methods
+from reidkit import cli, commands, config, methods
 from reidkit.config import METHODS, get_profile
 from reidkit.core.io import read_train_checkpoint
 from reidkit.data import transforms
@@ -93,6 +93,7 @@ def test_a_method_must_implement_every_hook():
 
 def test_a_stub_method_trains_through_the_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(methods.REGISTRY, "shrink", Shrink)
+    monkeypatch.setattr(config, "METHODS", config.METHODS + ("shrink",))  # the method's name, as documented
     monkeypatch.setattr(RunSpec, "dataset", lambda self: tiny_dataset())   # the run's data: a tiny set
     out = tmp_path / "run"
     rc = cli.main(["train", "--method", "shrink", "--profile", "smoke", "--out", str(out), "--epochs", "2"])
@@ -143,13 +144,13 @@ def test_the_start_of_a_run_prints_its_own_methods_cost(monkeypatch, capsys):
     from types import SimpleNamespace
 
     market = get_profile("market1501").replace(hhcl__iters=1)        # a run's override: not in the cost
-    cli._print_cost(SimpleNamespace(profile=market, method="hhcl"))
+    commands._print_cost(SimpleNamespace(profile=market, method="hhcl"))
     assert capsys.readouterr().out == methods.format_cost("market1501") + "\n"
-    cli._print_cost(SimpleNamespace(profile=market, method="dgl"))
+    commands._print_cost(SimpleNamespace(profile=market, method="dgl"))
     assert "mgn with 8 x Linear(256, 751)" in methods.gpu_cost(get_profile("market1501").replace(method="dgl"))["basis"]
     assert capsys.readouterr().out == methods.format_cost(get_profile("market1501").replace(method="dgl")) + "\n"
     monkeypatch.setitem(methods.REGISTRY, "shrink", Shrink)
-    cli._print_cost(SimpleNamespace(profile=market, method="shrink"))
+    commands._print_cost(SimpleNamespace(profile=market, method="shrink"))
     assert capsys.readouterr().out == ""
 
 
@@ -173,7 +174,7 @@ def test_the_run_is_resolved_once_and_the_python_api_reads_the_clis_subset(tmp_p
     monkeypatch.setattr(hhcl_method, "fit", capture)
     with pytest.raises(SystemExit):
         hhcl_method.train_hhcl("laptop", data_root=str(root), out_dir=tmp_path / "py", device="cpu")
-    monkeypatch.setattr(cli, "fit", capture)
+    monkeypatch.setattr(commands, "fit", capture)
     with pytest.raises(SystemExit):
         cli.main(["train", "--profile", "laptop", "--data-root", str(root), "--out", str(tmp_path / "cli"),
                   "--device", "cpu"])
