@@ -37,8 +37,7 @@ import scipy.sparse as sp
 import torch
 
 from reidkit.core.device import resolve_device
-from reidkit.core.progress import progress
-from reidkit.retrieval.exact import _default_block, _full_fp32_matmul, _screen_tile, _to_float_tensor
+from reidkit.retrieval.exact import _default_block, _full_fp32_matmul, _to_float_tensor
 from reidkit.retrieval.jaccard import (
     _knn_pair_dist,
     _kreciprocal_encoding,
@@ -47,7 +46,7 @@ from reidkit.retrieval.jaccard import (
     _segment_reduce,
     jaccard_from_encoding,
 )
-from reidkit.retrieval.knn import _merge_topk, knn
+from reidkit.retrieval.knn import knn, symmetric_tile_knn
 
 __all__ = ["ca_jaccard_distance", "camera_knn"]
 
@@ -71,28 +70,11 @@ def _inter_tiles(xs: torch.Tensor, bounds: list[tuple[int, int]], k: int, block:
     candidates to the first block, its columns to the second. Returns ``(indices, sq_dists)``
     of shape (N, k), sorted by distance, indices into ``xs``.
     """
-    n = xs.shape[0]
-    sq = (xs * xs).sum(1)
     blocks = [(c, s, min(s + block, e)) for c, (b0, e) in enumerate(bounds) for s in range(b0, e, block)]
-    best: list[Any] = [None] * len(blocks)
     pairs = [(a, b) for a in range(len(blocks)) for b in range(a + 1, len(blocks))
              if blocks[a][0] != blocks[b][0]]
-    size = min(block, n)
-    buf = torch.empty(size * size, dtype=torch.float32, device=xs.device)
-    buf_t = torch.empty(size * size, dtype=torch.float32, device=xs.device)
-    for a, b in progress(pairs, desc="inter-camera knn tiles"):
-        _, a0, a1 = blocks[a]
-        _, b0, b1 = blocks[b]
-        tile = buf[: (a1 - a0) * (b1 - b0)].view(a1 - a0, b1 - b0)
-        _screen_tile(xs[a0:a1], xs[b0:b1], sq[a0:a1], sq[b0:b1], tile, "fp32")
-        d, i = torch.topk(tile, min(k, b1 - b0), dim=1, largest=False, sorted=True)
-        best[a] = _merge_topk(best[a], d, i + b0, k)
-        tile_t = buf_t[: (a1 - a0) * (b1 - b0)].view(b1 - b0, a1 - a0)
-        tile_t.copy_(tile.T)
-        d, i = torch.topk(tile_t, min(k, a1 - a0), dim=1, largest=False, sorted=True)
-        best[b] = _merge_topk(best[b], d, i + a0, k)
-    del buf, buf_t
-    return torch.cat([bd[1] for bd in best]), torch.cat([bd[0] for bd in best])
+    return symmetric_tile_knn(xs, (xs * xs).sum(1), [(s, e) for _, s, e in blocks], pairs, k,
+                              desc="inter-camera knn tiles")
 
 
 def camera_knn(features: Any, cams: Any, k_intra: int, k_inter: int, device: Any = "auto",

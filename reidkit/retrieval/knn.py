@@ -99,42 +99,111 @@ def _merge_topk(best: tuple[torch.Tensor, torch.Tensor] | None, d: torch.Tensor,
     return d, torch.gather(i, 1, pos)
 
 
-def _torch_knn_self(x: torch.Tensor, k: int, block: int, precision: str = "fp32",
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Screening self-kNN that uses the symmetry of the distance matrix.
+def _entries_below(tile: torch.Tensor, thr: torch.Tensor, by_column: bool = False,
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(r, c)`` of the tile's entries below ``thr`` (a column ``(rows, 1)`` or a row ``(1, cols)``),
+    ordered by ``r`` then ``c``, or by ``c`` then ``r`` when ``by_column``. On a CPU numpy's
+    ``flatnonzero`` finds them (0.5 ms for a 2048 x 2048 tile against 2.2 ms for ``torch.nonzero``)."""
+    mask = tile < thr
+    if mask.device.type == "cpu":
+        flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
+        r, c = flat // tile.shape[1], flat % tile.shape[1]
+    else:
+        r, c = torch.nonzero(mask, as_tuple=True)
+    if by_column:
+        order = torch.sort(c, stable=True).indices
+        r, c = r[order], c[order]
+    return r, c
 
-    The matrix ``D = |x|^2 + |y|^2 - 2 X X^T`` is cut into ``block x block`` tiles and only the tiles
-    on or above the diagonal are computed: tile (a, b) gives candidates to the rows of block ``a``
-    (top-k along its rows) *and* to the rows of block ``b`` (top-k along its columns). Each row keeps
-    a running top-k that is merged with every new candidate list. That halves the matrix-product
-    work compared with the plain row-chunked search (:func:`_torch_knn_rows`).
+
+def _merge_candidates(best: tuple[torch.Tensor, torch.Tensor], rows: torch.Tensor, d: torch.Tensor,
+                      i: torch.Tensor) -> None:
+    """Merge candidates into the running k best of their rows, in place. ``rows`` ascending (the
+    row-major order of ``nonzero``), ``d`` and ``i`` their distances and column indices; only the
+    rows that received a candidate are touched, each padded to the longest such list."""
+    bd, bi = best
+    if rows.numel() == 0:
+        return
+    touched, counts = torch.unique_consecutive(rows, return_counts=True)
+    slot = torch.repeat_interleave(torch.arange(touched.numel(), device=rows.device), counts)
+    pos = torch.arange(rows.numel(), device=rows.device) - (torch.cumsum(counts, 0) - counts)[slot]
+    width = int(counts.max())
+    pad_d = torch.full((touched.numel(), width), float("inf"), dtype=bd.dtype, device=bd.device)
+    pad_i = torch.zeros((touched.numel(), width), dtype=bi.dtype, device=bi.device)
+    pad_d[slot, pos] = d
+    pad_i[slot, pos] = i
+    cand_d = torch.cat([bd[touched], pad_d], dim=1)
+    cand_i = torch.cat([bi[touched], pad_i], dim=1)
+    nd, p = torch.topk(cand_d, bd.shape[1], dim=1, largest=False, sorted=True)
+    bd[touched] = nd
+    bi[touched] = torch.gather(cand_i, 1, p)
+
+
+def symmetric_tile_knn(xs: torch.Tensor, sq: torch.Tensor, blocks: list[tuple[int, int]],
+                       pairs: list[tuple[int, int]], k: int, precision: str = "fp32", desc: str = "knn tiles",
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k smallest screening distances of every row of ``xs`` over the tiles ``pairs`` (block
+    ``a`` against block ``b``, ``a <= b``; ``blocks[a] = (start, end)`` rows), each tile computed
+    once: its rows give candidates to block ``a``, its columns to block ``b`` (a diagonal tile only
+    to its rows). Returns ``(indices, sq_dists)``, (rows of the blocks in order, k), sorted by
+    distance; ``sq`` are the rows' squared norms.
+
+    Each row keeps a running k best. A row's first tile fills its list with ``topk``; after that
+    only the entries below the row's current k-th best distance can enter it, so one comparison pass
+    per tile side finds them (a handful per row: no ``topk`` over the tile and no transposed copy
+    of it) and they are merged into the touched rows alone. The lists hold the k smallest of each
+    row's tile values, as a ``topk`` over the whole row would (tied values may take the last slots
+    in another order). At N = 12,936 (2048-d, two cores) the selection takes 0.3 s against 0.8 s
+    for a ``topk`` of every tile side; the products are 2.1 s.
     """
-    n = x.shape[0]
-    sq = (x * x).sum(1)
-    xs = x.to(torch.bfloat16) if precision == "bf16" else x
-    starts = list(range(0, n, block))
-    best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(starts)
-    pairs = [(a, b) for a in range(len(starts)) for b in range(a, len(starts))]
+    best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(blocks)
     # two reusable tile buffers (no per-tile allocations: keeps the allocator and the RSS quiet)
-    size = min(block, n)
-    buf = torch.empty(size * size, dtype=torch.float32, device=x.device)
-    buf_t = torch.empty(size * size, dtype=torch.float32, device=x.device)
-    for a, b in progress(pairs, desc="knn tiles"):
-        a0, a1 = starts[a], min(starts[a] + block, n)
-        b0, b1 = starts[b], min(starts[b] + block, n)
+    size = max(e - s for s, e in blocks)
+    buf = torch.empty(size * size, dtype=torch.float32, device=xs.device)
+    buf_t = torch.empty(size * size, dtype=torch.float32, device=xs.device)
+
+    def full(lists) -> bool:  # a running list of k entries: its k-th best is a threshold
+        return lists is not None and lists[0].shape[1] == k
+
+    for a, b in progress(pairs, desc=desc):
+        (a0, a1), (b0, b1) = blocks[a], blocks[b]
         tile = buf[: (a1 - a0) * (b1 - b0)].view(a1 - a0, b1 - b0)
         _screen_tile(xs[a0:a1], xs[b0:b1], sq[a0:a1], sq[b0:b1], tile, precision)
-        d, i = torch.topk(tile, min(k, b1 - b0), dim=1, largest=False, sorted=True)
-        best[a] = _merge_topk(best[a], d, i + b0, k)
-        if b != a:
+        if full(best[a]):
+            r, c = _entries_below(tile, best[a][0][:, -1:])
+            _merge_candidates(best[a], r, tile[r, c], c + b0)
+        else:
+            d, i = torch.topk(tile, min(k, b1 - b0), dim=1, largest=False, sorted=True)
+            best[a] = _merge_topk(best[a], d, i + b0, k)
+        if b == a:
+            continue
+        if full(best[b]):
+            r, c = _entries_below(tile, best[b][0][:, -1][None, :], by_column=True)
+            _merge_candidates(best[b], c, tile[r, c], r + a0)
+        else:
             tile_t = buf_t[: (a1 - a0) * (b1 - b0)].view(b1 - b0, a1 - a0)
             tile_t.copy_(tile.T)
             d, i = torch.topk(tile_t, min(k, a1 - a0), dim=1, largest=False, sorted=True)
             best[b] = _merge_topk(best[b], d, i + a0, k)
     del buf, buf_t
-    d = torch.cat([bd[0] for bd in best])  # type: ignore[index]
-    i = torch.cat([bd[1] for bd in best])  # type: ignore[index]
-    return i, d
+    return torch.cat([bd[1] for bd in best]), torch.cat([bd[0] for bd in best])  # type: ignore[index]
+
+
+def _torch_knn_self(x: torch.Tensor, k: int, block: int, precision: str = "fp32",
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Screening self-kNN that uses the symmetry of the distance matrix.
+
+    The matrix ``D = |x|^2 + |y|^2 - 2 X X^T`` is cut into ``block x block`` tiles and only the tiles
+    on or above the diagonal are computed (:func:`symmetric_tile_knn`), which halves the
+    matrix-product work compared with the plain row-chunked search (:func:`_torch_knn_rows`). The
+    diagonal tiles come first, so every row's list is full before the tiles off the diagonal come.
+    """
+    n = x.shape[0]
+    blocks = [(s, min(s + block, n)) for s in range(0, n, block)]
+    pairs = [(a, a) for a in range(len(blocks))] + [(a, b) for a in range(len(blocks))
+                                                    for b in range(a + 1, len(blocks))]
+    xs = x.to(torch.bfloat16) if precision == "bf16" else x
+    return symmetric_tile_knn(xs, (x * x).sum(1), blocks, pairs, k, precision)
 
 
 def _torch_knn_rows(x: torch.Tensor, q: torch.Tensor, k: int, block: int, precision: str = "fp32",
