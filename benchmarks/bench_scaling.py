@@ -321,7 +321,9 @@ def main(argv=None) -> int:
     ap.add_argument("--gallery-sizes", help="comma-separated gallery sizes of the SYSU curve")
     ap.add_argument("--skip-cluster", action="store_true")
     ap.add_argument("--skip-sysu", action="store_true")
-    ap.add_argument("--png", default=str(HERE / "out" / "scaling.png"))
+    ap.add_argument("--png", default=None,
+                    help="the figure (default benchmarks/out/scaling.png; with --quick benchmarks/out/quick/, "
+                         "so that a smoke run never replaces the committed curves)")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
@@ -347,7 +349,7 @@ def main(argv=None) -> int:
     report["curves"] = measure(cfg, args.skip_cluster, args.skip_sysu)
     report["verdicts"] = verdicts(report["curves"])
     report["machine"]["loadavg_at_end"] = [round(v, 2) for v in os.getloadavg()]
-    png = Path(args.png)
+    png = Path(args.png) if args.png else HERE / "out" / ("quick" if args.quick else "") / "scaling.png"
     draw(report, png)
     report["png"] = str(png)
     print(json.dumps(report, indent=1))
