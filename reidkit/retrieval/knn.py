@@ -399,7 +399,7 @@ def knn(
         by the lower index, found by an fp32 or a bf16 screen and an exact re-scoring of every
         candidate within the screen's error bound (:func:`_exact_knn`); the two give identical
         answers. ``sq_dists`` are these ``D``. Measured on this kit's AMX CPU at N = 12,936 (``make
-        bench``, two threads): the direct search 2.7 s, ``exact`` 4.0 s, ``bf16`` 6.0 s (the bf16
+        bench``, two threads): the direct search 2.3 s, ``exact`` 3.4 s, ``bf16`` 6.1 s (the bf16
         band's float64 re-scoring costs more than the bf16 screen saves), so ``auto`` keeps the
         direct fp32 search.
 
