@@ -3,6 +3,7 @@ wheel, a download) and how to load them into a network."""
 
 from __future__ import annotations
 
+import codecs
 import importlib.util
 import logging
 import os
@@ -279,7 +280,12 @@ def _load_weights_only(path: str | Path):
     except pickle.UnpicklingError as exc:
         if "numpy" not in str(exc):
             raise
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+        allow = getattr(torch.serialization, "safe_globals", None)   # a context manager from torch 2.5
+        if allow is None:   # torch 2.4 has only the process-wide list: NumPy's scalar and dtype types join
+            # it, with the codecs.encode a scalar's bytes are pickled through (allowed by default from 2.5)
+            torch.serialization.add_safe_globals([*_numpy_scalar_globals(), codecs.encode])
+            return torch.load(path, map_location="cpu", weights_only=True)
+        with allow(_numpy_scalar_globals()):
             return torch.load(path, map_location="cpu", weights_only=True)
 
 
