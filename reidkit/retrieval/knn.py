@@ -157,10 +157,11 @@ def symmetric_tile_knn(xs: torch.Tensor, sq: torch.Tensor, blocks: list[tuple[in
     for a ``topk`` of every tile side; the products are 2.1 s.
     """
     best: list[tuple[torch.Tensor, torch.Tensor] | None] = [None] * len(blocks)
-    # two reusable tile buffers (no per-tile allocations: keeps the allocator and the RSS quiet)
+    # reusable tile buffers (no per-tile allocations: keeps the allocator and the RSS quiet); the
+    # transposed one only when a column side must fill a list (never in the diagonal-first self search)
     size = max(e - s for s, e in blocks)
     buf = torch.empty(size * size, dtype=torch.float32, device=xs.device)
-    buf_t = torch.empty(size * size, dtype=torch.float32, device=xs.device)
+    buf_t = None
 
     def full(lists) -> bool:  # a running list of k entries: its k-th best is a threshold
         return lists is not None and lists[0].shape[1] == k
@@ -181,6 +182,8 @@ def symmetric_tile_knn(xs: torch.Tensor, sq: torch.Tensor, blocks: list[tuple[in
             r, c = _entries_below(tile, best[b][0][:, -1][None, :], by_column=True)
             _merge_candidates(best[b], c, tile[r, c], r + a0)
         else:
+            if buf_t is None:
+                buf_t = torch.empty(size * size, dtype=torch.float32, device=xs.device)
             tile_t = buf_t[: (a1 - a0) * (b1 - b0)].view(b1 - b0, a1 - a0)
             tile_t.copy_(tile.T)
             d, i = torch.topk(tile_t, min(k, a1 - a0), dim=1, largest=False, sorted=True)
