@@ -41,7 +41,7 @@ def test_cheap_commands_do_not_import_torch(argv, expect):
     assert got["heavy"] == [], f"reidkit {' '.join(argv)} imported {got['heavy']}"
 
 
-def test_a_command_that_runs_loads_the_commands(tmp_path):
+def test_a_command_that_runs_loads_the_commands():
     """The other side: ``datasets`` runs through reidkit.commands (and its imports) and prints the
     embedded sample's table."""
     res = subprocess.run([sys.executable, "-c", PROBE, "datasets", "--dataset", "mini-mars", "--no-verify"],
@@ -49,4 +49,3 @@ def test_a_command_that_runs_loads_the_commands(tmp_path):
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["code"] == 0 and "mini-mars" in got["out"] and "torch" in got["heavy"]
-
