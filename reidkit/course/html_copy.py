@@ -18,8 +18,6 @@ import mimetypes
 import re
 from pathlib import Path
 
-import mistune
-
 from reidkit.core.io import atomic_write_bytes, nbformat_read
 
 #: links to a notebook of the course, in a rendered page: ``href="03_clustering.ipynb#anchor"``
@@ -71,6 +69,10 @@ def _index(run_dir: Path, pages: list[str]) -> str:
     report = run_dir / "report.md"
     text = report.read_text() if report.is_file() else f"# {run_dir.name}\n\nNo report.md in this run folder.\n"
     text = "\n".join(line for line in text.splitlines() if "(html/index.html)" not in line)  # this page
+    # nbconvert's Markdown renderer, imported with it: the notebook stack is not needed to train or
+    # evaluate (a GPU image without it runs every other command)
+    import mistune
+
     body = mistune.html(text).replace('href="html/', 'href="')
     body = _embed_images(body, run_dir)
     items = "\n".join(f'<li><a href="{p}.html">{html.escape(p)}</a></li>' for p in pages)

@@ -49,3 +49,16 @@ def test_a_command_that_runs_loads_the_commands():
     assert res.returncode == 0, res.stderr
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert got["code"] == 0 and "mini-mars" in got["out"] and "torch" in got["heavy"]
+
+
+def test_the_commands_load_without_the_notebook_stack(tmp_path):
+    """A GPU machine's image has PyTorch but no papermill, nbconvert or faiss (tests/_gpu_image.py):
+    training and evaluation must still load there; only ``reproduce`` needs the notebooks."""
+    from _gpu_image import LACKS, gpu_image_env
+
+    probe = ("import importlib.util, json, reidkit.commands\n"
+             f"print(json.dumps([m for m in {list(LACKS)!r} if importlib.util.find_spec(m) is not None]))")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                         env=gpu_image_env(tmp_path / "image"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout.strip().splitlines()[-1]) == []   # none of them could be found
