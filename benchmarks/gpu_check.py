@@ -866,6 +866,16 @@ def _weights_diff(a: Path, b: Path) -> dict:
     return {"max_abs_diff": worst, "tensors_differing": unequal, "tensors": len(sa), "bit_exact": unequal == 0}
 
 
+def _failure_excerpt(log_text: str, head: int = 2500, tail: int = 600) -> str:
+    """A failed torchrun's log, kept short: the worker's first traceback (its cause; torchrun's own
+    ``ChildFailedError`` report, which fills the end of the log, names none) and the last lines."""
+    start = log_text.find("Traceback")
+    start = log_text.rfind("\n", 0, start) + 1 if start >= 0 else -1   # from its line's start ([rank0]: ...)
+    if start < 0 or len(log_text) - start <= head + tail:
+        return log_text[max(start, 0):][-(head + tail):]
+    return log_text[start:start + head] + "\n[...]\n" + log_text[-tail:]
+
+
 def _clean(log_text: str, rc: int) -> dict:
     return {"rc": rc, "traceback": "Traceback" in log_text,
             "group_not_destroyed_warning": "NOT been destroyed" in log_text or "destroy_process_group() was not called"
@@ -906,7 +916,7 @@ def item_f(ctx: Ctx, res: dict) -> None:
         rc = _wait(launch("whole", "whole.log"), ctx.budget.left())
         text = (base / "whole.log").read_text()
         r["uninterrupted"] = {**_clean(text, rc), "wall_s": round(time.perf_counter() - t0, 1),
-                              "epochs": _history_len(base / "whole"), "log_tail": text[-1500:] if rc else ""}
+                              "epochs": _history_len(base / "whole"), "log_tail": _failure_excerpt(text) if rc else ""}
         ctx.report.save()
         if rc != 0 or not resume:
             continue
@@ -922,7 +932,7 @@ def item_f(ctx: Ctx, res: dict) -> None:
         log = (base / "killed" / "train.log").read_text() if (base / "killed" / "train.log").is_file() else ""
         r["resumed"] = {"killed_after_epochs": killed_at, "kill_rc": proc.returncode, **_clean(text2, rc2),
                         "resumed_from_checkpoint": "resumed from" in log, "epochs": _history_len(base / "killed"),
-                        "log_tail": text2[-1500:] if rc2 else ""}
+                        "log_tail": _failure_excerpt(text2) if rc2 else ""}
         if rc2 == 0:
             r["weights_vs_uninterrupted"] = _weights_diff(base / "whole", base / "killed")
         ctx.report.save()

@@ -14,6 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import gpu_check  # noqa: E402
+from _gpu_image import LACKS, gpu_image_env  # noqa: E402
 
 ENV_KEYS = {"device", "gpu", "driver", "cuda", "torch", "faiss", "numpy", "python"}
 
@@ -21,9 +22,12 @@ ENV_KEYS = {"device", "gpu", "driver", "cuda", "torch", "faiss", "numpy", "pytho
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-check")
+    # as on the GPU machine: no notebook stack, no faiss (its workers and torchrun inherit that);
     # budgets stretched: a loaded two-core machine must not turn a working item into "partial"
+    env = gpu_image_env(tmp_path_factory.mktemp("gpu-image"))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run", "--out-dir",
-                           str(out), "--budget-scale", "4"], capture_output=True, text=True, cwd=ROOT, timeout=1500)
+                           str(out), "--budget-scale", "4"], capture_output=True, text=True, cwd=ROOT, timeout=1500,
+                          env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "gpu_check_dryrun.json").read_text())
     return report, (out / "gpu_check_dryrun.md").read_text(), proc.stdout
@@ -43,6 +47,17 @@ def test_every_item_ran_ok_on_the_cpu(dry_run):
         assert it["wall_s"] > 0 and it["summary"], key
         assert f"| {key} | ok |" in md
     assert json.loads(stdout.strip().splitlines()[-1])["status"] == {k: "ok" for k in "abcdefg"}
+
+
+def test_it_ran_as_on_the_gpu_image(dry_run):
+    """The dry run saw Python as the GPU machine has it (tests/_gpu_image.py): every item ran without
+    the notebook stack and faiss, the training commands in torchrun's workers too."""
+    report = dry_run[0]
+    assert {"papermill", "faiss", "nbconvert", "mistune"} <= set(LACKS)
+    assert report["faiss"]["version"] is None and "No module named 'faiss'" in report["faiss"]["why"]
+    assert "reproduce skipped: papermill absent" in report["items"]["g"]["summary"]
+    f = report["items"]["f"]["checks"]
+    assert f["hhcl_default_clean_exit"] and f["dgl_default_clean_exit"], f
 
 
 def test_item_contents(dry_run):
@@ -123,3 +138,15 @@ def test_the_worker_splits_its_flags_from_the_train_arguments(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert gpu_check.main(["--train-worker", "--", "train", "--profile", "smoke"]) == 0
     assert seen == [["train", "--profile", "smoke"]]
+
+
+def test_a_failed_torchrun_keeps_the_workers_traceback():
+    """torchrun's own report fills the end of a failed run's log and names no cause; the report keeps
+    the worker's first traceback (a missing module on the device, say) and the last lines."""
+    worker = "[rank0]: Traceback (most recent call last):\n" + "[rank0]:   File x\n" * 40 + \
+        "[rank0]: ModuleNotFoundError: No module named 'mistune'\n"
+    agent = "Traceback (most recent call last):\n" + "  File y\n" * 300 + "ChildFailedError: \n  exitcode  : 1\n"
+    kept = gpu_check._failure_excerpt("gpu_check worker: gloo group of 1\n" + worker + agent)
+    assert "No module named 'mistune'" in kept and kept.startswith("[rank0]: Traceback")
+    assert kept.endswith("exitcode  : 1\n") and len(kept) < 3200
+    assert gpu_check._failure_excerpt("short log, no traceback") == "short log, no traceback"
