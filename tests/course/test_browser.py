@@ -330,7 +330,7 @@ def _run_and_check(nb_path, stem, problems, lab, browser, shots):
     browser.execute_script("window.jupyterapp.commands.execute('notebook:run-all-cells'); return null")
     _wait_all_ran(browser, stem)
     seconds = time.time() - t0
-    time.sleep(2)                                       # late widget views
+    _wait_widget_views(browser, stem, "after run-all")
     browser.save_screenshot(str(shots / f"{stem}-0-run-all.png"))
 
     errors = [f"cell {i} ({c['head']!r}): {e}" for i, c in enumerate(_state(browser)["cells"])
@@ -354,7 +354,13 @@ def _run_and_check(nb_path, stem, problems, lab, browser, shots):
     if any(w in saved for w in WIDGET_ERRORS):
         problems.append("the saved notebook contains a widget error text")
     _open(browser, lab, nb_path.name)
-    time.sleep(5)                                       # widget views render from the live kernel
+    # every saved widget view drawn from the live kernel, or shown as an error: only then can the
+    # check below find a dead one (while they say "Loading widget..." it would pass unseen)
+    views = _wait_widget_views(browser, stem, "after save and reload")
+    print(f"{stem}: after save and reload {views['drawn']} of {views['expected']} widget views drawn, "
+          f"{views['errors']} errors")
+    if not views["expected"] and _expects_slider(nb_path):
+        problems.append("after save and reload the notebook holds no widget view")
     browser.save_screenshot(str(shots / f"{stem}-9-reloaded.png"))
     dead = browser.execute_script(_DEAD_JS, list(WIDGET_ERRORS))
     for index, n, head in dead:
@@ -366,6 +372,40 @@ def _run_and_check(nb_path, stem, problems, lab, browser, shots):
     if not dead and any(w in text for w in WIDGET_ERRORS):
         problems.append("after save and reload the page shows 'Error displaying widget'")
     return seconds
+
+
+_WIDGET_VIEWS_JS = """
+const app = window.jupyterapp, panel = app && app.shell && app.shell.currentWidget;
+if (!panel || !panel.context || !panel.context.model) return null;
+let expected = 0;            // widget views the notebook's outputs hold (an empty model_id draws nothing)
+for (const cell of panel.context.model.toJSON().cells) {
+  for (const out of cell.outputs || []) {
+    const view = out.data && out.data['application/vnd.jupyter.widget-view+json'];
+    if (view && view.model_id) expected++;
+  }
+}
+let loading = 0, drawn = 0, errors = 0;
+document.querySelectorAll('.jp-Notebook .jp-OutputArea-output').forEach(o => {
+  const text = o.textContent || '';
+  if (text.startsWith('Loading widget')) { loading++; return; }
+  if (o.parentElement.closest('.jupyter-widgets')) return;       // inside a widget (an Output widget's area)
+  if (arguments[0].some(w => text.includes(w)) && o.classList.contains('jupyter-widgets')) errors++;
+  else if (o.classList.contains('jupyter-widgets') || o.querySelector('.jupyter-widgets')) drawn++;
+});
+return {expected: expected, loading: loading, drawn: drawn, errors: errors};
+"""
+
+
+def _wait_widget_views(driver, stem: str, when: str, timeout: float = 90) -> dict:
+    """Until no widget output says "Loading widget..." and the page draws (as a view or as an
+    error) as many top-level widget views as the notebook's outputs hold."""
+    def settled():
+        v = driver.execute_script(_WIDGET_VIEWS_JS, list(WIDGET_ERRORS))
+        return v if v and not v["loading"] and v["drawn"] + v["errors"] >= v["expected"] else None
+    try:
+        return _wait(settled, timeout, f"{stem}: its widget views to be drawn {when}")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {driver.execute_script(_WIDGET_VIEWS_JS, list(WIDGET_ERRORS))}") from None
 
 
 _PAGE_JS = """
