@@ -271,7 +271,48 @@ class Report:
         for key, it in d["items"].items():
             if it.get("reason") or it.get("error"):
                 lines += ["", f"**{key}**: {_md_cell(it.get('reason') or '')} {_md_cell(it.get('error') or '')}"]
+        table = gpu_table(d)
+        if table:
+            lines += ["", "## For docs/reproduce.md's GPU table: measured beside derived", "", *table]
         self.md_path.write_text("\n".join(lines) + "\n")
+
+
+def _fig(v, fmt: str = "{:g}") -> str:
+    return "n/a" if v is None else fmt.format(v)
+
+
+def gpu_table(d: dict) -> list[str]:
+    """The rows of docs/reproduce.md's GPU table that the check measures, each figure as
+    ``measured / derived``: market1501 from item a (fp32 and, in brackets, bf16 AMP), sysu30k from
+    item e (fp32, streamed bags). Empty when neither item has measured anything."""
+    items, gpu = d["items"], d["env"].get("gpu") or d["env"]["device"]
+    rows = []
+    a = items.get("a", {})
+    if a.get("measured", {}).get("fp32"):
+        m, ref, cmp_ = a["measured"], a["reference"], a["comparison"]
+        def pair(key, run, fmt="{:g}"):
+            got = (m.get(run) or {}).get(key) if key != "epoch" else (cmp_.get(run) or {}).get("epoch_minutes_measured")
+            want = ref[run]["memory_gb" if key == "peak_reserved_gb" else "decode_img_s" if key == "img_s"
+                            else "epoch_minutes"]
+            return f"{_fig(got, fmt)} / {_fig(want, fmt)}"
+        rows.append(f"| market1501 | {gpu} | ResNet-50, {m['fp32'].get('batch')} | "
+                    f"{pair('peak_reserved_gb', 'fp32')} GB ({pair('peak_reserved_gb', 'amp')} GB) | "
+                    f"{pair('img_s', 'fp32', '{:,.0f}')} ({pair('img_s', 'amp', '{:,.0f}')}) | "
+                    f"{pair('epoch', 'fp32', '{:.2f}')} min ({pair('epoch', 'amp', '{:.2f}')} min) |")
+    e = items.get("e", {})
+    if e.get("measured", {}).get("streamed_img_s"):
+        m, ref = e["measured"], e["reference"]
+        epoch = ref["epoch_minutes"] * ref["decode_img_s"] / m["streamed_img_s"]   # the same images at the measured rate
+        rows.append(f"| sysu30k | {gpu} | MGN, {ref['batch']} | {_fig(m.get('peak_reserved_gb'))} / "
+                    f"{_fig(ref['memory_gb'])} GB | {m['streamed_img_s']:,.0f} streamed, {m['compute_img_s']:,.0f} "
+                    f"GPU alone / {ref['decode_img_s']:,} | {epoch:.1f} / {ref['epoch_minutes']:g} min |")
+    if not rows:
+        return []
+    return ["| profile | measured on | network, batch | peak GPU memory fp32 (AMP) | training images/s fp32 (AMP) "
+            "| per epoch fp32 (AMP) |", "|---|---|---|---|---|---|", *rows, "",
+            "Each cell: measured / derived (gpu_cost, one A100 80GB). Memory is the caching allocator's peak "
+            "(reserved), without the CUDA context; per epoch counts training and extraction at the measured "
+            "rates, not the CPU clustering (item b times it)."]
 
 
 def _now() -> str:

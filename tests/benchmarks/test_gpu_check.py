@@ -150,3 +150,15 @@ def test_a_failed_torchrun_keeps_the_workers_traceback():
     assert "No module named 'mistune'" in kept and kept.startswith("[rank0]: Traceback")
     assert kept.endswith("exitcode  : 1\n") and len(kept) < 3200
     assert gpu_check._failure_excerpt("short log, no traceback") == "short log, no traceback"
+
+
+def test_the_md_holds_the_gpu_table_rows(dry_run):
+    """The rows docs/reproduce.md's GPU table takes, measured beside derived, ready to paste."""
+    report, md, _ = dry_run
+    table = md.split("## For docs/reproduce.md's GPU table", 1)[1]
+    market = next(line for line in table.splitlines() if line.startswith("| market1501 | cpu | ResNet-50, "))
+    a = report["items"]["a"]
+    assert f"{a['measured']['fp32']['img_s']:,.0f} / {a['reference']['fp32']['decode_img_s']:,.0f}" in market
+    assert f"/ {a['reference']['amp']['memory_gb']:g} GB)" in market
+    sysu = next(line for line in table.splitlines() if line.startswith("| sysu30k | cpu | MGN, "))
+    assert f"{report['items']['e']['measured']['streamed_img_s']:,.0f} streamed" in sysu
