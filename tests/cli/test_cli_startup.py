@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from _gpu_image import LACKS, gpu_image_env
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -54,8 +55,6 @@ def test_a_command_that_runs_loads_the_commands():
 def test_the_commands_load_without_the_notebook_stack(tmp_path):
     """A GPU machine's image has PyTorch but no papermill, nbconvert or faiss (tests/_gpu_image.py):
     training and evaluation must still load there; only ``reproduce`` needs the notebooks."""
-    from _gpu_image import LACKS, gpu_image_env
-
     probe = ("import importlib.util, json, reidkit.commands\n"
              f"print(json.dumps([m for m in {list(LACKS)!r} if importlib.util.find_spec(m) is not None]))")
     res = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300,
