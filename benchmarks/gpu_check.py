@@ -290,15 +290,15 @@ def gpu_table(d: dict) -> list[str]:
     a = items.get("a", {})
     if a.get("measured", {}).get("fp32"):
         m, ref, cmp_ = a["measured"], a["reference"], a["comparison"]
-        def pair(key, run, fmt="{:g}"):
-            got = (m.get(run) or {}).get(key) if key != "epoch" else (cmp_.get(run) or {}).get("epoch_minutes_measured")
-            want = ref[run]["memory_gb" if key == "peak_reserved_gb" else "decode_img_s" if key == "img_s"
-                            else "epoch_minutes"]
-            return f"{_fig(got, fmt)} / {_fig(want, fmt)}"
+        cells = {}
+        for run in ("fp32", "amp"):
+            got, want = m.get(run) or {}, ref[run]
+            cells[run] = (f"{_fig(got.get('peak_reserved_gb'))} / {_fig(want['memory_gb'])} GB",
+                          f"{_fig(got.get('img_s'), '{:,.0f}')} / {_fig(want['decode_img_s'], '{:,.0f}')}",
+                          f"{_fig((cmp_.get(run) or {}).get('epoch_minutes_measured'), '{:.2f}')} / "
+                          f"{_fig(want['epoch_minutes'], '{:.2f}')} min")
         rows.append(f"| market1501 | {gpu} | ResNet-50, {m['fp32'].get('batch')} | "
-                    f"{pair('peak_reserved_gb', 'fp32')} GB ({pair('peak_reserved_gb', 'amp')} GB) | "
-                    f"{pair('img_s', 'fp32', '{:,.0f}')} ({pair('img_s', 'amp', '{:,.0f}')}) | "
-                    f"{pair('epoch', 'fp32', '{:.2f}')} min ({pair('epoch', 'amp', '{:.2f}')} min) |")
+                    + " | ".join(f"{f} ({b})" for f, b in zip(cells["fp32"], cells["amp"])) + " |")
     e = items.get("e", {})
     if e.get("measured", {}).get("streamed_img_s"):
         m, ref = e["measured"], e["reference"]
