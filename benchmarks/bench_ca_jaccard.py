@@ -113,10 +113,11 @@ def main(argv=None) -> int:
     import torch
 
     steps = ["plain", "caj"] + (["ckrnns_lqe", "krnns_clqe", "krnns_lqe"] if args.all_modes else [])
+    from reidkit.core.device import cpu_description
     report: dict = {
         "benchmark": "CA-Jaccard vs plain Jaccard (both including kNN)",
         "n": args.n, "dim": 2048, "cameras": len(MARKET_CAMERAS),
-        "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "cpu_count": os.cpu_count(), "cpu": cpu_description(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
         "cuda": torch.cuda.is_available(), "loadavg_at_start": [round(v, 2) for v in os.getloadavg()],
         "rounds": [],
     }

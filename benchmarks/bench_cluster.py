@@ -260,10 +260,12 @@ def main(argv=None) -> int:
         sizes = [3000] if args.quick else [3000, 12936, 32621]
     import torch
 
+    from reidkit.core.device import cpu_description
     report = {
         "benchmark": "reidkit clustering step (kNN, k-reciprocal Jaccard, DBSCAN)",
         "quick": args.quick,
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_description(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "cuda": torch.cuda.is_available(),

@@ -330,9 +330,10 @@ def main() -> None:
     sizes = QUICK if args.quick else FULL
     import torch
 
+    from reidkit.core.device import cpu_description
     report: dict = {
         "quick": args.quick,
-        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu_description(), "python": platform.python_version(),
                     "numpy": np.__version__, "torch": torch.__version__,
                     "torch_threads": torch.get_num_threads(),
                     "cuda": torch.cuda.is_available(), "platform": platform.platform()},

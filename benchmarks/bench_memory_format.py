@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -107,7 +106,7 @@ def main() -> None:
     sys.path.insert(0, str(ROOT))
     import torch
 
-    from reidkit.core.device import bf16_native
+    from reidkit.core.device import bf16_native, cpu_description
 
     rows = []
     for arch in args.archs.split(","):
@@ -123,7 +122,7 @@ def main() -> None:
                     row[f"{k[:-2]}_speedup"] = round(res["contiguous"][k] / res["channels_last"][k], 2)
                 print(json.dumps(row), file=sys.stderr, flush=True)
                 rows.append(row)
-    print(json.dumps({"meta": {"cpu": platform.processor() or platform.machine(), "threads": args.threads,
+    print(json.dumps({"meta": {"cpu": cpu_description(), "threads": args.threads,
                                "torch": torch.__version__, "iters": args.iters}, "rows": rows}, indent=1))
 
 

@@ -374,8 +374,9 @@ def main(argv=None) -> int:
         paths = paths[:96]
     repeats, iters, limit = (1, 2, 64) if args.quick else (3, 6, 256)
     threads = torch.get_num_threads()
+    from reidkit.core.device import cpu_description
     report: dict = {"benchmark": "reidkit data pipeline", "quick": args.quick,
-                    "machine": {"cpus": os.cpu_count(), "torch_threads": threads, "torch": torch.__version__,
+                    "machine": {"cpus": os.cpu_count(), "cpu": cpu_description(), "torch_threads": threads, "torch": torch.__version__,
                                 "python": platform.python_version(), "cuda": torch.cuda.is_available(),
                                 "loadavg_at_start": [round(v, 2) for v in os.getloadavg()]},
                     "default_backend": tfm.DEFAULT_BACKEND}

@@ -337,11 +337,12 @@ def main(argv=None) -> int:
         cfg["gallery_sizes"] = [int(s) for s in args.gallery_sizes.split(",") if s.strip()]
     import torch
 
+    from reidkit.core.device import cpu_description
     report: dict = {
         "benchmark": "reidkit scaling curves", "quick": args.quick, "config": cfg,
         "settings": {"k1": K1, "k2": K2, "eps": EPS, "min_samples": MIN_SAMPLES, "knn_k": KNN_K,
                      "sysu_chunk": SYSU_CHUNK},
-        "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
+        "machine": {"cpus": os.cpu_count(), "cpu": cpu_description(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version(), "cuda": torch.cuda.is_available(),
                     "loadavg_at_start": [round(v, 2) for v in os.getloadavg()]},
         "peak_rss": "VmHWM of a fresh subprocess per point (libraries and input features included)",

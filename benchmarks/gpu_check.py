@@ -69,7 +69,7 @@ from trees import PAPER_TREES, build_tree, market1501_tree, sysu30k_tree  # noqa
 
 from reidkit import cli as reidkit_cli  # noqa: E402
 from reidkit.config import get_profile  # noqa: E402
-from reidkit.core.device import amp_dtype, exact_fp32_matmul, resolve_device, seed_everything  # noqa: E402
+from reidkit.core.device import amp_dtype, cpu_description, exact_fp32_matmul, resolve_device, seed_everything  # noqa: E402
 from reidkit.core.io import atomic_write_json, torch_load  # noqa: E402
 from reidkit.data.datasets import load_dataset  # noqa: E402
 from market_trees import synthetic_market_tree  # noqa: E402
@@ -238,6 +238,7 @@ def environment(dev: torch.device) -> dict:
         "sklearn": _version("sklearn"),
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
+        "host_cpu": cpu_description(),  # item e's decoding and every CPU comparison ran on it
         "torch_threads": torch.get_num_threads(),
         "platform": platform.platform(),
     }

@@ -51,7 +51,7 @@ def _scores(model, ds, prof, device, variant):
 
 def run(profile: str, seeds, run_dir: Path, device: str = "auto") -> dict:
     from reidkit.config import get_profile
-    from reidkit.core.device import resolve_device, seed_everything
+    from reidkit.core.device import cpu_description, resolve_device, seed_everything
     from reidkit.data.datasets import load_dataset
     from reidkit.dgl.method import train_dgl
     from reidkit.nets.backbones import build_model
@@ -88,7 +88,7 @@ def run(profile: str, seeds, run_dir: Path, device: str = "auto") -> dict:
                                   "std": float(vals.std(ddof=1)) if len(vals) > 1 else 0.0,
                                   "values": vals.tolist()}
     return {"profile": prof.name, "seeds": list(seeds), "device": str(dev), "torch_threads": _threads(),
-            "host": platform.node(), "cpu_count": os.cpu_count(), "wall_seconds": time.time() - t0,
+            "host": platform.node(), "cpu_count": os.cpu_count(), "cpu": cpu_description(), "wall_seconds": time.time() - t0,
             "timing_seconds": timing, "summary": summary, "per_seed": per_seed}
 
 

@@ -66,6 +66,15 @@ def _cluster_entry(cluster: dict, n: int) -> dict:
     return res[-1]
 
 
+def report_cpu(report: dict) -> str | None:
+    """The CPU a report was measured on (``cpu_description``'s model and bf16 unit), or None when it
+    does not say (reports from before the benchmarks recorded it)."""
+    cpu = _get(report, "machine", "cpu") or report.get("cpu")
+    if not isinstance(cpu, dict):
+        return None
+    return f"{cpu.get('model')} (bf16: {cpu.get('bf16') or 'none'})"
+
+
 def summary(reports: dict, out: Path = OUT) -> dict:
     ev, cl, pl, sc = (reports.get(k, {}) for k in SCRIPTS)
     sysu = ev.get("sysu", {})
@@ -113,9 +122,14 @@ def summary(reports: dict, out: Path = OUT) -> dict:
             verdicts.get("sysu_exponent_minus_sysu_product"), "<= 0 (0.05 fit noise)",
             verdicts.get("sysu_grows_no_faster_than_sysu_product")),
     }
+    cpus = {k: report_cpu(reports.get(k, {})) for k in SCRIPTS if reports.get(k)}
     return {
         "benchmark": "reidkit: issue 12 ratios, measured in one run",
         "machine": ev.get("machine") or cl.get("cpu_count"),
+        # the ratios set two reports against each other only where both ran on one CPU: a bf16
+        # product runs ~4x faster on AMX than on AVX512-BF16, so a summary across hosts misleads
+        "cpu_of_each_report": cpus,
+        "one_cpu": len(set(cpus.values())) <= 1 and None not in cpus.values(),
         "ratios": rows,
         "decode_plus_augment_imgs_per_s_per_core": per_core,
         "scaling_png": sc.get("png"),
@@ -150,6 +164,9 @@ def main(argv=None) -> int:
     out = summary(reports, out_dir)
     (out_dir / "summary.json").write_text(json.dumps(out, indent=1) + "\n")
     print(json.dumps(out, indent=1))
+    if not out["one_cpu"]:
+        print(f"warning: the reports were not all measured on one known CPU: {out['cpu_of_each_report']}; "
+              "run them again together (make bench)", file=sys.stderr)
     return 1 if out["errors"] else 0
 
 

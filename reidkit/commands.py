@@ -15,7 +15,7 @@ import torch
 
 from reidkit import __version__
 from reidkit.config import PROFILES, CameraConfig, OverrideError, get_profile
-from reidkit.core.device import resolve_device
+from reidkit.core.device import cpu_name, resolve_device
 from reidkit.core.io import CheckpointError, atomic_write_file
 from reidkit.course.report import write_report
 from reidkit.course.reproduce import main_reproduce, overrides_from_args
@@ -239,7 +239,7 @@ def _sysu_protocol(model, feature, ds, dev, args) -> dict:
 def _environment(dev) -> dict:
 
     env = {"reidkit": __version__, "torch": torch.__version__, "python": platform.python_version(),
-           "device": str(dev)}
+           "device": str(dev), "cpu": cpu_name()}
     if dev.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(dev)
     return env

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import os
 import platform
 import subprocess
 from pathlib import Path
@@ -14,7 +13,7 @@ import torch
 
 import reidkit
 from reidkit.config import apply_overrides, camera_parts, get_profile
-from reidkit.core.device import resolve_device
+from reidkit.core.device import cpu_name, resolve_device
 from reidkit.core.io import atomic_write_bytes, nbformat_read
 from reidkit.course.runctx import project_root
 from reidkit.methods import format_cost, method_class
@@ -272,8 +271,7 @@ def environment(prof, device: str = "auto") -> dict[str, str]:
     if dev.type == "cuda":
         name = torch.cuda.get_device_name(dev)
     else:
-        name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads " \
-               f"{torch.get_num_threads()})"
+        name = f"CPU ({cpu_name()}, torch threads {torch.get_num_threads()})"
     return {"reidkit": reidkit.__version__, "commit": _git_commit(), "python": platform.python_version(),
             "torch": torch.__version__, "torchvision": _version("torchvision"), "faiss": _version("faiss"),
             "device": f"{dev}: {name}", **_backends(prof, dev)}

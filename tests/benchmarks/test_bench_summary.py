@@ -52,3 +52,18 @@ def test_summary_of_missing_reports_is_not_measured_not_met():
     assert s["met"] == 0 and s["not_met"] == []
     assert len(s["not_measured"]) == len(s["ratios"])
     assert s["errors"] == {"scaling": "exit 1"}
+
+
+def test_summary_says_which_cpu_each_report_came_from():
+    epyc = {"model": "AMD EPYC", "cores": 2, "bf16": "AVX512-BF16"}
+    xeon = {"model": "Intel(R) Xeon(R) Platinum 8481C", "cores": 2, "bf16": "AMX"}
+    same = {"eval": {"machine": {"cpu": epyc}}, "cluster": {"cpu": epyc},
+            "pipeline": {"machine": {"cpu": epyc}}, "scaling": {"machine": {"cpu": epyc}}}
+    s = _run_all().summary(same)
+    assert s["one_cpu"] is True
+    assert set(s["cpu_of_each_report"].values()) == {"AMD EPYC (bf16: AVX512-BF16)"}
+    mixed = {**same, "eval": {"machine": {"cpu": xeon}}}
+    s = _run_all().summary(mixed)
+    assert s["one_cpu"] is False and s["cpu_of_each_report"]["eval"] == "Intel(R) Xeon(R) Platinum 8481C (bf16: AMX)"
+    # a report from before the CPU was recorded cannot vouch for one machine
+    assert _run_all().summary({**same, "cluster": {"cpu_count": 2}})["one_cpu"] is False

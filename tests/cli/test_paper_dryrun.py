@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 from trees import PAPER_TREES, build_tree
 
+from reidkit.core.device import cpu_name
 from reidkit.core.io import torch_load
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -85,6 +86,7 @@ def test_train_resume_and_evaluate(tmp_path, trees, key):
                   str(data), "--device", "cpu", "--json")
     scored = json.loads(ev.stdout)
     assert ("rank1" in scored) and scored.get("environment")
+    assert scored["environment"]["cpu"] == cpu_name()  # the host CPU, on every device
 
 
 @pytest.mark.parametrize("key", list(PAPER_TREES))

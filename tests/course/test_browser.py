@@ -277,7 +277,9 @@ def test_run_json_records_the_environment(workshop_run):
 
     run_dir, _, _, _ = workshop_run
     env = json.loads((run_dir / "run.json").read_text())["environment"]
-    assert env["torch"] == torch.__version__ and env["device"].startswith("cpu: CPU")
+    from reidkit.core.device import cpu_name
+
+    assert env["torch"] == torch.__version__ and env["device"].startswith(f"cpu: CPU ({cpu_name()}, ")
     assert env["knn"] == "torch-cpu" and env["amp"] in ("fp32 (no autocast)", "bfloat16 autocast")
     text = (run_dir / "report.md").read_text()
     assert "## Environment\n" in text and "Beside the paper" not in text    # the sample: no paper table
