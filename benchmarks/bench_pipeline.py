@@ -19,12 +19,16 @@ Sections:
   sources. Goal: ratio <= 1.15.
 * ``extract``: ``extract_features`` over ImageDataset(test_transform) against the bare forward of the
   same batches held in memory (same eval mode, inference mode, autocast). Goal: ratio <= 1.1.
+* ``allocator``: the bare workshop forward (extraction's 256 images) and training step, each in
+  fresh processes with and without the kit's CPU allocator setting (``tune_cpu_allocator``, which
+  the engine and ``extract_features`` apply on the CPU), interleaved. The other sections run under
+  it, as the kit's loops do, and in the memory format the kit uses (channels_last on the CPU).
 * ``sysu30k_rate``: the decode rate a GPU SYSU-30k run needs (29.6M JPEGs per epoch) from a stated
   GPU training throughput, and the CPU workers that the measured per-core rate implies.
 
 Timings are the best of interleaved repeats (the machine is shared). Usage::
 
-    python benchmarks/bench_pipeline.py [--quick] [--section {transforms,gpu_decode,train_step,extract,all}]
+    python benchmarks/bench_pipeline.py [--quick] [--section {transforms,gpu_decode,train_step,extract,allocator,all}]
 """
 
 from __future__ import annotations
@@ -36,12 +40,14 @@ import math
 import os
 import platform
 import random
+import subprocess
 import sys
 import tarfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+HERE = Path(__file__).resolve().parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
@@ -189,11 +195,13 @@ def section_gpu_decode(paths: list[str], repeats: int) -> dict:
 
 
 def workshop_setup():
-    """The workshop profile's model, memory, sampler inputs and autocast dtype on the CPU."""
+    """The workshop profile's model, memory, sampler inputs and autocast dtype on the CPU. The model
+    is in the memory format the kit trains and extracts in there (channels_last: the engine and
+    ``extract_features``), so that every loop here, the bare ones included, runs the kit's kernels."""
     import numpy as np
 
     from reidkit.config import get_profile
-    from reidkit.core.device import bf16_native, seed_everything
+    from reidkit.core.device import bf16_native, channels_last, seed_everything
     from reidkit.data.datasets import load_dataset
     from reidkit.data.records import relabel
     from reidkit.hhcl.memory import ClusterMemory
@@ -205,6 +213,8 @@ def workshop_setup():
     labels = np.asarray(relabel(recs)[0])  # stand-in pseudo-labels: the true ids
     model = build_model(prof.model.arch, prof.model.pooling, pretrained=False, last_stride=prof.model.last_stride,
                         device="cpu")  # weights do not change the cost
+    if channels_last("cpu"):
+        model = model.to(memory_format=torch.channels_last)
     cfg = prof.hhcl
     feats = torch.nn.functional.normalize(torch.randn(len(recs), model.feat_dim), dim=1)
     mem = ClusterMemory.from_features(feats, labels, mode=cfg.memory, temp=cfg.temp, momentum=cfg.momentum,
@@ -234,6 +244,13 @@ def train_loader(prof, recs, labels, backend: str):
                       num_workers=d.workers, generator=torch.Generator().manual_seed(1))
 
 
+def _as_kit(x: torch.Tensor) -> torch.Tensor:
+    """A batch in the memory format the kit's steps convert it to (HHCL, DGL, extract_features)."""
+    from reidkit.core.device import channels_last
+
+    return x.contiguous(memory_format=torch.channels_last) if channels_last("cpu") else x
+
+
 def train_iterations(model, mem, batches, opt, iters: int, amp) -> tuple[float, float]:
     """The kit's HHCL step (autocast forward, memory loss, backward, Adam step) ``iters`` times on
     batches from ``batches`` (a DataLoader, restarted when exhausted, or a list). Returns the
@@ -247,7 +264,7 @@ def train_iterations(model, mem, batches, opt, iters: int, amp) -> tuple[float, 
             it = iter(batches)
             batch = next(it)
         t1 = time.perf_counter()
-        x, y = batch["img"], torch.as_tensor(batch["label"])
+        x, y = _as_kit(batch["img"]), torch.as_tensor(batch["label"])
         with torch.autocast("cpu", dtype=amp or torch.bfloat16, enabled=amp is not None):
             feat = model(x)
         loss = mem(feat.float(), y)
@@ -309,7 +326,7 @@ def section_extract(repeats: int, limit: int) -> dict:
         model.eval()
         with torch.inference_mode(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
             for x in held:
-                model(x).float()
+                model(_as_kit(x)).float()
 
     def real(b):
         extract_features(model, datasets[b], device="cpu", batch_size=bs, num_workers=prof.data.workers,
@@ -334,6 +351,67 @@ def section_extract(repeats: int, limit: int) -> dict:
         out[f"ratio_{b}_over_bare"] = best[b] / best["bare"]
         out[f"ratio_{b}_from_parts"] = (best["bare"] + best[f"loader_{b}"]) / best["bare"]
     out["goal"] = "ratio <= 1.1 (default backend: %s)" % tfm.DEFAULT_BACKEND
+    return out
+
+
+def _allocator_child(what: str, tuned: bool, repeats: int, limit: int) -> dict:
+    """In a fresh process: the best of ``repeats`` bare extraction forwards or training steps, with
+    or without the kit's allocator setting (applied before the first tensor), and the peak RSS."""
+    env = {**os.environ, "REIDKIT_MALLOC_TUNING": "1" if tuned else "0"}
+    code = ("import json, sys; sys.path[:0] = [%r, %r]; import bench_pipeline as bp; "
+            "print(json.dumps(bp.allocator_probe(%r, %d, %d)))" % (str(ROOT), str(HERE), what, repeats, limit))
+    out = subprocess.run([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def allocator_probe(what: str, repeats: int, limit: int) -> dict:
+    """The child's side of :func:`_allocator_child`."""
+    from reidkit.core.device import tune_cpu_allocator
+
+    state = tune_cpu_allocator()
+    prof, recs, labels, model, mem, opt, amp = workshop_setup()
+    if what == "extract":
+        from torch.utils.data import DataLoader
+
+        from reidkit.data.datasets import load_dataset
+        from reidkit.data.transforms import ImageDataset, test_transform
+
+        ds = load_dataset(prof.data.dataset)
+        images = (list(ds.query) + list(ds.gallery) + list(ds.train))[:limit]
+        data = ImageDataset(images, test_transform(prof.data.height, prof.data.width, backend="tensor"))
+        held = [b["img"] for b in DataLoader(data, batch_size=prof.data.test_batch_size)]
+
+        def once():
+            model.eval()
+            with torch.inference_mode(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+                for x in held:
+                    model(_as_kit(x)).float()
+    else:
+        held = [b for _, b in zip(range(4), train_loader(prof, recs, labels, "tensor"))]
+
+        def once():
+            train_iterations(model, mem, held, opt, len(held), amp)
+    once()  # warm-up
+    best = min(_timed(once) for _ in range(repeats))
+    per = len(held) if what == "train_step" else 1
+    with open("/proc/self/status") as fh:  # VmHWM: this process's own peak (ru_maxrss keeps the parent's)
+        hwm = next((int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:")), None)
+    return {"tuned": bool(state.get("tuned")), "why": state.get("why"), "s": best / per, "peak_rss_mb": hwm}
+
+
+def section_allocator(repeats: int, limit: int) -> dict:
+    """Bare extraction forward and training step with and without ``tune_cpu_allocator``."""
+    out: dict = {"what": "s = best bare extraction forward over the images / best training step; fresh "
+                         "process per run, interleaved", "images": limit}
+    for what in ("extract", "train_step"):
+        runs: dict = {"default": [], "tuned": []}
+        for _ in range(2):
+            for name in runs:
+                runs[name].append(_allocator_child(what, name == "tuned", repeats, limit))
+        row = {name: {"s": min(r["s"] for r in rs), "peak_rss_mb": max(r["peak_rss_mb"] for r in rs),
+                      "applied": rs[0]["tuned"], "why": rs[0]["why"]} for name, rs in runs.items()}
+        row["speedup"] = row["default"]["s"] / row["tuned"]["s"]
+        out[what] = row
     return out
 
 
@@ -367,20 +445,23 @@ def sysu30k_rate(transforms: dict | None) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer images, iterations and repeats")
-    ap.add_argument("--section", choices=["transforms", "gpu_decode", "train_step", "extract", "all"], default="all")
+    ap.add_argument("--section", choices=["transforms", "gpu_decode", "train_step", "extract", "allocator", "all"],
+                    default="all")
     args = ap.parse_args(argv)
     paths = sample_paths()
     if args.quick:
         paths = paths[:96]
     repeats, iters, limit = (1, 2, 64) if args.quick else (3, 6, 256)
     threads = torch.get_num_threads()
-    from reidkit.core.device import cpu_description
+    from reidkit.core.device import cpu_description, tune_cpu_allocator
     report: dict = {"benchmark": "reidkit data pipeline", "quick": args.quick,
                     "machine": {"cpus": os.cpu_count(), "cpu": cpu_description(), "torch_threads": threads, "torch": torch.__version__,
                                 "python": platform.python_version(), "cuda": torch.cuda.is_available(),
                                 "loadavg_at_start": [round(v, 2) for v in os.getloadavg()]},
                     "default_backend": tfm.DEFAULT_BACKEND}
-    sections = ["transforms", "gpu_decode", "train_step", "extract"] if args.section == "all" else [args.section]
+    sections = (["transforms", "gpu_decode", "train_step", "extract", "allocator"] if args.section == "all"
+                else [args.section])
+    tune_cpu_allocator()  # as the kit's training and extraction loops do on the CPU
     for name in sections:
         torch.set_num_threads(threads)
         if name == "transforms":
@@ -389,6 +470,8 @@ def main(argv=None) -> int:
             report[name] = section_gpu_decode(paths, repeats)
         elif name == "train_step":
             report[name] = section_train_step(iters, repeats)
+        elif name == "allocator":
+            report[name] = section_allocator(repeats, limit)
         else:
             report[name] = section_extract(repeats, limit)
         print(json.dumps({name: report[name]}), file=sys.stderr, flush=True)

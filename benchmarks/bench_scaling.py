@@ -274,7 +274,9 @@ def draw(report: dict, png: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     m = report["machine"]
-    fig.suptitle(f"reidkit scaling, {m['cpus']} CPUs, torch threads {m['torch_threads']}")
+    cpu = m.get("cpu") or {}
+    fig.suptitle(f"reidkit scaling, {cpu.get('model', 'CPU')}, {m['cpus']} cores (bf16: {cpu.get('bf16') or 'none'}), "
+                 f"torch threads {m['torch_threads']}")
     fig.tight_layout()
     png.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(png, dpi=110)

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from PIL import Image
 from torch import nn
 
-from reidkit.core.device import amp_dtype, channels_last, optimizer_steps_to_cpu, seed_everything
+from reidkit.core.device import amp_dtype, channels_last, optimizer_steps_to_cpu, seed_everything, tune_cpu_allocator
 from reidkit.core.io import atomic_torch_save, atomic_write_json, read_train_checkpoint
 from reidkit.core.progress import _interactive_output, progress
 from reidkit.data.records import CorruptImageError, Record, check_images
@@ -428,6 +428,10 @@ def _setup(run: _Run, resume: bool) -> None:
     if run.rank == 0 and run.evaluate:
         for what, recs in m.eval_records(run.selection).items():
             verify_images(recs, what, run.log)
+    alloc = ""
+    if run.dev.type == "cpu":  # the batches' activations stay in the process (1.04-1.9x on the CPU)
+        a = tune_cpu_allocator()
+        alloc = " (CPU allocator: batches kept)" if a["tuned"] else f" (CPU allocator: glibc default, {a['why']})"
     seed_everything(run.seed)
     run.model = m.build_model(run.dev)
     run.ghost_layers = apply_ghost_bn(run.model, m.ghost_bn)
@@ -441,7 +445,7 @@ def _setup(run: _Run, resume: bool) -> None:
                                                           find_unused_parameters=m.find_unused)
     run.settings = m.settings()
     run.init_source = str(getattr(run.model, "init_source", m.prof.model.pretrained))
-    run.log(f"{m.describe()} | init {run.init_source} | device {run.dev} x {run.world} | out {run.out}")
+    run.log(f"{m.describe()} | init {run.init_source} | device {run.dev} x {run.world}{alloc} | out {run.out}")
     if not resume and run.rank == 0:
         move_aside(run.out, RUN_FILES, run.log)
     if resume and (run.out / "checkpoint.pt").is_file():

@@ -41,3 +41,49 @@ def test_this_host_is_described():
     d = cpu_description()
     assert isinstance(d["model"], str) and d["model"] and d["cores"] >= 1
     assert d["bf16"] in (None, "AMX", "AVX512-BF16")
+
+
+# ------------------------------------------------------------------ the CPU allocator setting
+import json  # noqa: E402
+import os  # noqa: E402
+import platform  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[2]
+GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def _child(code: str, **env) -> dict:
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT), **env})
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_the_allocator_setting_applies_once_and_can_be_turned_off():
+    code = ("import json; from reidkit.core.device import tune_cpu_allocator as t; a = t(); b = t(); "
+            "print(json.dumps({'a': a, 'same': a is b}))")
+    on = _child(code)
+    assert on == {"a": {"tuned": True, "why": "mallopt"}, "same": True}
+    off = _child(code, REIDKIT_MALLOC_TUNING="0")
+    assert off["a"] == {"tuned": False, "why": "REIDKIT_MALLOC_TUNING=0"}
+
+
+@pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
+def test_cpu_extraction_applies_it_and_gives_the_same_features():
+    # the setting changes where memory comes from, never a value: the features with and without it
+    # are equal bit for bit
+    code = ("import json, torch; from torch import nn; from reidkit.core import device as d; "
+            "from reidkit.nets.features import extract_features; torch.manual_seed(0); "
+            "m = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten()); "
+            "x = torch.randn(10, 3, 32, 16); before = dict(d._ALLOCATOR); "
+            "f = extract_features(m, [{'img': x[i]} for i in range(10)], device='cpu', batch_size=4, amp=False); "
+            "print(json.dumps({'before': before, 'after': d._ALLOCATOR, 'f': f.tolist()}))")
+    on, off = _child(code), _child(code, REIDKIT_MALLOC_TUNING="0")
+    assert on["before"] == {} and on["after"]["tuned"] is True
+    assert off["after"]["tuned"] is False
+    assert on["f"] == off["f"]

@@ -89,6 +89,7 @@ def test_the_recipe_trains_and_scores_its_pseudo_labels_every_epoch(recipe_run):
     log = (out / "train.log").read_text()
     assert "ARI " in log and "cross-cam pairs joined" in log
     assert "centre, ca-jaccard, proxies x1, balanced-sampler" in log  # the run says what it trains
+    assert "device cpu x 1 (CPU allocator: " in log  # and how the CPU's memory is kept
 
 
 def test_the_recipe_is_recorded_in_the_checkpoint_and_refused_on_a_changed_resume(recipe_run, tmp_path):

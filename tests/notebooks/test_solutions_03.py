@@ -86,7 +86,7 @@ def run(smoke_ctx):
 
 def test_the_sample_clusters_miss_cross_camera_pairs(run):
     s = camera_split_purity(run["labels"], run["pid"], run["camid"])
-    # fp32 features (no native bf16 on the CPU) give purity 0.85; bf16 ones (AMX) about 0.95
+    # fp32 features (no native bf16 on the CPU) give purity 0.85; bf16 ones (AMX, AVX512-BF16) about 0.95
     assert s["within_camera"]["recall"] > 0.7 and s["within_camera"]["purity"] > 0.8
     assert s["across_cameras"]["recall"] < s["within_camera"]["recall"] - 0.2
     assert s["ids_multi_camera"] == 4 and s["single_camera_clusters"] >= 0.7 * s["clusters"]

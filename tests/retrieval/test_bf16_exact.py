@@ -190,8 +190,8 @@ def test_precision_is_chosen_by_hardware():
     assert ex.resolve_precision("fp32", cpu) == "fp32" and ex.resolve_precision("bf16", cpu) == "bf16"
     with pytest.raises(ValueError, match="precision"):
         ex.resolve_precision("fp16", cpu)
-    # the kNN screens in fp32 unless bf16 is asked: on an AMX CPU the bf16 screen's wider band costs
-    # more exact re-scoring than it saves (see knn's docstring)
+    # the kNN screens in fp32 unless bf16 is asked: on a CPU with native bf16 (AMX or AVX512-BF16)
+    # the bf16 screen's wider band costs more exact re-scoring than it saves (see knn's docstring)
     assert kn.knn(_unit(20, 8), 3, device="cpu").precision == "fp32"
     for backend in ("torch", "faiss", "auto"):  # refused whichever search would run
         with pytest.raises(ValueError, match="precision must be one of"):
