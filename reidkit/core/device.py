@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import platform
 import random
@@ -60,8 +61,6 @@ def tune_cpu_allocator() -> dict[str, Any]:
     elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         _ALLOCATOR.update(tuned=False, why=f"not glibc ({platform.system()} {platform.libc_ver()[0] or 'libc'})")
     else:
-        import ctypes
-
         try:
             libc = ctypes.CDLL("libc.so.6")
             ok = bool(libc.mallopt(_M_MMAP_MAX, 0)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, CPU_TRIM_THRESHOLD))
