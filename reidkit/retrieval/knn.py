@@ -253,8 +253,9 @@ def _screen_candidates(x: torch.Tensor, q: torch.Tensor | None, k: int, block: i
     xn2 = sqnorm_up(x)
     qn2 = xn2 if q is None else sqnorm_up(q)
     lim_b = 2 * (distance_bound(d, precision) * (qn2 + xn2.max()) + 4 * d * _TINY)
-    # the bf16 band (~100x the fp32 one) holds ~2.5k per row on clustered features: a first width of
-    # k + k/2 left 96 % of the rows to a second, non-symmetric search (N = 12,936: 6.5-6.8 s, now 3.9-4.1 s)
+    # the bf16 band (~100x the fp32 one) holds ~75 per row on the benchmark's clustered features (k = 31):
+    # a first width of k + k/2 left 96 % of the rows to a second, non-symmetric search (N = 12,936:
+    # 6.5-6.8 s, now 3.9-4.1 s)
     width = min(n, 4 * k if precision == "bf16" else k + max(8, k // 2))
     if q is None:
         i_t, d_t = _torch_knn_self(x, width, block, precision)
@@ -403,10 +404,11 @@ def knn(
         once to float32, so independent of the matmul kernel, its blocking and the device), ties
         by the lower index, found by an fp32 or a bf16 screen and an exact re-scoring of every
         candidate within the screen's error bound (:func:`_exact_knn`); the two give identical
-        answers. ``sq_dists`` are these ``D``. Measured on this kit's AMX CPU at N = 12,936 (``make
-        bench``, two threads, 2026-12-07): the direct search 2.6 s, ``exact`` 3.6 s, ``bf16`` 4.0 s
-        (the bf16 band, ~2.5k candidates per row, re-scored exactly, costs more than the bf16
-        screen saves), so ``auto`` keeps the direct fp32 search.
+        answers. ``sq_dists`` are these ``D``. Measured at N = 12,936 (``make bench``, two threads of an
+        AMD EPYC with AVX512-BF16, 2026-12-07): the direct search 2.9 s, ``exact`` 3.9 s, ``bf16``
+        4.1 s (the bf16 band, ~75 candidates per row against ~31 for the fp32 screen, re-scored
+        exactly, costs more than the bf16 screen saves); at N = 32,621 20.3, 23.0 and 19.1 s, an
+        order that earlier runs on other features did not show, so ``auto`` keeps the direct fp32 search.
 
     Returns
     -------
