@@ -253,7 +253,7 @@ def _screen_candidates(x: torch.Tensor, q: torch.Tensor | None, k: int, block: i
     xn2 = sqnorm_up(x)
     qn2 = xn2 if q is None else sqnorm_up(q)
     lim_b = 2 * (distance_bound(d, precision) * (qn2 + xn2.max()) + 4 * d * _TINY)
-    # the bf16 band (~100x the fp32 one) holds ~75 per row on the benchmark's clustered features (k = 31):
+    # the bf16 band (~50x the fp32 one) holds ~75 per row on the benchmark's clustered features (k = 31):
     # a first width of k + k/2 left 96 % of the rows to a second, non-symmetric search (N = 12,936:
     # 6.5-6.8 s, now 3.9-4.1 s)
     width = min(n, 4 * k if precision == "bf16" else k + max(8, k // 2))

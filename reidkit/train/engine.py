@@ -429,7 +429,7 @@ def _setup(run: _Run, resume: bool) -> None:
         for what, recs in m.eval_records(run.selection).items():
             verify_images(recs, what, run.log)
     alloc = ""
-    if run.dev.type == "cpu":  # the batches' activations stay in the process (1.04-1.9x on the CPU)
+    if run.dev.type == "cpu":  # the batches' activations stay in the process (1.03-1.9x on the CPU)
         a = tune_cpu_allocator()
         alloc = " (CPU allocator: batches kept)" if a["tuned"] else f" (CPU allocator: glibc default, {a['why']})"
     seed_everything(run.seed)

@@ -1,4 +1,14 @@
-"""The host CPU as benchmarks and run records state it (reidkit.core.device.cpu_description)."""
+"""The host CPU as benchmarks and run records state it (reidkit.core.device.cpu_description), and
+the allocator setting of the kit's CPU loops (tune_cpu_allocator)."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from reidkit.core.device import cpu_description, cpu_name
 
@@ -44,15 +54,6 @@ def test_this_host_is_described():
 
 
 # ------------------------------------------------------------------ the CPU allocator setting
-import json  # noqa: E402
-import os  # noqa: E402
-import platform  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
 ROOT = Path(__file__).resolve().parents[2]
 GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
