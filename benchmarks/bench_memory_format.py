@@ -15,7 +15,8 @@ laptops) and each precision (fp32; bf16 autocast only where the CPU computes it 
 * ``extract``: one forward pass of 64 images in eval and inference mode, the network's work in
   each batch of :func:`reidkit.nets.features.extract_features` (no loader, no flip).
 
-The median of ``--iters`` repetitions after one warm-up is kept; ``speedup`` is NCHW time over
+Each child applies the kit's CPU allocator setting first (``tune_cpu_allocator``, as the engine and
+``extract_features`` do). The median of ``--iters`` repetitions after one warm-up is kept; ``speedup`` is NCHW time over
 channels_last time. The kit turns channels_last on for CUDA and the CPU
 (``reidkit.core.device.channels_last``) because of this measurement.
 """
@@ -39,8 +40,10 @@ def measure(arch: str, layout: str, amp: bool, iters: int, threads: int) -> dict
     """One configuration, in this process: median seconds of a train step and an extraction batch."""
     import torch
 
+    from reidkit.core.device import tune_cpu_allocator
     from reidkit.nets.backbones import build_model
 
+    tune_cpu_allocator()  # as the kit's training and extraction loops run on the CPU
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_model(arch, pretrained=False, device="cpu")
