@@ -52,7 +52,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from bench_cluster import _hwm_mb  # noqa: E402
 
+from reidkit.core.device import channels_last, cpu_description, tune_cpu_allocator  # noqa: E402
 from reidkit.data import transforms as tfm  # noqa: E402
 
 SIZES = {"workshop_256x128": (256, 128), "dgl_sysu_384x128": (384, 128), "smoke_128x64": (128, 64)}
@@ -201,7 +203,7 @@ def workshop_setup():
     import numpy as np
 
     from reidkit.config import get_profile
-    from reidkit.core.device import bf16_native, channels_last, seed_everything
+    from reidkit.core.device import bf16_native, seed_everything
     from reidkit.data.datasets import load_dataset
     from reidkit.data.records import relabel
     from reidkit.hhcl.memory import ClusterMemory
@@ -246,9 +248,31 @@ def train_loader(prof, recs, labels, backend: str):
 
 def _as_kit(x: torch.Tensor) -> torch.Tensor:
     """A batch in the memory format the kit's steps convert it to (HHCL, DGL, extract_features)."""
-    from reidkit.core.device import channels_last
-
     return x.contiguous(memory_format=torch.channels_last) if channels_last("cpu") else x
+
+
+def extraction_held(prof, limit: int) -> tuple[list, dict]:
+    """The first ``limit`` sample images of the extraction sections, as an ImageDataset per backend,
+    and the tensor backend's batches decoded once and held in memory (the bare loops' input)."""
+    from torch.utils.data import DataLoader
+
+    from reidkit.data.datasets import load_dataset
+    from reidkit.data.transforms import ImageDataset, test_transform
+
+    ds = load_dataset(prof.data.dataset)
+    recs = (list(ds.query) + list(ds.gallery) + list(ds.train))[:limit]
+    size = (prof.data.height, prof.data.width)
+    datasets = {b: ImageDataset(recs, test_transform(*size, backend=b)) for b in tfm.BACKENDS}
+    held = [b["img"] for b in DataLoader(datasets["tensor"], batch_size=prof.data.test_batch_size)]
+    return held, datasets
+
+
+def bare_extract(model, held: list, amp) -> None:
+    """The network's work in extract_features' batches: eval, inference mode, autocast, kit format."""
+    model.eval()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
+        for x in held:
+            model(_as_kit(x)).float()
 
 
 def train_iterations(model, mem, batches, opt, iters: int, amp) -> tuple[float, float]:
@@ -310,23 +334,15 @@ def section_extract(repeats: int, limit: int) -> dict:
     load drift; ``ratio_<backend>_over_bare``: the interleaved end-to-end timings."""
     from torch.utils.data import DataLoader
 
-    from reidkit.data.transforms import ImageDataset, test_transform
     from reidkit.nets.features import extract_features
 
     prof, _, _, model, _, _, amp = workshop_setup()
-    from reidkit.data.datasets import load_dataset
-
-    ds = load_dataset(prof.data.dataset)
-    recs = (list(ds.query) + list(ds.gallery) + list(ds.train))[:limit]
+    held, datasets = extraction_held(prof, limit)
     bs, size = prof.data.test_batch_size, (prof.data.height, prof.data.width)
-    datasets = {b: ImageDataset(recs, test_transform(*size, backend=b)) for b in tfm.BACKENDS}
-    held = [b["img"] for b in DataLoader(datasets["tensor"], batch_size=bs)]
+    n = len(datasets["tensor"])
 
     def bare():
-        model.eval()
-        with torch.inference_mode(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-            for x in held:
-                model(_as_kit(x)).float()
+        bare_extract(model, held, amp)
 
     def real(b):
         extract_features(model, datasets[b], device="cpu", batch_size=bs, num_workers=prof.data.workers,
@@ -344,9 +360,9 @@ def section_extract(repeats: int, limit: int) -> dict:
             times[b].append(_timed(lambda: real(b)))
             times[f"loader_{b}"].append(_timed(lambda: loader_only(b)))
     best = {k: min(v) for k, v in times.items()}
-    out = {"images": len(recs), "batch_size": bs, "size": list(size), "autocast": str(amp),
+    out = {"images": n, "batch_size": bs, "size": list(size), "autocast": str(amp),
            "threads": torch.get_num_threads(), **{f"{k}_s": v for k, v in best.items()},
-           "bare_imgs_per_s": len(recs) / best["bare"]}
+           "bare_imgs_per_s": n / best["bare"]}
     for b in tfm.BACKENDS:
         out[f"ratio_{b}_over_bare"] = best[b] / best["bare"]
         out[f"ratio_{b}_from_parts"] = (best["bare"] + best[f"loader_{b}"]) / best["bare"]
@@ -366,26 +382,13 @@ def _allocator_child(what: str, tuned: bool, repeats: int, limit: int) -> dict:
 
 def allocator_probe(what: str, repeats: int, limit: int) -> dict:
     """The child's side of :func:`_allocator_child`."""
-    from reidkit.core.device import tune_cpu_allocator
-
     state = tune_cpu_allocator()
     prof, recs, labels, model, mem, opt, amp = workshop_setup()
     if what == "extract":
-        from torch.utils.data import DataLoader
-
-        from reidkit.data.datasets import load_dataset
-        from reidkit.data.transforms import ImageDataset, test_transform
-
-        ds = load_dataset(prof.data.dataset)
-        images = (list(ds.query) + list(ds.gallery) + list(ds.train))[:limit]
-        data = ImageDataset(images, test_transform(prof.data.height, prof.data.width, backend="tensor"))
-        held = [b["img"] for b in DataLoader(data, batch_size=prof.data.test_batch_size)]
+        held, _ = extraction_held(prof, limit)
 
         def once():
-            model.eval()
-            with torch.inference_mode(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
-                for x in held:
-                    model(_as_kit(x)).float()
+            bare_extract(model, held, amp)
     else:
         held = [b for _, b in zip(range(4), train_loader(prof, recs, labels, "tensor"))]
 
@@ -394,9 +397,8 @@ def allocator_probe(what: str, repeats: int, limit: int) -> dict:
     once()  # warm-up
     best = min(_timed(once) for _ in range(repeats))
     per = len(held) if what == "train_step" else 1
-    with open("/proc/self/status") as fh:  # VmHWM: this process's own peak (ru_maxrss keeps the parent's)
-        hwm = next((int(line.split()[1]) / 1024 for line in fh if line.startswith("VmHWM:")), None)
-    return {"tuned": bool(state.get("tuned")), "why": state.get("why"), "s": best / per, "peak_rss_mb": hwm}
+    # VmHWM: this process's own peak (ru_maxrss keeps the parent's across exec)
+    return {"tuned": bool(state.get("tuned")), "why": state.get("why"), "s": best / per, "peak_rss_mb": _hwm_mb()}
 
 
 def section_allocator(repeats: int, limit: int) -> dict:
@@ -453,7 +455,6 @@ def main(argv=None) -> int:
         paths = paths[:96]
     repeats, iters, limit = (1, 2, 64) if args.quick else (3, 6, 256)
     threads = torch.get_num_threads()
-    from reidkit.core.device import cpu_description, tune_cpu_allocator
     report: dict = {"benchmark": "reidkit data pipeline", "quick": args.quick,
                     "machine": {"cpus": os.cpu_count(), "cpu": cpu_description(), "torch_threads": threads, "torch": torch.__version__,
                                 "python": platform.python_version(), "cuda": torch.cuda.is_available(),
