@@ -395,3 +395,31 @@ def test_random_erasing_inplace_writes_into_its_input():
     before = copy.clone()
     RandomErasing(p=1.0)(copy)
     assert torch.equal(copy, before)
+
+
+def test_deferred_normalization_gives_uint8_items_and_the_same_floats_per_batch():
+    """The extraction loader's split (reidkit.nets.features.feature_loader): the dataset without
+    its last NormalizeUint8 gives uint8 items (a decoded JPEG's interleaved strides); that step on
+    the stacked batch, in either memory format, gives the per-item floats bit for bit, contiguous;
+    pipelines not ending in it are not split."""
+    from reidkit.data.records import Record
+
+    recs = [Record(p, k, 0) for k, p in enumerate(sample_paths(6))]
+    for size in [(256, 128), (384, 128)]:  # no resize / a resize
+        ds = ImageDataset(recs, eval_transform(*size))
+        twin, step = ds.deferred_normalization()
+        assert isinstance(step, NormalizeUint8) and ds.transform.transforms[-1] is step
+        assert twin.records is ds.records and twin.decode is ds.decode
+        assert len(ds.transform.transforms) == 3  # the original is left whole
+        items = [twin[i]["img"] for i in range(len(recs))]
+        assert all(x.dtype == torch.uint8 and x.shape == (3, *size) for x in items)
+        per_item = torch.stack([ds[i]["img"] for i in range(len(recs))])
+        for batch in (torch.stack(items), torch.stack(items).contiguous(memory_format=torch.channels_last)):
+            out = step(batch)
+            assert out.dtype == torch.float32 and out.is_contiguous() and torch.equal(out, per_item)
+        assert ds[0]["img"].is_contiguous()
+        if size == (256, 128):  # no resize: the decoder's interleaved (HWC) strides reach the step
+            assert items[0].stride() == (1, 128 * 3, 3)
+    assert ImageDataset(recs, eval_transform(backend="pil")).deferred_normalization() is None
+    assert ImageDataset(recs, train_transform()).deferred_normalization() is None  # ends in erasing
+    assert ImageDataset(recs, None).deferred_normalization() is None

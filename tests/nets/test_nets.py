@@ -529,6 +529,112 @@ def test_amp_channels_last_and_forward_fn_on_cpu():
     np.testing.assert_allclose(np.linalg.norm(logits, axis=1), 1.0, atol=1e-5)
 
 
+def test_extraction_normalises_uint8_batches_to_the_same_features():
+    """feature_loader: an ImageDataset with the test transform is loaded as uint8 batches and
+    normalised per batch (a quarter of the bytes to stack or send to a GPU); the features equal
+    those of the per-image normalisation (a DataLoader passed in is taken as it is) bit for bit."""
+    from reidkit.data.datasets import load_dataset
+    from reidkit.data.transforms import ImageDataset, test_transform
+    from reidkit.nets.features import feature_loader
+
+    torch.manual_seed(0)
+    model = backbones.build_model("mobilenetv2", pretrained=False, device="cpu")
+    _calibrate_bn(model, torch.randn(8, 3, 128, 64))
+    ds = ImageDataset(load_dataset("mini-mars").query[:10], test_transform(128, 64))
+    loader, step = feature_loader(ds, batch_size=4)
+    assert step is ds.transform.transforms[-1] and next(iter(loader))["img"].dtype == torch.uint8
+    per_image = DataLoader(ds, batch_size=4)
+    assert feature_loader(per_image) == (per_image, None)
+    for amp in (False, "bf16"):
+        np.testing.assert_array_equal(extract_features(model, ds, device="cpu", batch_size=4, amp=amp),
+                                      extract_features(model, per_image, device="cpu", amp=amp))
+    chunks = list(iter_features(model, ds, device="cpu", batch_size=4, chunk_rows=None))
+    np.testing.assert_array_equal(np.concatenate([c for c, _ in chunks]), extract_features(model, per_image, device="cpu"))
+
+
+@pytest.mark.parametrize("arch,pairs", [("mobilenetv2", 52), ("resnet50", 53)])
+def test_fold_batchnorm_merges_every_conv_bn_pair_into_a_copy(arch, pairs):
+    from reidkit.nets.inference import fold_batchnorm
+
+    torch.manual_seed(0)
+    model = backbones.build_model(arch, pretrained=False, device="cpu")
+    _calibrate_bn(model, torch.randn(4, 3, 64, 32))
+    model = model.to(memory_format=torch.channels_last).eval()
+    bns = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    net, folded = fold_batchnorm(model)
+    assert folded == pairs and bns >= pairs
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in model.modules()) == bns      # the model is untouched
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in net.modules()) == bns - pairs
+    assert all(m.weight.is_contiguous(memory_format=torch.channels_last)
+               for m in net.modules() if isinstance(m, nn.Conv2d) and m.kernel_size != (1, 1))
+    x = torch.randn(3, 3, 64, 32).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        ref, got = model(x), net(x)
+    assert float((got - ref).abs().max()) <= 2e-4 * float(ref.abs().max())  # fp32 rounding (~7e-5 for ResNet-50)
+
+
+class _ConvBnAndSkip(nn.Module):
+    """A Conv2d then a BatchNorm2d among its children, but the convolution's output also bypasses
+    the BatchNorm: folding by the order of the children would change what it computes."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv1(x)
+        return (self.bn1(y) + y).flatten(1)
+
+
+class _SkippingSequential(nn.Sequential):
+    def forward(self, x):  # not a chain any more
+        y = self[0](x)
+        return self[1](y) + y
+
+
+def test_fold_for_inference_folds_only_where_the_data_flow_is_known():
+    from reidkit.nets.inference import fold_for_inference
+
+    for tricky in (_ConvBnAndSkip(), _SkippingSequential(nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4))):
+        net, info = fold_for_inference(tricky.eval())
+        assert net is tricky and info == {"folded": 0, "why": "no BatchNorm2d fed straight by a Conv2d"}
+    chain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Conv2d(4, 2, 1),
+                          nn.BatchNorm2d(2, affine=False), nn.BatchNorm2d(2)).eval()
+    with torch.no_grad():
+        for bn in (chain[1], chain[4], chain[5]):
+            bn.running_mean.uniform_(-1, 1)
+            bn.running_var.uniform_(0.5, 2)
+    net, info = fold_for_inference(chain)
+    assert info == {"folded": 2, "why": None}  # the second BatchNorm after a BatchNorm stays
+    assert [type(m).__name__ for m in net] == ["Conv2d", "Identity", "ReLU", "Conv2d", "Identity", "BatchNorm2d"]
+    x = torch.randn(2, 3, 8, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(net(x), chain(x), rtol=1e-5, atol=1e-6)
+    net, info = fold_for_inference(chain.train())  # the copy is the eval-mode network; the model stays
+    assert info["folded"] == 2 and not net.training and chain.training and chain[1].training
+    chain.eval()
+    handle = chain[2].register_forward_hook(lambda *a: None)
+    assert fold_for_inference(chain) == (chain, {"folded": 0, "why": "the model has forward hooks"})
+    handle.remove()
+
+
+def test_extraction_folds_batchnorm_records_it_and_leaves_autograd_to_the_consumer(small_model, tmp_path):
+    ds = TinySet()
+    folded = extract_features(small_model, ds, device="cpu", batch_size=3, out=tmp_path / "f.npy")
+    plain = extract_features(small_model, ds, device="cpu", batch_size=3, fold_bn=False,
+                             out=tmp_path / "p.npy")
+    assert read_sidecar(tmp_path / "f.npy")["bn_folded"] == 52 and read_sidecar(tmp_path / "p.npy")["bn_folded"] == 0
+    np.testing.assert_allclose(folded, plain, atol=1e-5)
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in small_model.modules()) == 52  # extracted from a copy
+    for feats, _ in iter_features(small_model, ds, device="cpu", batch_size=3, chunk_rows=None):
+        # between batches the caller's code runs with autograd as it was (no inference mode leaks)
+        assert not torch.is_inference_mode_enabled() and torch.is_grad_enabled()
+        w = torch.ones(2, requires_grad=True)
+        (w * 2).sum().backward()
+        assert w.grad is not None
+
+
 # --------------------------------------------------------------------------------------------
 # GPU cost of the paper profiles (reidkit.methods.gpu_cost: the method's plan, reidkit.train.gpu_cost's arithmetic)
 # --------------------------------------------------------------------------------------------
