@@ -18,7 +18,9 @@ Sections:
   memory: one loop (the kit's step: autocast forward, memory loss, backward, Adam), two batch
   sources. Goal: ratio <= 1.15.
 * ``extract``: ``extract_features`` over ImageDataset(test_transform) against the bare forward of the
-  same batches held in memory (same eval mode, inference mode, autocast). Goal: ratio <= 1.1.
+  same batches held in memory (same eval mode, inference mode, autocast, and the same network: its
+  BatchNorms folded, as ``extract_features`` does). Goal: ratio <= 1.1. Also the folded network
+  against the model as it is (``fold_speedup``).
 * ``allocator``: the bare workshop forward (extraction's 256 images) and training step, each in
   fresh processes with and without the kit's CPU allocator setting (``tune_cpu_allocator``, which
   the engine and ``extract_features`` apply on the CPU), interleaved. The other sections run under
@@ -56,6 +58,7 @@ from bench_cluster import _hwm_mb  # noqa: E402
 
 from reidkit.core.device import channels_last, cpu_description, tune_cpu_allocator  # noqa: E402
 from reidkit.data import transforms as tfm  # noqa: E402
+from reidkit.nets.inference import fold_batchnorm  # noqa: E402
 
 SIZES = {"workshop_256x128": (256, 128), "dgl_sysu_384x128": (384, 128), "smoke_128x64": (128, 64)}
 SYSU_JPEGS_PER_EPOCH = 29_600_000
@@ -267,8 +270,14 @@ def extraction_held(prof, limit: int) -> tuple[list, dict]:
     return held, datasets
 
 
+def kit_network(model):
+    """The network as extract_features runs it: BatchNorm folded into the convolutions (a copy)."""
+    return fold_batchnorm(model)[0]
+
+
 def bare_extract(model, held: list, amp) -> None:
-    """The network's work in extract_features' batches: eval, inference mode, autocast, kit format."""
+    """The network's work in extract_features' batches: eval, inference mode, autocast, kit format
+    (``model``: :func:`kit_network`'s)."""
     model.eval()
     with torch.inference_mode(), torch.autocast("cpu", dtype=amp or torch.float32, enabled=amp is not None):
         for x in held:
@@ -332,37 +341,43 @@ def section_extract(repeats: int, limit: int) -> dict:
     """extract_features through ImageDataset vs the bare forward of the same batches in memory
     (``limit`` images). ``ratio_<backend>_from_parts``: (bare + DataLoader alone) / bare, robust to
     load drift; ``ratio_<backend>_over_bare``: the interleaved end-to-end timings."""
-    from torch.utils.data import DataLoader
-
-    from reidkit.nets.features import extract_features
+    from reidkit.nets.features import extract_features, feature_loader
 
     prof, _, _, model, _, _, amp = workshop_setup()
     held, datasets = extraction_held(prof, limit)
     bs, size = prof.data.test_batch_size, (prof.data.height, prof.data.width)
     n = len(datasets["tensor"])
+    net = kit_network(model)
 
     def bare():
+        bare_extract(net, held, amp)
+
+    def unfolded():
         bare_extract(model, held, amp)
 
     def real(b):
         extract_features(model, datasets[b], device="cpu", batch_size=bs, num_workers=prof.data.workers,
                          amp=amp or False)
 
-    def loader_only(b):
-        for _ in DataLoader(datasets[b], batch_size=bs, num_workers=prof.data.workers):
-            pass
+    def loader_only(b):  # the kit's loader and its per-batch step (uint8 batches normalised: tensor backend)
+        loader, step = feature_loader(datasets[b], bs, prof.data.workers)
+        for batch in loader:
+            _as_kit(step(batch["img"]) if step is not None else batch["img"])
 
     bare()  # warm-up
-    times: dict = {"bare": [], **{b: [] for b in tfm.BACKENDS}, **{f"loader_{b}": [] for b in tfm.BACKENDS}}
+    unfolded()
+    times: dict = {"bare": [], "bare_unfolded": [], **{b: [] for b in tfm.BACKENDS},
+                   **{f"loader_{b}": [] for b in tfm.BACKENDS}}
     for _ in range(repeats):
         times["bare"].append(_timed(bare))
+        times["bare_unfolded"].append(_timed(unfolded))
         for b in tfm.BACKENDS:
             times[b].append(_timed(lambda: real(b)))
             times[f"loader_{b}"].append(_timed(lambda: loader_only(b)))
     best = {k: min(v) for k, v in times.items()}
     out = {"images": n, "batch_size": bs, "size": list(size), "autocast": str(amp),
            "threads": torch.get_num_threads(), **{f"{k}_s": v for k, v in best.items()},
-           "bare_imgs_per_s": n / best["bare"]}
+           "bare_imgs_per_s": n / best["bare"], "fold_speedup": best["bare_unfolded"] / best["bare"]}
     for b in tfm.BACKENDS:
         out[f"ratio_{b}_over_bare"] = best[b] / best["bare"]
         out[f"ratio_{b}_from_parts"] = (best["bare"] + best[f"loader_{b}"]) / best["bare"]
@@ -386,9 +401,10 @@ def allocator_probe(what: str, repeats: int, limit: int) -> dict:
     prof, recs, labels, model, mem, opt, amp = workshop_setup()
     if what == "extract":
         held, _ = extraction_held(prof, limit)
+        net = kit_network(model)
 
         def once():
-            bare_extract(model, held, amp)
+            bare_extract(net, held, amp)
     else:
         held = [b for _, b in zip(range(4), train_loader(prof, recs, labels, "tensor"))]
 
