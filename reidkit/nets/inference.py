@@ -14,12 +14,16 @@ cannot change what the network computes: consecutive children of an ``nn.Sequent
 Sequential's ``forward`` (a chain by definition: torchvision's MobileNetV2 blocks, ResNet
 downsample branches, MGN's stem and reductions), and the ``conv1/bn1``, ``conv2/bn2``, ``conv3/bn3``
 of torchvision's ResNet, its BasicBlock and Bottleneck, and the kit's ``ResNetBackbone``, whose
-forwards feed each convolution straight into its BatchNorm. Other modules are left as they are.
+forwards feed each convolution straight into its BatchNorm; a convolution or BatchNorm that sits in
+two places in the tree is not folded. Other modules are left as they are. The one assumption: no
+outer ``forward`` calls those children itself in another order (the kit's ``SysuFtNet`` calls
+torchvision's ``conv1`` then ``bn1``, as ResNet does).
 """
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 
 import torch
 import torch.nn as nn
@@ -63,12 +67,14 @@ def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
     convolution and replaced by ``nn.Identity``; and how many pairs were folded. ``model`` itself
     is untouched, its train/eval mode included."""
     net = copy.deepcopy(model).eval()
+    uses = Counter(id(m) for _, m in net.named_modules(remove_duplicate=False))
     folded = 0
     with torch.no_grad():
         for parent in list(net.modules()):
             for a, b in _chained_pairs(parent):
                 conv, bn = parent._modules.get(a), parent._modules.get(b)
-                if _foldable(conv, bn):
+                # a module that sits in two places may run somewhere without its partner
+                if _foldable(conv, bn) and uses[id(conv)] == 1 and uses[id(bn)] == 1:
                     _fold_into(conv, bn)
                     parent._modules[b] = nn.Identity()
                     folded += 1

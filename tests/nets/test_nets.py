@@ -614,6 +614,9 @@ def test_fold_for_inference_folds_only_where_the_data_flow_is_known():
     net, info = fold_for_inference(chain.train())  # the copy is the eval-mode network; the model stays
     assert info["folded"] == 2 and not net.training and chain.training and chain[1].training
     chain.eval()
+    shared = nn.Conv2d(3, 3, 1)  # one convolution in two places: the second use has no BatchNorm
+    twice = nn.Sequential(nn.Sequential(shared, nn.BatchNorm2d(3)), shared).eval()
+    assert fold_for_inference(twice)[1]["folded"] == 0
     handle = chain[2].register_forward_hook(lambda *a: None)
     assert fold_for_inference(chain) == (chain, {"folded": 0, "why": "the model has forward hooks"})
     handle.remove()
