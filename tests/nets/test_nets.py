@@ -629,6 +629,13 @@ def test_extraction_folds_batchnorm_records_it_and_leaves_autograd_to_the_consum
                              out=tmp_path / "p.npy")
     assert read_sidecar(tmp_path / "f.npy")["bn_folded"] == 52 and read_sidecar(tmp_path / "p.npy")["bn_folded"] == 0
     np.testing.assert_allclose(folded, plain, atol=1e-5)
+    # "auto" folds fp32 forwards only: under bf16 autocast the model's own layers run, unless asked
+    bf16 = extract_features(small_model, ds, device="cpu", batch_size=3, amp="bf16", out=tmp_path / "b.npy")
+    assert read_sidecar(tmp_path / "b.npy")["bn_folded"] == 0
+    np.testing.assert_array_equal(bf16, extract_features(small_model, ds, device="cpu", batch_size=3, amp="bf16",
+                                                         fold_bn=False))
+    extract_features(small_model, ds, device="cpu", batch_size=3, amp="bf16", fold_bn=True, out=tmp_path / "t.npy")
+    assert read_sidecar(tmp_path / "t.npy")["bn_folded"] == 52
     assert sum(isinstance(m, nn.BatchNorm2d) for m in small_model.modules()) == 52  # extracted from a copy
     for feats, _ in iter_features(small_model, ds, device="cpu", batch_size=3, chunk_rows=None):
         # between batches the caller's code runs with autograd as it was (no inference mode leaks)
