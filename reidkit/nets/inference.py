@@ -8,8 +8,8 @@ two CPU cores the workshop MobileNetV2 (52 pairs) runs 256 images 1.13-1.19x fas
 rounding (relative 1e-6). Under bf16 autocast the folded weights and the BN shift are rounded with
 the convolution's output, and the features land further from fp32's than the unfolded network's
 (ImageNet MobileNetV2, the sample's query at 128x64: mean 1 - cosine 8.4e-3 against 6.6e-3, mAP
-26.4 against 27.6, fp32 27.5), which is
-why :func:`reidkit.nets.features.extract_features` folds only fp32 forwards by default.
+26.4 against 27.6, fp32 27.5), which is why :func:`reidkit.nets.features.extract_features` folds
+only fp32 forwards by default.
 
 A pair is folded only where the data flow is known from the module's class, so that the rewrite
 cannot change what the network computes: consecutive children of an ``nn.Sequential`` that keeps
