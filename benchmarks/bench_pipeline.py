@@ -58,6 +58,7 @@ from bench_cluster import _hwm_mb  # noqa: E402
 
 from reidkit.core.device import channels_last, cpu_description, tune_cpu_allocator  # noqa: E402
 from reidkit.data import transforms as tfm  # noqa: E402
+from reidkit.nets.features import inference_network  # noqa: E402
 from reidkit.nets.inference import fold_batchnorm  # noqa: E402
 
 SIZES = {"workshop_256x128": (256, 128), "dgl_sysu_384x128": (384, 128), "smoke_128x64": (128, 64)}
@@ -271,9 +272,9 @@ def extraction_held(prof, limit: int) -> tuple[list, dict]:
 
 
 def kit_network(model, amp):
-    """The network as extract_features runs it (``fold_bn="auto"``): in fp32 a copy with the
-    BatchNorms folded into the convolutions, under autocast the model itself."""
-    return fold_batchnorm(model)[0] if amp is None else model
+    """The network as extract_features runs it (``inference_network``, ``fold_bn="auto"``): in fp32
+    a copy with the BatchNorms folded into the convolutions, under autocast the model itself."""
+    return inference_network(model, "auto", amp)[0]
 
 
 def bare_extract(model, held: list, amp) -> None:
@@ -348,7 +349,8 @@ def section_extract(repeats: int, limit: int) -> dict:
     held, datasets = extraction_held(prof, limit)
     bs, size = prof.data.test_batch_size, (prof.data.height, prof.data.width)
     n = len(datasets["tensor"])
-    net, folded = kit_network(model, amp), fold_batchnorm(model)[0]
+    net = kit_network(model, amp)
+    folded = net if net is not model else fold_batchnorm(model)[0]  # the fp32 fold, made once
 
     def bare():
         bare_extract(net, held, amp)
