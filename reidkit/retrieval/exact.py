@@ -291,7 +291,18 @@ def fp32_pair_dots(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, cols: np.
         return np.zeros(0, np.float32)
     if x.device.type != "cpu":
         return _gathered_pair_dots(x, y, rows, cols)
-    return _sampled_dots(x.float(), y.float(), rows, cols)
+    xf, yf = x.float(), y.float()
+    threads = torch.get_num_threads()
+    if threads < 2 or len(rows) < 50_000:
+        return _sampled_dots(xf, yf, rows, cols)
+    # the sampled product runs on one thread: large batches are split over torch's threads by row
+    parts = np.array_split(np.argsort(rows, kind="stable"), threads)
+    with ThreadPoolExecutor(threads) as pool:
+        res = list(pool.map(lambda p: _sampled_dots(xf, yf, rows[p], cols[p]), parts))
+    out = np.empty(len(rows), np.float32)
+    for p, v in zip(parts, res):
+        out[p] = v
+    return out
 
 
 def _gathered_pair_dots(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, cols: np.ndarray,

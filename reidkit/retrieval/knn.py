@@ -24,6 +24,7 @@ from reidkit.retrieval.exact import (
     _to_float_tensor,
     distance_bound,
     exact_sqnorms,
+    fp32_pair_dots,
 )
 
 __all__ = ['KNNResult', 'knn', 'faiss_available', 'faiss_gpu_available']
@@ -232,7 +233,7 @@ def _torch_knn_rows(x: torch.Tensor, q: torch.Tensor, k: int, block: int, precis
 
 
 def _screen_candidates(x: torch.Tensor, q: torch.Tensor | None, k: int, block: int, precision: str,
-                       ) -> tuple[np.ndarray, np.ndarray]:
+                       middle: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """All pairs (i, j) with screening distance ``e_ij <= T_i + 2 B_i``: ``T_i`` the k-th smallest
     ``e`` of row i, ``B_i`` the bound of :func:`distance_bound`. Starts from a screening top-
     ``(k + margin)`` (symmetric tiles for a self-search) and widens the rows whose list is full
@@ -241,6 +242,10 @@ def _screen_candidates(x: torch.Tensor, q: torch.Tensor | None, k: int, block: i
     Every j with ``D_ij <= D_(k)`` (the k-th smallest canonical distance) is a candidate: the k
     items with ``e <= T`` have ``D <= T + B``, so ``D_(k) <= T + B``, and ``D_ij <= D_(k)`` gives
     ``e_ij <= D_ij + B <= T + 2B``.
+
+    ``middle = (nq, nx)`` (the canonical squared norms, :func:`exact_sqnorms`) adds the fp32 level
+    of a two-level screen: each round's candidates are scored again in fp32 and narrowed to the
+    fp32 band (:func:`_fp32_band`), which still holds every j with ``D_ij <= D_(k)``.
     """
     n, d = x.shape
     qq = x if q is None else q
@@ -270,6 +275,9 @@ def _screen_candidates(x: torch.Tensor, q: torch.Tensor | None, k: int, block: i
         full = (e[:, -1] <= lim) & (width < n)
         sel = (e <= lim[:, None]) & ~full[:, None]
         r, c = np.nonzero(sel)
+        if middle is not None and len(r):
+            keep = _fp32_band(x, qq, rows_all, idx, sel.shape, r, c, k, middle)
+            r, c = r[keep], c[keep]
         out_r.append(rows_all[r])
         out_c.append(idx[r, c])
         if not full.any():
@@ -280,15 +288,40 @@ def _screen_candidates(x: torch.Tensor, q: torch.Tensor | None, k: int, block: i
     return np.concatenate(out_r), np.concatenate(out_c)
 
 
+def _fp32_band(x: torch.Tensor, qq: torch.Tensor, rows_all: np.ndarray, idx: np.ndarray,
+               shape: tuple[int, int], r: np.ndarray, c: np.ndarray, k: int,
+               norms: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Which of one round's screening candidates (query ``rows_all[r]``, point ``idx[r, c]``; every
+    round row holds at least k) are kept by the fp32 level: the pair's fp32 dot product
+    (:func:`fp32_pair_dots`) gives ``E_ij = nq_i + nx_j - 2 f_ij`` with ``|E_ij - D_ij| <= B_ij =
+    distance_bound(d, "fp32") (nq_i + nx_j)`` (the fp32 score is within ``score_bound(d, "fp32")
+    |q||x|`` of the canonical one, and ``D``'s own three float32 roundings are inside the bound's
+    ``gamma_d + 10v``). ``U_i``, the k-th smallest ``E_ij + B_ij`` of the row, is at least ``D_(k)``
+    (k of its candidates have ``D`` below it), so every j with ``D_ij <= D_(k)`` has ``E_ij - B_ij
+    <= U_i`` and is kept. On the benchmark's features at N = 12,936 (k = 31) this narrows the bf16
+    band from 1.0 M pairs to 0.41 M, so that the float64 scoring and the sort see 0.41 M."""
+    nq, nx = norms
+    gr, gc = rows_all[r], idx[r, c]
+    f = fp32_pair_dots(qq, x, gr, gc).astype(np.float64)
+    w = nq[gr].astype(np.float64) + nx[gc]
+    est = w - 2.0 * f
+    bnd = (distance_bound(int(x.shape[1]), "fp32") * w + 4 * int(x.shape[1]) * _TINY) * (1 + 2.0**-30)
+    ub = np.full(shape, np.inf)
+    ub[r, c] = est + bnd
+    kth = np.partition(ub, k - 1, axis=1)[:, k - 1]
+    return est - bnd <= kth[r]
+
+
 def _exact_knn(x: torch.Tensor, q: torch.Tensor | None, k: int, block: int, precision: str,
                ) -> tuple[np.ndarray, np.ndarray]:
     """Exact kNN by canonical distance: the first k of each row's candidates (screening, see
     :func:`_screen_candidates`) sorted by ``(D_ij, j)``. The candidates hold every j that can
     be among them, and ``D`` does not depend on how it is computed, so the fp32 and the bf16
     screening give identical lists and distances (ties: the lower index first)."""
-    rows, cols = _screen_candidates(x, q, k, block, precision)
     nx = exact_sqnorms(x)
     nq = nx if q is None else exact_sqnorms(q)
+    # the bf16 band (~2.5x the candidates of the fp32 screen's) is narrowed by an fp32 level first
+    rows, cols = _screen_candidates(x, q, k, block, precision, (nq, nx) if precision == "bf16" else None)
     dist = _canonical_sqdist(x, x if q is None else q, nx, nq, rows, cols)
     order = np.lexsort((cols, dist, rows))
     rows, cols, dist = rows[order], cols[order], dist[order]
@@ -404,11 +437,11 @@ def knn(
         once to float32, so independent of the matmul kernel, its blocking and the device), ties
         by the lower index, found by an fp32 or a bf16 screen and an exact re-scoring of every
         candidate within the screen's error bound (:func:`_exact_knn`); the two give identical
-        answers. ``sq_dists`` are these ``D``. Measured at N = 12,936 (``make bench``, two threads of an
-        AMD EPYC with AVX512-BF16, 2026-12-07): the direct search 2.9 s, ``exact`` 3.9 s, ``bf16``
-        4.1 s (the bf16 band, ~75 candidates per row against ~31 for the fp32 screen, re-scored
-        exactly, costs more than the bf16 screen saves); at N = 32,621 20.3, 23.0 and 19.1 s, an
-        order that earlier runs on other features did not show, so ``auto`` keeps the direct fp32 search.
+        answers. ``sq_dists`` are these ``D``. The bf16 band (~78 candidates per row against ~32 for
+        the fp32 screen) is narrowed by an fp32 level (:func:`_fp32_band`) before the float64
+        scoring. Measured at N = 12,936 (``make bench``, best of 3, two threads of an AMD EPYC with
+        AVX512-BF16, 2026-12-07 19:00): the direct search 2.5 s, ``exact`` 3.5 s, ``bf16`` 3.5 s;
+        at N = 32,621 13.4, 16.5 and 13.6 s; so ``auto`` keeps the direct fp32 search.
 
     Returns
     -------

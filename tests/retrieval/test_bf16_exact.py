@@ -240,6 +240,45 @@ def test_knn_bf16_widens_full_candidate_lists():
     assert np.all(np.bincount(rows) == 100)  # widened from 45 to every point
 
 
+def test_fp32_pair_dots_split_over_threads_equal_one_thread():
+    """Above 50,000 pairs the CPU's sampled product is split by row over torch's threads: the same
+    float32 values in the pairs' order."""
+    rng = np.random.default_rng(9)
+    a = torch.from_numpy(_unit(400, 24, 4))
+    rows, cols = rng.integers(0, 400, 60_000), rng.integers(0, 400, 60_000)
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = ex.fp32_pair_dots(a, a, rows, cols)
+        torch.set_num_threads(2)
+        two = ex.fp32_pair_dots(a, a, rows, cols)
+    finally:
+        torch.set_num_threads(saved)
+    np.testing.assert_array_equal(one, two)
+
+
+@pytest.mark.parametrize("data", list(DATASETS))
+def test_fp32_band_keeps_every_pair_up_to_the_kth_canonical_distance(data):
+    """The two-level kNN screen: the fp32 level narrows the bf16 band (on clustered data from 15 to
+    12 = k pairs per row) and keeps every (i, j) with ``D_ij <= D_(k)``, ties at the k-th included."""
+    x = torch.from_numpy(DATASETS[data]())
+    k = 12
+    nx = ex.exact_sqnorms(x)
+    r0, c0 = kn._screen_candidates(x, None, k, 64, "bf16")
+    r1, c1 = kn._screen_candidates(x, None, k, 64, "bf16", middle=(nx, nx))
+    band, kept = set(zip(r0.tolist(), c0.tolist())), set(zip(r1.tolist(), c1.tolist()))
+    assert kept <= band
+    if data == "clustered":
+        assert len(band) > 1.2 * k * len(x) and len(kept) <= 1.02 * k * len(x)
+    # the canonical distances of every pair, and each row's k-th
+    n = len(x)
+    r, c = np.meshgrid(np.arange(n), np.arange(n), indexing="ij")
+    d = ex._canonical_sqdist(x, x, nx, nx, r.ravel(), c.ravel()).reshape(n, n)
+    kth = np.sort(d, axis=1)[:, k - 1]
+    need = set(zip(*np.nonzero(d <= kth[:, None])))
+    assert need <= kept
+
+
 @pytest.mark.parametrize("data", ["clustered", "duplicates", "orthogonal"])
 def test_jaccard_bf16_equals_the_exact_fp32_screen(data):
     x = DATASETS[data]()
