@@ -264,6 +264,7 @@ def main(argv=None) -> int:
     report = {
         "benchmark": "reidkit clustering step (kNN, k-reciprocal Jaccard, DBSCAN)",
         "quick": args.quick,
+        "repeats": repeats,
         "cpu_count": os.cpu_count(),
         "cpu": cpu_description(),
         "torch_threads": torch.get_num_threads(),
