@@ -6,7 +6,9 @@ item and after each of its steps, so a run killed half-way keeps what it measure
 
 a. HHCL, market1501 profile (ResNet-50, batch 256 = 16 x 16, ghost BN 64), fp32 and bf16 AMP on
    a fixed seed: images/s and peak GPU memory beside ``gpu_cost``'s derived figures (~21 / ~11 GB,
-   minutes per epoch); the two loss curves and their agreement within a stated tolerance.
+   minutes per epoch); the two loss curves and their agreement within a stated tolerance; one
+   network's fp32 features of 128 images on the device against the CPU's (the kit's extraction
+   path: uint8 batches normalised on the device, BatchNorm folded).
 b. Clustering at MSMT17's N = 32,621 (2048-d synthetic features): kNN + Jaccard + DBSCAN on the
    torch GPU path (fp32 direct, exact, bf16 screen), faiss-gpu when it is there; time, and
    equality with the CPU's exact result (same neighbours, same Jaccard matrix, same labels).
@@ -76,6 +78,7 @@ from market_trees import synthetic_market_tree  # noqa: E402
 from reidkit.dgl.method import DGL  # noqa: E402
 from reidkit.hhcl.clustering import dbscan_labels  # noqa: E402
 from reidkit.hhcl.method import HHCL  # noqa: E402
+from reidkit.nets.backbones import build_model  # noqa: E402
 from reidkit.nets.ghost_bn import apply_ghost_bn  # noqa: E402
 from reidkit.retrieval.distances import pairwise_distance  # noqa: E402
 from reidkit.retrieval.jaccard import jaccard_distance  # noqa: E402
@@ -106,7 +109,7 @@ RERANK_ATOL = 1e-5
 #: sizes of the real run (one H200) and of the dry run (CPU, seconds); budgets in seconds
 FULL = {
     "a": dict(budget=110, batch=256, instances=16, ghost=64, iters=60, warmup=8, ids=96, per_id=32,
-              sets={}),
+              agree_images=128, sets={}),
     "b": dict(budget=95, n=32_621, dim=2048, ids=1_041, precisions=("auto", "exact", "bf16")),
     "c": dict(budget=45, num_q=3368, num_g=15913, num_ids=750, num_distractors=2793, dim=2048),
     "d": dict(budget=85, nq=1000, ng=478_731, dim=2048, chunk=8192, wide_dim=28_310, wide_chunk=2048,
@@ -120,7 +123,7 @@ DRY = {
     # loss_tol: the tail of three iterations at batch 8 is one loss after two updates of a small
     # random network, which bf16 rounding moves by 2-6% (5.7% at one CPU thread, 1.6% at two); the
     # first iteration (same weights, same batch) keeps the device's bound
-    "a": dict(budget=60, batch=8, instances=4, ghost=4, iters=3, warmup=1, ids=4, per_id=8,
+    "a": dict(budget=60, batch=8, instances=4, ghost=4, iters=3, warmup=1, ids=4, per_id=8, agree_images=16,
               loss_tol={"first": LOSS_TOL["first"], "tail_mean": 0.25},
               sets={"data__height": 64, "data__width": 32, "data__workers": 0,
                     "data__test_batch_size": 16}),
@@ -432,6 +435,33 @@ def _hhcl_run(ctx: Ctx, ds, amp: bool, S: dict) -> dict:
     return out
 
 
+#: the device's fp32 features against the CPU's (item a): least cosine allowed. cuDNN runs fp32
+#: convolutions in TF32 by default on tensor-core GPUs (PyTorch's default, and the references'),
+#: which moves a ResNet-50 feature by about 1e-3 of its length
+AGREE_MIN_COS = 0.99
+
+
+def _extract_agreement(ctx: Ctx, ds, S: dict) -> dict:
+    """One network's fp32 features of the first ``agree_images`` training images, extracted on the
+    device and on the CPU through the kit's own path (uint8 batches normalised on the device, the
+    BatchNorm folded for the fp32 forward): how far apart they land."""
+    prof = _hhcl_profile(False, S)
+    recs = list(ds.train[: S["agree_images"]])
+    seed_everything(SEED)
+    model = build_model(prof.model.arch, prof.model.pooling, False, last_stride=prof.model.last_stride,
+                        device="cpu")
+    cpu = torch.device("cpu")
+    fd, t_dev = _timed(ctx.dev, extract_records, model.to(ctx.dev), recs, prof, ctx.dev, "agreement", amp=False)
+    fc, t_cpu = _timed(cpu, extract_records, model.to(cpu), recs, prof, cpu, "agreement", amp=False)
+    a, b = fd.astype(np.float64), fc.astype(np.float64)
+    cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+    return {"images": len(recs), "min_cos": round(float(cos.min()), 6),
+            "mean_one_minus_cos": float(f"{float((1 - cos).mean()):.3g}"),
+            "max_abs_diff": float(f"{float(np.abs(fd - fc).max()):.3g}"),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32) if ctx.dev.type == "cuda" else None,
+            "device_s": round(t_dev, 3), "cpu_s": round(t_cpu, 3)}
+
+
 def item_a(ctx: Ctx, res: dict) -> None:
     S = ctx.sizes["a"]
     paper = get_profile("market1501")
@@ -475,11 +505,16 @@ def item_a(ctx: Ctx, res: dict) -> None:
                      "loss_curves_agree": cmp["loss_agreement"]["agree"]}
     if ctx.dev.type == "cuda":  # a CPU without native bf16 runs the AMP profile in fp32 (amp_dtype)
         res["checks"]["amp_ran_in_bf16"] = runs["amp"]["autocast_dtype"] == str(torch.bfloat16)
+    ctx.budget.require(8 if ctx.dry_run else 15, "the extraction agreement")
+    ctx.log("a: extraction, device vs CPU")
+    agree = runs["extract_vs_cpu"] = _extract_agreement(ctx, ds, S)
+    res["checks"]["features_agree_with_cpu"] = agree["min_cos"] >= AGREE_MIN_COS
     res["summary"] = (f"fp32 {runs['fp32']['img_s']} img/s, {runs['fp32']['peak_reserved_gb']} GB "
                       f"(derived {derived['fp32']['decode_img_s']} img/s, {derived['fp32']['memory_gb']} GB); "
                       f"AMP {runs['amp']['img_s']} img/s, {runs['amp']['peak_reserved_gb']} GB "
                       f"(derived {derived['amp']['decode_img_s']}, {derived['amp']['memory_gb']} GB); "
-                      f"loss curves agree: {cmp['loss_agreement']['agree']}")
+                      f"loss curves agree: {cmp['loss_agreement']['agree']}; fp32 features vs the CPU's: "
+                      f"min cos {agree['min_cos']}")
 
 
 # ----------------------------------------------------------------------------------------------

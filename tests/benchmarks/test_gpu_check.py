@@ -70,6 +70,9 @@ def test_item_contents(dry_run):
     assert 15 < a["reference"]["fp32"]["memory_gb"] < 30 and 5 < a["reference"]["amp"]["memory_gb"] < 15
     assert a["comparison"]["loss_agreement"]["tolerance"] == gpu_check.DRY["a"]["loss_tol"]
     assert gpu_check.DRY["a"]["loss_tol"]["first"] == gpu_check.LOSS_TOL["first"]   # the device's bound
+    agree = a["measured"]["extract_vs_cpu"]   # on the CPU both sides are one path: the same features
+    assert agree["images"] == gpu_check.DRY["a"]["agree_images"] and agree["min_cos"] >= 1 - 1e-6
+    assert agree["max_abs_diff"] == 0 and a["checks"]["features_agree_with_cpu"]
 
     b = items["b"]["measured"]
     assert b["cpu_exact"]["clusters"] >= 2
