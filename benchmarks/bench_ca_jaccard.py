@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_cluster import _hwm_mb, _reset_peak, _rss_mb, make_features
+from bench_cluster import make_features
+from proc_memory import peak_mb, reset_peak, rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Market-1501 training images per camera (12,936 in all), used as proportions
@@ -76,12 +77,12 @@ def run_child(n: int, step: str, eps: float) -> dict:
     x, cams, gt = make_camera_features(n)
     xt = torch.from_numpy(x)
     compute(xt[:600], cams[:600])  # warm-up: first-call costs, as in a training run's later epochs
-    res: dict = {"rss_before_mb": round(_rss_mb(), 1)}
-    _reset_peak()
+    res: dict = {"rss_before_mb": round(rss_mb(), 1)}
+    reset_peak()
     t0 = time.perf_counter()
     jd, info = compute(xt, cams)
     res["time_s"] = round(time.perf_counter() - t0, 3)
-    res["peak_rss_mb"] = round(_hwm_mb(), 1)
+    res["peak_rss_mb"] = round(peak_mb(), 1)
     res["peak_over_before_mb"] = round(res["peak_rss_mb"] - res["rss_before_mb"], 1)
     res.update({k: (round(v, 3) if isinstance(v, float) else v) for k, v in info.items()
                 if k.startswith("time_") or k in ("device", "v_nnz", "mode")})

@@ -49,6 +49,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from proc_memory import peak_mb, reset_peak, rss_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,31 +92,6 @@ def make_features(n: int, dim: int = 2048, seed: int = 0, cluster_mean: int = 17
 
 
 # ------------------------------------------------------------------------------------ child side
-def _hwm_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _rss_mb() -> float:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as fh:
-            fh.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def bruteforce_knn(x, k: int, chunk_rows: int = 1024):
     """Plain exact kNN: for each chunk of rows, all squared distances then ``topk``."""
     import torch
@@ -154,14 +130,14 @@ def run_rerank_child(nq: int, ng: int, repeats: int) -> dict:
     qg, qq, gg = sqdist(qf, gf), sqdist(qf, qf), sqdist(gf, gf)
     del x, qf, gf
     res: dict = {"n_query": nq, "n_gallery": ng, "inputs_mb": round((qg.nbytes + qq.nbytes + gg.nbytes) / 2**20, 1),
-                 "rss_before_mb": round(_rss_mb(), 1)}
+                 "rss_before_mb": round(rss_mb(), 1)}
     best, peak = float("inf"), 0.0
     for _ in range(repeats):
-        _reset_peak()
+        reset_peak()
         t0 = time.perf_counter()
         out, info = re_ranking(qg, qq, gg, k1=20, k2=6, lambda_value=0.3, return_info=True)
         best = min(best, time.perf_counter() - t0)
-        peak = max(peak, _hwm_mb())
+        peak = max(peak, peak_mb())
         del out
     res.update({"time_s": round(best, 3), "peak_rss_mb": round(peak, 1),
                 "peak_over_before_mb": round(peak - res["rss_before_mb"], 1), "device": info["device"]})
@@ -183,17 +159,17 @@ def run_child(n: int, step: str, eps: float, repeats: int) -> dict:
 
     x, gt = make_features(n)
     xt = torch.from_numpy(x)
-    res: dict = {"rss_before_mb": round(_rss_mb(), 1)}
+    res: dict = {"rss_before_mb": round(rss_mb(), 1)}
 
     def timed(fn):
         best, out, peak = float("inf"), None, 0.0
         for _ in range(repeats):
             out = None
-            _reset_peak()
+            reset_peak()
             t0 = time.perf_counter()
             out = fn()
             best = min(best, time.perf_counter() - t0)
-            peak = max(peak, _hwm_mb())
+            peak = max(peak, peak_mb())
         return out, round(best, 3), round(peak, 1)
 
     if step == "bruteforce_knn":
@@ -222,10 +198,10 @@ def run_child(n: int, step: str, eps: float, repeats: int) -> dict:
         t0 = time.perf_counter()
         labels = dbscan_labels(jd, eps, 4)
         db = {"time_s": round(time.perf_counter() - t0, 3), "eps": eps, "min_samples": 4}
-        res["peak_rss_jaccard_plus_dbscan_mb"] = round(_hwm_mb(), 1)
-        _reset_peak()
+        res["peak_rss_jaccard_plus_dbscan_mb"] = round(peak_mb(), 1)
+        reset_peak()
         dbscan_labels(jd, eps, 4)
-        db["peak_rss_mb"] = round(_hwm_mb(), 1)
+        db["peak_rss_mb"] = round(peak_mb(), 1)
         st = cluster_stats(labels, gt)
         db.update({k: (round(v, 4) if isinstance(v, float) else v) for k, v in st.items()})
         res["dbscan"] = db

@@ -30,13 +30,13 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+from proc_memory import peak_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -52,18 +52,6 @@ QUICK = {
     "sysu": dict(num_q=100, num_g=20000, dim=256, chunk=4096),
     "sysu_wide": dict(num_q=200, num_g=20000, dim=28310, chunk=2048),
 }
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process (VmHWM), in MiB."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def market_data(num_q, num_g, num_ids, num_distractors, dim, seed=0):
@@ -125,7 +113,7 @@ def work_market(cfg: dict, repeat: int) -> dict:
         "rank1": float(res["cmc"][0]),
         "mINP": res["mINP"],
         "num_valid_q": res["num_valid_q"],
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_mb(),
     }
 
 
@@ -142,7 +130,7 @@ def work_rerank(cfg: dict, repeat: int) -> dict:
     q_q = pairwise_distance(qf, qf, device="cpu")
     g_g = pairwise_distance(gf, gf, device="cpu")
     del qf, gf
-    rss_inputs = peak_rss_mb()
+    rss_inputs = peak_mb()
     t0 = time.perf_counter()
     try:
         out = re_ranking(q_g, q_q, g_g, k1=20, k2=6, lambda_value=0.3, device="cpu")
@@ -154,7 +142,7 @@ def work_rerank(cfg: dict, repeat: int) -> dict:
         "num_q": int(q_g.shape[0]),
         "num_g": int(q_g.shape[1]),
         "wall_s": wall,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_mb(),
         "peak_rss_mb_after_inputs": rss_inputs,
         "output_shape": list(np.shape(out)),
         "targets": "wall <= 8 s, peak RSS < 3 GB (inputs included: g_g alone is 1 GB)",
@@ -215,7 +203,7 @@ def work_sysu_eval(cfg: dict, repeat: int) -> dict:
         "total_s": total,
         "generation_s": gallery.gen_time,
         "wall_s": total - gallery.gen_time,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_mb(),
         "device": res["device"],
         "precision": res["precision"],
         "passes": res["passes"],
@@ -272,7 +260,7 @@ def work_sysu_wide(cfg: dict, repeat: int) -> dict:
     wall = total - gallery.gen_time
     return {"total_s": total, "generation_s": gallery.gen_time, "wall_s": wall,
             "matmul_tflop": flops / 1e12, "effective_gflops": flops / wall / 1e9,
-            "peak_rss_mb": peak_rss_mb(), "device": res["device"], "precision": res["precision"],
+            "peak_rss_mb": peak_mb(), "device": res["device"], "precision": res["precision"],
             "passes": res["passes"], "rank1": res["rank1"], "mAP": res["mAP"],
             "num_gallery": res["num_gallery"]}
 
@@ -295,7 +283,7 @@ def work_sysu_matmul(cfg: dict, repeat: int) -> dict:
         checksum += float(s[0, 0])  # keep the product alive / synchronise
     total = time.perf_counter() - t0
     return {"total_s": total, "generation_s": gallery.gen_time,
-            "wall_s": total - gallery.gen_time, "peak_rss_mb": peak_rss_mb(), "device": str(dev)}
+            "wall_s": total - gallery.gen_time, "peak_rss_mb": peak_mb(), "device": str(dev)}
 
 
 WORKERS = {"market": work_market, "rerank": work_rerank, "sysu_eval": work_sysu_eval,

@@ -54,7 +54,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
-from bench_cluster import _hwm_mb  # noqa: E402
+from proc_memory import peak_mb  # noqa: E402
 
 from reidkit.core.device import channels_last, cpu_description, tune_cpu_allocator  # noqa: E402
 from reidkit.data import transforms as tfm  # noqa: E402
@@ -418,7 +418,7 @@ def allocator_probe(what: str, repeats: int, limit: int) -> dict:
     best = min(_timed(once) for _ in range(repeats))
     per = len(held) if what == "train_step" else 1
     # VmHWM: this process's own peak (ru_maxrss keeps the parent's across exec)
-    return {"tuned": bool(state.get("tuned")), "why": state.get("why"), "s": best / per, "peak_rss_mb": _hwm_mb()}
+    return {"tuned": bool(state.get("tuned")), "why": state.get("why"), "s": best / per, "peak_rss_mb": peak_mb()}
 
 
 def section_allocator(repeats: int, limit: int) -> dict:

@@ -39,6 +39,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from proc_memory import status_mb
 
 ROOT = Path(__file__).resolve().parents[1]
 HERE = Path(__file__).resolve().parent
@@ -51,15 +52,6 @@ FULL = {"sizes": [3000, 13000, 33000, 100000], "gallery_sizes": [10000, 100000, 
 QUICK = {"sizes": [1000, 3000], "gallery_sizes": [5000, 20000], "dim": 256, "queries": 100}
 K1, K2, EPS, MIN_SAMPLES, KNN_K, SYSU_CHUNK, SYSU_TOPK = 30, 6, 0.6, 4, 30, 8192, 50
 PEAK_GOAL_MB, PEAK_GOAL_N = 6144, 100000
-
-
-def status_mb(key: str) -> float:
-    """``VmHWM`` (peak) or ``VmRSS`` of this process, MiB."""
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) / 1024.0
-    return float("nan")
 
 
 # ------------------------------------------------------------------------------------ children
