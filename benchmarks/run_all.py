@@ -57,8 +57,8 @@ def _get(d: dict, *keys, default=None):
     return d
 
 
-def _ratio(a, b) -> float | None:
-    return None if a is None or not b else round(a / b, 3)
+def _round3(v) -> float | None:
+    return None if v is None else round(float(v), 3)
 
 
 def _row(measured, goal: str, met, **extra) -> dict:
@@ -122,8 +122,8 @@ def summary(reports: dict, out: Path = OUT) -> dict:
             r_train, "<= 1.15", r_train is not None and r_train <= 1.15, backend=backend),
         "feature_extraction_over_bare_forward": _row(
             r_ext, "<= 1.1", r_ext is not None and r_ext <= 1.1, backend=backend,
-            from_parts=_ratio(extract.get(f"ratio_{backend}_from_parts"), 1.0),
-            fold_speedup_fp32=_ratio(extract.get("fold_speedup_fp32"), 1.0)),
+            from_parts=_round3(extract.get(f"ratio_{backend}_from_parts")),
+            fold_speedup_fp32=_round3(extract.get("fold_speedup_fp32"))),
         "cluster_100k_peak_rss_gb": _row(
             None if peak100k is None else peak100k / 1024, "<= 6", verdicts.get("cluster_100k_within_6GB")),
         "cluster_time_exponent_minus_knn_product": _row(

@@ -8,7 +8,7 @@ import math
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -221,24 +221,31 @@ def _verified_round(r64: np.ndarray, err: np.ndarray) -> tuple[np.ndarray, np.nd
     return r32, ok
 
 
+def _split_by_row(fn: Callable[[np.ndarray, np.ndarray], Any], rows: np.ndarray, cols: np.ndarray,
+                  threads: int) -> Any:
+    """``fn(rows, cols)`` (one array, or a tuple of arrays, with a value per pair) computed over
+    ``threads`` threads on row-sorted parts of the pairs and put back in the pairs' order; in one
+    call below 2 threads or 50,000 pairs. For the sampled products, which run on one thread."""
+    if threads < 2 or len(rows) < 50_000:
+        return fn(rows, cols)
+    parts = np.array_split(np.argsort(rows, kind="stable"), threads)
+    with ThreadPoolExecutor(threads) as pool:
+        res = list(pool.map(lambda p: fn(rows[p], cols[p]), parts))
+    single = not isinstance(res[0], tuple)
+    outs = [np.empty(len(rows), a.dtype) for a in ((res[0],) if single else res[0])]
+    for p, r in zip(parts, res):
+        for o, a in zip(outs, (r,) if single else r):
+            o[p] = a
+    return outs[0] if single else tuple(outs)
+
+
 def _f64_pair_dots(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
                    absolute: bool = False, x64: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``x[rows[t]] . y[cols[t]]`` in float64 (products exact, any summation order) and the float64
     product of the two vectors' norms. Large CPU batches are split over torch's threads (the
     sampled product below runs on one)."""
     threads = torch.get_num_threads() if x.device.type == "cpu" else 1
-    if threads < 2 or len(rows) < 50_000:
-        return _f64_pair_dots_one(x, y, rows, cols, absolute, x64)
-
-    order = np.argsort(rows, kind="stable")
-    parts = np.array_split(order, threads)
-    with ThreadPoolExecutor(threads) as pool:
-        res = list(pool.map(lambda p: _f64_pair_dots_one(x, y, rows[p], cols[p], absolute, x64), parts))
-    dots = np.empty(len(rows), np.float64)
-    norms = np.empty(len(rows), np.float64)
-    for p, (dp, npp) in zip(parts, res):
-        dots[p], norms[p] = dp, npp
-    return dots, norms
+    return _split_by_row(lambda r, c: _f64_pair_dots_one(x, y, r, c, absolute, x64), rows, cols, threads)
 
 
 def _sampled_dots(a: torch.Tensor, b: torch.Tensor, r: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -292,17 +299,7 @@ def fp32_pair_dots(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, cols: np.
     if x.device.type != "cpu":
         return _gathered_pair_dots(x, y, rows, cols)
     xf, yf = x.float(), y.float()
-    threads = torch.get_num_threads()
-    if threads < 2 or len(rows) < 50_000:
-        return _sampled_dots(xf, yf, rows, cols)
-    # the sampled product runs on one thread: large batches are split over torch's threads by row
-    parts = np.array_split(np.argsort(rows, kind="stable"), threads)
-    with ThreadPoolExecutor(threads) as pool:
-        res = list(pool.map(lambda p: _sampled_dots(xf, yf, rows[p], cols[p]), parts))
-    out = np.empty(len(rows), np.float32)
-    for p, v in zip(parts, res):
-        out[p] = v
-    return out
+    return _split_by_row(lambda r, c: _sampled_dots(xf, yf, r, c), rows, cols, torch.get_num_threads())
 
 
 def _gathered_pair_dots(x: torch.Tensor, y: torch.Tensor, rows: np.ndarray, cols: np.ndarray,
