@@ -67,6 +67,7 @@ for _p in (ROOT, ROOT / "tests", ROOT / "tests" / "cli", HERE):
 # --- the kit: every name this check uses, in one block (docs/architecture.md, "Where things moved")
 # --- test helpers and benchmark data (tests/trees.py, benchmarks/bench_eval.py)
 from bench_eval import market_data, sysu_queries  # noqa: E402
+from market_trees import synthetic_market_tree  # noqa: E402
 from trees import PAPER_TREES, build_tree, market1501_tree, sysu30k_tree  # noqa: E402
 
 from reidkit import cli as reidkit_cli  # noqa: E402
@@ -74,10 +75,10 @@ from reidkit.config import get_profile  # noqa: E402
 from reidkit.core.device import amp_dtype, cpu_description, exact_fp32_matmul, resolve_device, seed_everything  # noqa: E402
 from reidkit.core.io import atomic_write_json, torch_load  # noqa: E402
 from reidkit.data.datasets import load_dataset  # noqa: E402
-from market_trees import synthetic_market_tree  # noqa: E402
 from reidkit.dgl.method import DGL  # noqa: E402
 from reidkit.hhcl.clustering import dbscan_labels  # noqa: E402
 from reidkit.hhcl.method import HHCL  # noqa: E402
+from reidkit.methods import gpu_cost  # noqa: E402
 from reidkit.nets.backbones import build_model  # noqa: E402
 from reidkit.nets.ghost_bn import apply_ghost_bn  # noqa: E402
 from reidkit.retrieval.distances import pairwise_distance  # noqa: E402
@@ -87,7 +88,6 @@ from reidkit.retrieval.market import evaluate_rank  # noqa: E402
 from reidkit.retrieval.protocol import extract_records  # noqa: E402
 from reidkit.retrieval.rerank import re_ranking  # noqa: E402
 from reidkit.retrieval.sysu import sysu30k_evaluate  # noqa: E402
-from reidkit.methods import gpu_cost  # noqa: E402
 
 ITEMS = "abcdefg"
 TITLES = {
