@@ -389,6 +389,12 @@ def distance_bound(dim: int, precision: str) -> float:
     return (score_bound(dim, precision) + _gamma(max(int(dim), 1), U_F32) + 10 * U_F32) * (1 + 2.0**-10)
 
 
+def distance_error_bound(dim: int, precision: str, w: Any) -> Any:
+    """The whole bound of :func:`distance_bound` on ``|e_ij - D_ij|`` for pairs with
+    ``W = |q_i|^2 + |x_j|^2 <= w`` (a number or an array): ``beta_D w + 4 dim 2^-120``."""
+    return distance_bound(dim, precision) * w + 4 * int(dim) * _TINY
+
+
 def _canonical_sqdist(x: torch.Tensor, q: torch.Tensor, nx: np.ndarray, nq: np.ndarray,
                       rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
     """``D = fl32(fl32(nq_i + nx_j) - 2 RN32(q_i . x_j))`` for the pairs: a function of the two
