@@ -47,16 +47,32 @@ PAPER_TABLES: dict[str, dict] = {
 
 
 def _fmt(v: Any) -> str:
+    if v is None:  # a value a row does not have (no test on that epoch, a loss term a variant lacks)
+        return "-"
     if isinstance(v, float):
         return f"{v:.4g}" if abs(v) < 1e4 else f"{v:,.0f}"
     if isinstance(v, (list, tuple)) and len(v) > 8:
         return f"[{len(v)} values]"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(_fmt(x) for x in v)
     return str(v)
+
+
+def _records(v: Any) -> bool:
+    """A list of dicts with the same keys (one row each): shown as its own table, not in a cell."""
+    return (isinstance(v, list) and len(v) > 0 and all(isinstance(r, dict) for r in v)
+            and all(r.keys() == v[0].keys() for r in v))
+
+
+def _record_table(rows: list[dict]) -> list[str]:
+    columns = list(rows[0])
+    return _table([c.replace("_", " ") for c in columns], [[r[c] for c in columns] for r in rows])
 
 
 def _table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> list[str]:
     lines = ["| " + " | ".join(str(c) for c in columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    # a "|" in a cell would end it
+    lines += ["| " + " | ".join(_fmt(v).replace("|", "\\|") for v in row) + " |" for row in rows]
     return lines
 
 
@@ -162,13 +178,17 @@ def write_report(run_dir: str | Path) -> Path:
         for title, tab in (metrics.get("tables") or {}).items():
             lines += [f"**{title}**", ""] + _table(tab["columns"], tab["rows"]) + [""]
         lines += _figure_lines(run_dir, metrics.get("figures"))
-        scalars = [(k, v) for k, v in metrics.items()
-                   if k not in ("tables", "notebook", "figures") and not isinstance(v, dict)]
+        rest = {k: v for k, v in metrics.items()
+                if k not in ("tables", "notebook", "figures") and not isinstance(v, dict)}
+        for key, records in rest.items():
+            if _records(records):
+                lines += [f"**{key.replace('_', ' ')}**", ""] + _record_table(records) + [""]
+        scalars = [(k, v) for k, v in rest.items() if not _records(v)]
         if scalars:
             lines += _table(["metric", "value"], scalars) + [""]
     if timing_rows:
         lines += ["## Timings", ""] + _table(["notebook", "seconds"], timing_rows) + [""]
-        slow = [(stem, k, round(secs, 1), "`" + first.replace("|", "\\|") + "`") for stem, _ in timing_rows
+        slow = [(stem, k, round(secs, 1), f"`{first}`") for stem, _ in timing_rows
                 for k, secs, first in cell_timings(run_dir / "notebooks" / f"{stem}.ipynb")[:3]]
         if slow:
             lines += ["Slowest cells of each notebook:", ""]

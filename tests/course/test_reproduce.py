@@ -183,6 +183,30 @@ def test_report_names_the_camera_aware_parts(tmp_path):
     assert "camera-aware HHCL: `centre`, `ca-jaccard`, `proxies x1` (docs/cameras.md)" in text
 
 
+def test_report_cells_hold_no_python_reprs(tmp_path):
+    """What a teacher reads: a missing value is "-", not "None"; a short list is a line, not a
+    Python list; a list of records (one dict per row) is a table of its own, not one cell."""
+    from reidkit.course.report import write_report
+
+    (tmp_path / "run.json").write_text(json.dumps({"parameters": {"PROFILE": "smoke", "DEVICE": "cpu", "SEED": 1},
+                                                   "profile": {"data": {"dataset": "mini-mars"}}}))
+    nb = tmp_path / "05_weak_graphical"
+    nb.mkdir()
+    (nb / "metrics.json").write_text(json.dumps({
+        "models": ["DGL full", "DGL unary-only"],
+        "sweep": [{"temp": 0.05, "loss": 1.5}, {"temp": 1.0, "loss": 2.75}],
+        "tables": {"per epoch": {"columns": ["variant", "pairwise"],
+                                 "rows": [["full", -0.03], ["unary_only", None], ["|dL/df|", 1]]}},
+    }))
+    text = write_report(tmp_path).read_text()
+    assert "None" not in text and "[" not in text.split("## 05_weak_graphical")[1]
+    assert "| unary_only | - |" in text
+    assert "| \\|dL/df\\| | 1 |" in text                          # a "|" in a cell does not end it
+    assert "| models | DGL full, DGL unary-only |" in text
+    assert "**sweep**\n\n| temp | loss |\n|---|---|\n| 0.05 | 1.5 |\n| 1 | 2.75 |" in text
+    assert "| sweep |" not in text
+
+
 # ---------------------------------------------------------------------------------------------
 # report.md beside the paper, the environment, epoch times; checks before any notebook
 
