@@ -6,8 +6,10 @@ projects.
 figures, which nbconvert embeds in the page) and writes ``RUN_DIR/html/index.html``: report.md
 rendered, its figures embedded, and a link to every page. The folder needs nothing beside it: it
 can be zipped, mailed or served as it is. Links between notebooks (``03_clustering.ipynb``) point to
-their pages. Formulas are typeset by MathJax, which the page loads from the web; offline, the
-formulas show as their LaTeX source.
+their pages. Formulas are typeset where the page is made: the ``$...$`` and ``$$...$$`` of the
+markdown cells become MathML (latex2mathml), which browsers draw themselves, so the pages show
+typeset formulas offline too (a projector in a room without wifi); a formula the converter cannot
+read stays as its LaTeX source, for MathJax to set when the page is online.
 """
 
 from __future__ import annotations
@@ -55,13 +57,86 @@ def _embed_images(text: str, base: Path) -> str:
     return _IMG.sub(embed, text)
 
 
+#: a markdown cell's code (fenced blocks, inline spans): its dollars are no formula
+_MD_CODE = re.compile(r"^(```|~~~).*?^\1|(`+).+?\2", re.S | re.M)
+
+#: ``$$display$$`` or ``$inline$`` (one line), neither opened nor closed by an escaped ``\$``
+_MD_MATH = re.compile(r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<![\\$])\$([^$\n]+?)(?<!\\)\$", re.S)
+
+
+def _mathml(tex: str, display: bool) -> str | None:
+    """``tex`` as a MathML element (its source kept in ``alttext``), or None where latex2mathml
+    cannot read it."""
+    from latex2mathml.converter import convert  # imported with the notebook stack, as nbconvert
+
+    # a row break's extra space (``\\[4pt]``), which the converter would print: the break alone
+    body = re.sub(r"\\\\\[[^\]]*\]", lambda m: "\\\\", tex.strip())
+    try:
+        out = convert(body, display="block" if display else "inline")
+    except Exception:  # the converter raises its own errors, and others on unexpected input
+        return None
+    return out.replace("<math ", f'<math alttext="{html.escape(tex.strip())}" ', 1)
+
+
+def typeset_markdown(nb) -> dict[str, tuple[str, str]]:
+    """Swap every formula of ``nb``'s markdown cells for a plain-letter token, which the markdown
+    renderer leaves alone; returns ``{token: (source, MathML)}`` for :func:`_put_math`. Code spans
+    and fenced blocks keep their dollars; a formula the converter cannot read stays."""
+    found: dict[str, tuple[str, str]] = {}
+
+    def swap(m: re.Match) -> str:
+        ml = _mathml(m.group(1) if m.group(1) is not None else m.group(2), m.group(1) is not None)
+        if ml is None:
+            return m.group(0)
+        token = f"reidkitmath{len(found)}x"
+        found[token] = (m.group(0), ml)
+        return token
+
+    for cell in nb.cells:
+        if cell.cell_type != "markdown" or "$" not in cell.source:
+            continue
+        parts, last = [], 0
+        for code in _MD_CODE.finditer(cell.source):
+            parts += [_MD_MATH.sub(swap, cell.source[last:code.start()]), code.group(0)]
+            last = code.end()
+        cell.source = "".join(parts + [_MD_MATH.sub(swap, cell.source[last:])])
+    return found
+
+
+def _put_math(body: str, found: dict[str, tuple[str, str]]) -> str:
+    """The tokens of :func:`typeset_markdown` back: MathML in the page's text, the formula's source
+    inside a tag (a heading's anchor, a link's title)."""
+    if not found:
+        return body
+    token = re.compile(r"reidkitmath\d+x")
+
+    def put(part: str, inside_tag: bool) -> str:
+        def one(m: re.Match) -> str:
+            if m.group(0) not in found:
+                return m.group(0)
+            src, ml = found[m.group(0)]
+            return html.escape(src) if inside_tag else ml
+        return token.sub(one, part)
+
+    parts = re.split(r"(<[^>]*>)", body)
+    return "".join(put(part, k % 2 == 1) for k, part in enumerate(parts))
+
+
+_MATH_STYLE = ("<style>math{font-family:math,'STIX Two Math','Cambria Math','Latin Modern Math',serif;"
+               "font-size:1.15em}math[display=block]{margin:.5em 0}</style>\n")
+
+
 def render_notebook(executed: Path, stems: set[str]) -> str:
     """One executed notebook as a standalone HTML page (figures embedded by nbconvert)."""
     # a measured start-up cost, as core.io.nbformat_read's: nbconvert is imported when a run writes its pages
     from nbconvert import HTMLExporter
 
     nb = nbformat_read(executed)
+    found = typeset_markdown(nb)
     body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    body = _put_math(body, found)
+    if found:  # the body text's size (browsers set MathML a size smaller), room around displays
+        body = body.replace("</head>", _MATH_STYLE + "</head>", 1)
     return _page_links(_embed_images(body, executed.parent), stems)  # the lessons' drawn figures too
 
 

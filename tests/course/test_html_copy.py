@@ -2,6 +2,7 @@
 notebooks leading to their pages, links into the kit's folder named instead of broken."""
 
 import base64
+import html
 import re
 
 import nbformat
@@ -51,3 +52,32 @@ def test_pages_embed_every_picture_and_rewrite_links(tmp_path):
     assert base64.b64encode(measured).decode() in text
     assert re.findall(r'<li><a href="([^"]+)"', text) == ["01_a.html", "02_b.html"]
     assert "index.html" not in text                       # report.md's line that points to this page
+
+
+def test_formulas_are_typeset_in_the_page_and_code_keeps_its_dollars(tmp_path):
+    """The pages must read offline: every formula of a markdown cell becomes MathML (drawn by the
+    browser, no MathJax from the web); code spans, fenced code, escaped dollars and printed output
+    keep their text; a formula the converter cannot read stays as its source; a formula in a
+    heading leaves the heading's anchor plain text."""
+    run = tmp_path / "run"
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell(
+            "## What $\\tau$ does\n\nA proxy $c_k$ and\n$$c_k = \\frac{\\bar f_k}{\\|\\bar f_k\\|}, "
+            "\\qquad \\begin{cases} 1 & a \\\\[4pt] 0 & b \\end{cases}$$\n"
+            "Run `echo $HOME $PATH` for \\$5, not $a^$.\n\n```\nx = \"$y$\"\n```"),
+        nbformat.v4.new_code_cell("print('$z$')", outputs=[nbformat.v4.new_output("stream", text="$z$\n")]),
+    ])
+    (run / "notebooks").mkdir(parents=True)
+    nbformat.write(nb, str(run / "notebooks" / "04_m.ipynb"))
+    page = (export_html(run).parent / "04_m.html").read_text()
+    maths = re.findall(r'<math alttext="([^"]*)"[^>]*display="(\w+)"', page)
+    assert [(html.unescape(t), d) for t, d in maths] == [
+        ("\\tau", "inline"), ("c_k", "inline"),
+        ("c_k = \\frac{\\bar f_k}{\\|\\bar f_k\\|}, \\qquad \\begin{cases} 1 & a \\\\[4pt] 0 & b \\end{cases}",
+         "block")]
+    assert "<mfrac>" in page and "4pt" not in page.split("display=\"block\"")[1].split("</math>")[0]
+    assert "echo $HOME $PATH" in page and "$5" in page and "$a^$" in page   # code, escaped, unreadable
+    assert '<pre><code>x = "$y$"' in page                                    # fenced code
+    assert page.count("$z$") == 2                                           # the code cell and its output
+    assert re.search(r'id="What-\$\\tau\$-does"', page)                      # the anchor: the source
+    assert "reidkitmath" not in page
