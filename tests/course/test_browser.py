@@ -415,13 +415,24 @@ const broken = Array.from(document.images).filter(i => !(i.complete && i.natural
   .map(i => (i.getAttribute('src') || '').slice(0, 80));
 const links = Array.from(document.querySelectorAll('a[href]')).map(a => a.getAttribute('href'))
   .filter(h => !h.startsWith('#') && !/^[a-z]+:/i.test(h));
-return {broken: broken, links: links, images: document.images.length, title: document.title};
+const maths = Array.from(document.querySelectorAll('math'))
+  .filter(m => !m.closest('details:not([open])'));
+const raw = [];
+document.querySelectorAll('.jp-MarkdownOutput').forEach(o => {
+  const c = o.cloneNode(true);
+  c.querySelectorAll('code, pre, math').forEach(e => e.remove());
+  (c.textContent.match(/\\$[^$\\n]+\\$/g) || []).forEach(t => raw.push(t.slice(0, 60)));
+});
+return {broken: broken, links: links, images: document.images.length, title: document.title,
+        maths: maths.length, maths_undrawn: maths.filter(m => !(m.getBoundingClientRect().width > 0)).length,
+        raw_tex: raw};
 """
 
 
 def test_the_html_copy_opens_with_every_figure_and_link(rehearsal, browser, shots):
     """The run's static web copy, as a laptop with no install reads it: index.html and every
-    page it links, opened from disk; every image loads and every relative link names a file."""
+    page it links, opened from disk; every image loads, every relative link names a file, and
+    every formula is drawn (none left as its LaTeX source)."""
     html_dir = rehearsal[0] / "html"
     browser.get((html_dir / "index.html").as_uri())
     time.sleep(1)
@@ -436,9 +447,14 @@ def test_the_html_copy_opens_with_every_figure_and_link(rehearsal, browser, shot
     for page in pages:
         browser.get((html_dir / page).as_uri())
         time.sleep(1)
-        found = browser.execute_script(_PAGE_JS)
+        # a long page (1.5 MB, its figures inline) on a busy machine: until its formulas are there
+        found = _wait(lambda: (lambda f: f if f["maths"] else None)(browser.execute_script(_PAGE_JS)), 30,
+                      f"{page}: its formulas (MathML) to be in the page")
         assert not found["broken"], f"{page}: images that do not load: {found['broken']}"
         assert found["images"] > 0, f"{page} shows no figure"
+        # formulas typeset in the page (MathML, drawn by the browser with no script from the web)
+        assert found["maths_undrawn"] == 0, f"{page}: formulas not drawn {found}"
+        assert not found["raw_tex"], f"{page}: formulas left as LaTeX source: {found['raw_tex'][:5]}"
         for href in found["links"]:
             assert (html_dir / href.split("#")[0]).is_file(), f"{page} links {href}, which is not there"
     browser.save_screenshot(str(shots / "html-last-page.png"))
