@@ -57,7 +57,7 @@ METHOD_MODULES = {"reidkit.hhcl.method": 5, "reidkit.hhcl.supervised": 5, "reidk
 #: function-level imports allowed, each an optional or run-time-only dependency or a measured start-up
 #: cost (see the architecture page)
 OPTIONAL = {"faiss", "papermill", "traitlets", "jupyter_client", "nbclient", "IPython", "ipywidgets",
-            "torchvision", "nbformat", "nbconvert", "mistune"}
+            "torchvision", "nbformat", "nbconvert", "mistune", "latex2mathml"}
 #: run-time-only imports of the kit itself, by file: the command line parses its arguments before it
 #: loads the commands (and PyTorch with them), so that ``--help`` answers at once
 RUNTIME_ONLY = {("reidkit/cli.py", "reidkit.commands")}
