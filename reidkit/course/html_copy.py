@@ -21,6 +21,7 @@ import re
 from pathlib import Path
 
 from reidkit.core.io import atomic_write_bytes, nbformat_read
+from reidkit.course.formulas import MATH, outside_code
 
 #: links to a notebook of the course, in a rendered page: ``href="03_clustering.ipynb#anchor"``
 _NB_LINK = re.compile(r'href="(?:\.\./|\./)?(?:notebooks/)?(\d\d_[\w-]+)\.ipynb(#[^"]*)?"')
@@ -57,13 +58,6 @@ def _embed_images(text: str, base: Path) -> str:
     return _IMG.sub(embed, text)
 
 
-#: a markdown cell's code (fenced blocks, inline spans): its dollars are no formula
-_MD_CODE = re.compile(r"^(```|~~~).*?^\1|(`+).+?\2", re.S | re.M)
-
-#: ``$$display$$`` or ``$inline$`` (one line), neither opened nor closed by an escaped ``\$``
-_MD_MATH = re.compile(r"(?<!\\)\$\$(.+?)(?<!\\)\$\$|(?<![\\$])\$([^$\n]+?)(?<!\\)\$", re.S)
-
-
 def _mathml(tex: str, display: bool) -> str | None:
     """``tex`` as a MathML element (its source kept in ``alttext``), or None where latex2mathml
     cannot read it."""
@@ -93,13 +87,8 @@ def typeset_markdown(nb) -> dict[str, tuple[str, str]]:
         return token
 
     for cell in nb.cells:
-        if cell.cell_type != "markdown" or "$" not in cell.source:
-            continue
-        parts, last = [], 0
-        for code in _MD_CODE.finditer(cell.source):
-            parts += [_MD_MATH.sub(swap, cell.source[last:code.start()]), code.group(0)]
-            last = code.end()
-        cell.source = "".join(parts + [_MD_MATH.sub(swap, cell.source[last:])])
+        if cell.cell_type == "markdown" and "$" in cell.source:
+            cell.source = outside_code(cell.source, lambda text: MATH.sub(swap, text))
     return found
 
 

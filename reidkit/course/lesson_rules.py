@@ -26,6 +26,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from reidkit.course.formulas import CODE, MATH, formulas, outside_code
 from reidkit.course.reproduce import list_notebooks
 
 MIN_WORDS = 1200
@@ -57,18 +58,6 @@ FRONT_MATTER = ("goals", "prerequisites", "time", "reads", "writes")
 
 
 EXERCISE_TAG = "exercise"
-
-
-_DISPLAY = re.compile(r"\$\$(.+?)\$\$", re.S)
-
-
-_INLINE = re.compile(r"(?<![\\$])\$(?!\$)([^$\n]+?)\$")
-
-
-_FENCE = re.compile(r"```.*?```", re.S)
-
-
-_CODE_SPAN = re.compile(r"`[^`\n]*`")
 
 
 _LINK = re.compile(r"!?\[([^\]]*)\]\([^)]*\)")
@@ -107,10 +96,7 @@ def prose_words(markdown: str) -> int:
 
 
 def _strip_markup(markdown: str) -> str:
-    text = _FENCE.sub(" ", markdown)
-    text = _DISPLAY.sub(" ", text)
-    text = _INLINE.sub(" ", text)
-    text = _CODE_SPAN.sub(" ", text)
+    text = CODE.sub(" ", outside_code(markdown, lambda stretch: MATH.sub(" ", stretch)))
     text = _LINK.sub(r"\1", text)
     return _HTML.sub(" ", text)
 
@@ -190,8 +176,9 @@ def notebook_stats(path: str | Path) -> NotebookStats:
                 st.appendix_words = prose_words(src)
                 continue
             st.words += prose_words(src)
-            st.display_formulas += len(_DISPLAY.findall(src))
-            st.inline_formulas += len(_INLINE.findall(_DISPLAY.sub(" ", src)))
+            maths = formulas(src)
+            st.display_formulas += sum(1 for m in maths if m.group(1) is not None)
+            st.inline_formulas += sum(1 for m in maths if m.group(1) is None)
         elif c["cell_type"] == "code":
             lines = _code_lines(src)
             st.code_lines += len(lines)
