@@ -47,11 +47,13 @@ ROWS: dict[str, tuple[str, dict]] = {
     "proxies": ("hhcl", {"camera.proxies": True, "camera.balanced": True}),
     "full": ("hhcl", dict(CAMERA_AWARE_RECIPE)),
     "supervised": ("supervised", {}),
+    "softmax": ("softmax", {}),
 }
 LABELS = {"direct": "ImageNet features (no training)", "cc": "Cluster-Contrast (CM)", "hhcl": "HHCL (CMhybrid)",
           "centre": "HHCL + camera centring", "cajaccard": "HHCL + CA-Jaccard",
           "proxies": "HHCL + camera proxies (CAP, balanced sampler)", "full": "HHCL + full camera-aware recipe",
-          "supervised": "supervised (true labels, same recipe)"}
+          "supervised": "supervised (true labels, same recipe)",
+          "softmax": "supervised softmax classifier (true labels, same network and budget, random batches)"}
 
 
 def label_quality(history: list[dict]) -> dict:
@@ -76,9 +78,10 @@ def run_one(row: str, seed: int, prof, ds, work: Path, device: str) -> dict:
         res = evaluate_model(net, ds.query, ds.gallery, p, device)
         out = {"mAP": res["mAP"], "rank1": res["rank1"]}
     else:
-        train = train_supervised if method == "supervised" else train_hhcl
+        kw = {"method": method} if method in ("supervised", "softmax") else {}
+        train = train_hhcl if method == "hhcl" else train_supervised
         r = train(p, ds, out_dir=work / f"{row}-seed{seed}", device=device, seed=seed, selection="last",
-                  resume=False, log=lambda line: print(line, file=sys.stderr))
+                  resume=False, log=lambda line: print(line, file=sys.stderr), **kw)
         out = {"mAP": r.test["mAP"], "rank1": r.test["rank1"], **label_quality(r.history)}
     return {"row": row, "seed": seed, **out, "seconds": round(time.time() - t0, 1)}
 
@@ -126,7 +129,7 @@ def merge(files: list[str], out: Path) -> int:
         work = Path(d["meta"].get("work_dir", ""))
         for r in d["runs"]:
             hist = work / f"{r['row']}-seed{r['seed']}" / "history.json"
-            if ("ids_joined_across_share_epoch0" not in r and r["row"] not in ("direct", "supervised")
+            if ("ids_joined_across_share_epoch0" not in r and r["row"] not in ("direct", "supervised", "softmax")
                     and hist.is_file()):
                 r.update(label_quality(json.loads(hist.read_text())))  # results written before this field
     seen = {(r["row"], r["seed"]) for r in runs}

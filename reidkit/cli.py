@@ -77,7 +77,8 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--profile", default="workshop")
     p.add_argument("--method", choices=list(config.METHODS), default=None,   # read when the parser is built
                    help="the method to train (default: the profile's; sysu30k is dgl, the others hhcl); "
-                        "supervised: HHCL's recipe with the true labels, the upper bound")
+                        "supervised: HHCL's recipe with the true labels, the upper bound; softmax: a classifier "
+                        "on the true labels, the classic supervised baseline")
     p.add_argument("--variant", choices=["full", "unary_only", "supervised"], default=None,
                    help="DGL's variant (default: the profile's dgl.variant, full)")
     p.add_argument("--iters", type=int, default=None, help="DGL: at most N iterations per epoch")

@@ -152,9 +152,9 @@ class DGLConfig:
 #: profile; ``data.erasing_fill`` is HHCL's constant fill (spec hhcl §1.4)
 DGL_ERASING_FILL: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
-#: the methods a profile can name: unsupervised HHCL, weakly supervised DGL, and HHCL's recipe trained
-#: with the true labels (the supervised upper bound)
-METHODS = ("hhcl", "dgl", "supervised")
+#: the methods a profile can name: unsupervised HHCL, weakly supervised DGL, HHCL's recipe trained
+#: with the true labels (the supervised upper bound), and a softmax classifier on the true labels
+METHODS = ("hhcl", "dgl", "supervised", "softmax")
 #: the cluster memories (HHCL's ``hhcl.memory``): Cluster-Contrast, HHCL as released, HHCL as in the paper
 MEMORY_MODES = ("CM", "CMhybrid", "CMhybrid_v2")
 #: the Jaccard distances of camera-aware clustering (``camera.jaccard``)

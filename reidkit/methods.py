@@ -14,7 +14,7 @@ from typing import Any
 from reidkit.config import METHODS, apply_overrides, get_profile
 from reidkit.dgl.method import DGL
 from reidkit.hhcl.method import HHCL
-from reidkit.hhcl.supervised import Supervised
+from reidkit.hhcl.supervised import Softmax, Supervised
 from reidkit.train.engine import Method
 from reidkit.train.gpu_cost import DATASET_SIZES, NoCostModel, cost_line, estimate
 from reidkit.train.runspec import RunSpec
@@ -22,7 +22,7 @@ from reidkit.train.runspec import RunSpec
 __all__ = ["REGISTRY", "format_cost", "gpu_cost", "method_class", "resolve_run"]
 
 #: every trainable method by its ``name``
-REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (HHCL, Supervised, DGL)}
+REGISTRY: dict[str, type[Method]] = {cls.name: cls for cls in (HHCL, Supervised, Softmax, DGL)}
 
 if tuple(sorted(REGISTRY)) != tuple(sorted(METHODS)):  # pragma: no cover - a wiring error, found on import
     raise RuntimeError(f"reidkit.methods.REGISTRY {sorted(REGISTRY)} and config.METHODS {sorted(METHODS)} differ")

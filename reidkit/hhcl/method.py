@@ -274,32 +274,42 @@ class HHCL(Method):
                                                momentum=cam.proxy_momentum, crosscam_epoch=cam.crosscam_epoch,
                                                bg_knn=cam.bg_knn, cross_weight=cam.cross_weight)
 
+    def _sampler(self, labels: np.ndarray, keep: np.ndarray, eseed: int):
+        """The order of the kept images (positions in ``keep``) that the batches are cut from."""
+
+        c = self.cfg
+        if self.prof.camera.balanced:  # num_instances consecutive images of one (cluster, camera)
+            return CameraBalancedSampler(labels[keep], self.camids[keep], k=c.num_instances, seed=eseed)
+        return CameraAwarePKSampler(labels[keep], self.camids[keep], num_instances=c.num_instances,
+                                    seed=eseed, camera_aware=c.camera_aware)
+
     def _loader(self, labels: np.ndarray, keep: np.ndarray, eseed: int, dev):
         """PK batches of the kept images (camera-aware, or CAP's camera-balanced ones); each rank
         takes its contiguous slice."""
 
         rank, world = dist_info()
-        c = self.cfg
-        if self.prof.camera.balanced:  # num_instances consecutive images of one (cluster, camera)
-            sampler = CameraBalancedSampler(labels[keep], self.camids[keep], k=c.num_instances, seed=eseed)
-        else:
-            sampler = CameraAwarePKSampler(labels[keep], self.camids[keep], num_instances=c.num_instances,
-                                           seed=eseed, camera_aware=c.camera_aware)
-        batches = RankSlice(BatchSampler(sampler, c.batch_size, drop_last=True), rank, world)
+        batches = RankSlice(BatchSampler(self._sampler(labels, keep, eseed), self.cfg.batch_size, drop_last=True),
+                            rank, world)
         sub = [self.train_recs[i] for i in keep]
         return DataLoader(ImageDataset(sub, self.train_tf, labels=labels[keep].tolist()), batch_sampler=batches,
                           num_workers=self.prof.data.workers, pin_memory=dev.type == "cuda",
                           generator=torch.Generator().manual_seed(eseed + 7919 * rank))
 
-    def step(self, net, batch, opt, dev) -> dict:
-        """One iteration: features of the batch, the memory's contrastive loss, one Adam step."""
+    def forward(self, net, batch, dev, return_all: bool = False):
+        """The batch's images and labels on ``dev`` and the network's output on them, under the
+        run's autocast: ``(x, y, out)``."""
         x = batch["img"].to(dev, non_blocking=True)
         y = torch.as_tensor(batch["label"]).to(dev)
         if channels_last(dev):
             x = x.contiguous(memory_format=torch.channels_last)
         use_amp = self.use_amp
         with torch.autocast(dev.type, dtype=use_amp or torch.bfloat16, enabled=use_amp is not None):
-            feat = net(x)
+            out = net(x, return_all=True) if return_all else net(x)
+        return x, y, out
+
+    def step(self, net, batch, opt, dev) -> dict:
+        """One iteration: features of the batch, the memory's contrastive loss, one Adam step."""
+        x, y, feat = self.forward(net, batch, dev)
         loss = self.mem(feat.float(), y)
         if self.cap is not None:  # both memories update themselves in the one backward
             loss = loss + self.prof.camera.proxy_weight * self.cap(feat.float(), batch["index"].to(dev),

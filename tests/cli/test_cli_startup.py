@@ -28,7 +28,7 @@ print(json.dumps({"code": code, "heavy": heavy, "out": out.getvalue()}))
 
 @pytest.mark.parametrize("argv, expect", [
     (["--help"], "reidkit train --profile market1501"),
-    (["train", "--help"], "--method {hhcl,dgl,supervised}"),
+    (["train", "--help"], "--method {hhcl,dgl,supervised,softmax}"),
     (["profiles"], "workshop"),
     (["train", "--method", "nope", "--out", "x"], "invalid choice: 'nope'"),
 ])

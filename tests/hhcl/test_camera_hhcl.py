@@ -10,13 +10,15 @@ import pytest
 import torch
 from _tiny import QUIET, one_torch_thread, tiny_dataset, tiny_hhcl_profile
 
-from reidkit.config import CAMERA_AWARE_RECIPE, apply_overrides, camera_parts
+from reidkit.config import CAMERA_AWARE_RECIPE, apply_overrides, camera_parts, get_profile
 from reidkit.core.io import CheckpointError, read_train_checkpoint
 from reidkit.course.reproduce import overrides_from_args
 from reidkit.data.records import relabel
 from reidkit.hhcl.clustering import dbscan_labels
 from reidkit.hhcl.method import HHCL, cluster, train_hhcl
-from reidkit.hhcl.supervised import Supervised, train_supervised
+from reidkit.hhcl.supervised import Softmax, Supervised, train_supervised
+from reidkit.methods import gpu_cost
+from reidkit.nets.released import load_released
 from reidkit.retrieval.ca_jaccard import ca_jaccard_distance
 from reidkit.retrieval.camera_bias import camera_centred
 from reidkit.retrieval.jaccard import jaccard_distance
@@ -128,3 +130,40 @@ def test_supervised_trains_on_the_true_identities(tmp_path):
     assert res.method == "supervised" and res.history[0]["clusters"] == 8 and res.history[0]["outliers"] == 0
     assert "labels" not in res.history[0]  # nothing to score: the labels are the truth
     assert read_train_checkpoint(tmp_path / "checkpoint.pt")["settings"]["method"] == "supervised"
+
+
+def test_softmax_baseline_trains_a_classifier_on_the_true_identities(tmp_path):
+    """The softmax reference: a classifier over the true identities on random batches of every
+    training image (no extraction, no memory), recorded as its own method and read back by
+    ``load_released`` with its classifier."""
+    ds = tiny_dataset()
+    n_ids = len(relabel(ds.train)[1])
+    m = Softmax(tiny_hhcl_profile(), ds)
+    m.prepare(torch.device("cpu"), "last", 0, print)
+    assert m.num_classes == n_ids
+    model = m.build_model(torch.device("cpu"))
+    assert model.classifier.out_features == n_ids
+    keep = np.arange(len(ds.train))
+    order = list(m._sampler(m.true_labels, keep, 3))
+    assert sorted(order) == keep.tolist() and order != keep.tolist()   # every image once, shuffled
+    assert order == list(m._sampler(m.true_labels, keep, 3)) != list(m._sampler(m.true_labels, keep, 4))
+
+    res = train_supervised(tiny_hhcl_profile(hhcl__epochs=2), ds, out_dir=tmp_path, method="softmax", **QUIET)
+    assert res.method == "softmax" and [h["clusters"] for h in res.history] == [n_ids, n_ids]
+    assert "t_extract" not in res.history[0] and "labels" not in res.history[0]   # nothing extracted or scored
+    assert np.isfinite(res.history[-1]["loss"]) and 0 < res.history[0]["loss"] < 1.1 * np.log(n_ids)
+    ckpt = read_train_checkpoint(tmp_path / "checkpoint.pt")
+    assert ckpt["settings"]["method"] == "softmax" and "memory" not in ckpt["settings"]
+    net, feature = load_released(tmp_path / "model_best.pt")
+    assert net.classifier.out_features == n_ids and feature.layout == "kit"
+
+    with pytest.raises(ValueError, match="no camera-aware parts"):
+        Softmax(tiny_hhcl_profile(camera__centre=True), ds).prepare(torch.device("cpu"), "last", 0, print)
+
+
+def test_softmax_gpu_plan_drops_the_extraction_and_the_memory():
+    sup, soft = Supervised.gpu_plan(get_profile("market1501")), Softmax.gpu_plan(get_profile("market1501"))
+    assert soft["method"] == "softmax" and soft["resident_gb"] == 0.0 and sup["resident_gb"] > 0
+    assert soft["fwd_gflop_epoch"] < sup["fwd_gflop_epoch"] / 5 and soft["train_gflop"] == sup["train_gflop"]
+    cost = gpu_cost(get_profile("market1501").replace(method="softmax"))
+    assert cost["epoch_minutes"] < gpu_cost("market1501")["epoch_minutes"]
