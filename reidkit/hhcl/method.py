@@ -117,6 +117,7 @@ class HHCL(Method):
     name = "hhcl"
     sections = ("data", "model", "cluster", "hhcl", "camera", "seed")
     default_selection = "val"
+    uses_memory = True   # --memory (hhcl.memory) chooses its cluster memory
 
     def __init__(self, profile: str | Profile, dataset: ReIDDataset | None = None, memory: str | None = None,
                  epochs: int | None = None, data_root: str | None = None):

@@ -65,6 +65,7 @@ class Softmax(Supervised):
 
     name = "softmax"
     sections = ("data", "model", "hhcl", "seed")   # hhcl: batch, sampler, optimiser, budget
+    uses_memory = False
     #: the ID loss's label smoothing (the "bag of tricks" baseline's 0.1)
     label_smoothing = 0.1
 

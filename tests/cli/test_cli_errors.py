@@ -44,6 +44,8 @@ def no_training(monkeypatch):
     (["--set", "camera.jaccard=xx"], "'xx' is not one of plain, ca"),
     (["--method", "dgl", "--camera-aware"], "camera.* are HHCL's"),
     (["--method", "dgl", "--memory", "CM"], "--memory is HHCL's"),
+    (["--method", "softmax", "--memory", "CM"], "--memory is HHCL's"),
+    (["--method", "softmax", "--camera-aware"], "camera.* are HHCL's"),
     (["--set", "hhcl.iters"], "SECTION.FIELD=VALUE"),
     (["--device", "gpu"], "bad --device 'gpu'"),
     (["--dataset", "nosuchset"], "unknown dataset 'nosuchset'"),
