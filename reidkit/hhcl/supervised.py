@@ -8,8 +8,8 @@ the two runs is what the pseudo-labels cost.
 
 :class:`Softmax` is the classic supervised baseline of re-ID (a linear classifier over the
 identities on the BN neck, cross-entropy with label smoothing 0.1, as the ID loss of the "bag of
-tricks" baseline), on the same network, PK batches, optimiser and budget, with no memory and no
-per-epoch extraction. It says how much of the gap is the contrastive memory's rather than the
+tricks" baseline), on the same network, optimiser and budget, with batches drawn at random, no
+memory and no per-epoch extraction. It says how much of the gap is the contrastive memory's rather than the
 labels': on two-camera CUHK03 at the laptop budget it scores well above the memory recipe fed
 the same true labels (docs/cameras.md).
 """
@@ -60,8 +60,9 @@ class Supervised(HHCL):
 
 class Softmax(Supervised):
     """The softmax classifier on the true identities (``reidkit train --method softmax``): HHCL's
-    network with a linear classifier on its BN neck, cross-entropy with label smoothing, the same
-    PK batches, Adam and step schedule (``hhcl.*``); evaluated on the embedding, as every method."""
+    network with a linear classifier on its BN neck, cross-entropy with label smoothing, random
+    batches of ``hhcl.batch_size``, HHCL's Adam, step schedule and budget (``hhcl.*``); evaluated on
+    the embedding, as every method."""
 
     name = "softmax"
     sections = ("data", "model", "hhcl", "seed")   # hhcl: batch, sampler, optimiser, budget
@@ -83,8 +84,7 @@ class Softmax(Supervised):
     def describe(self) -> str:
         c = self.cfg
         return (f"supervised softmax classifier (label smoothing {self.label_smoothing}) | profile {self.prof.name} | "
-                f"{self.prof.model.arch} | batch {c.batch_size} = {c.batch_size // c.num_instances} x "
-                f"{c.num_instances} | {c.epochs} epochs x {c.iters} iterations")
+                f"{self.prof.model.arch} | random batches of {c.batch_size} | {c.epochs} epochs x {c.iters} iterations")
 
     def settings(self) -> dict:
         return run_settings(self.prof, self.name, self.sections)
@@ -93,8 +93,9 @@ class Softmax(Supervised):
         return {}
 
     def prepare(self, dev, selection: str, seed: int, log) -> None:
-        if camera_parts(self.prof):
-            raise ValueError(f"the softmax baseline has no camera-aware parts; drop {', '.join(camera_parts(self.prof))}")
+        parts = camera_parts(self.prof)
+        if parts:
+            raise ValueError(f"the softmax baseline has no camera-aware parts; drop {', '.join(parts)}")
         super().prepare(dev, selection, seed, log)
         self.num_classes = int(self.true_labels.max()) + 1
 
@@ -104,7 +105,7 @@ class Softmax(Supervised):
                            last_stride=m.last_stride, device=dev)
 
     def begin_epoch(self, epoch: int, eseed: int, model, dev, entry: dict, log) -> tuple[Any, int | None]:
-        """The epoch's PK batches of the true identities: nothing to extract, no memory to build."""
+        """The epoch's batches with the true identities: nothing to extract, no memory to build."""
         labels = self.true_labels
         entry.update(clusters=self.num_classes, outliers=0)
         self.epoch = epoch
