@@ -57,6 +57,11 @@ class Supervised(HHCL):
     def pseudo_labels(self, feats: np.ndarray, epoch: int, dev) -> tuple[np.ndarray, dict]:
         return self.true_labels.copy(), {}
 
+    @staticmethod
+    def epoch_line(e: dict) -> str:
+        """HHCL's line; its cluster count is the number of true identities here, and says so."""
+        return HHCL.epoch_line(e).replace("clusters", "identities", 1)
+
 
 class Softmax(Supervised):
     """The softmax classifier on the true identities (``reidkit train --method softmax``): HHCL's

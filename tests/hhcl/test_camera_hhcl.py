@@ -151,6 +151,7 @@ def test_softmax_baseline_trains_a_classifier_on_the_true_identities(tmp_path):
     res = train_supervised(tiny_hhcl_profile(hhcl__epochs=2), ds, out_dir=tmp_path, method="softmax", **QUIET)
     assert res.method == "softmax" and [h["clusters"] for h in res.history] == [n_ids, n_ids]
     assert "t_extract" not in res.history[0] and "labels" not in res.history[0]   # nothing extracted or scored
+    assert f"identities {n_ids:5d}" in (tmp_path / "train.log").read_text()
     assert np.isfinite(res.history[-1]["loss"]) and 0 < res.history[0]["loss"] < 1.1 * np.log(n_ids)
     ckpt = read_train_checkpoint(tmp_path / "checkpoint.pt")
     assert ckpt["settings"]["method"] == "softmax" and "memory" not in ckpt["settings"]
