@@ -21,6 +21,7 @@ import argparse
 import json
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -78,10 +79,9 @@ def run_one(row: str, seed: int, prof, ds, work: Path, device: str) -> dict:
         res = evaluate_model(net, ds.query, ds.gallery, p, device)
         out = {"mAP": res["mAP"], "rank1": res["rank1"]}
     else:
-        kw = {"method": method} if method in ("supervised", "softmax") else {}
-        train = train_hhcl if method == "hhcl" else train_supervised
+        train = train_hhcl if method == "hhcl" else partial(train_supervised, method=method)
         r = train(p, ds, out_dir=work / f"{row}-seed{seed}", device=device, seed=seed, selection="last",
-                  resume=False, log=lambda line: print(line, file=sys.stderr), **kw)
+                  resume=False, log=lambda line: print(line, file=sys.stderr))
         out = {"mAP": r.test["mAP"], "rank1": r.test["rank1"], **label_quality(r.history)}
     return {"row": row, "seed": seed, **out, "seconds": round(time.time() - t0, 1)}
 
@@ -129,8 +129,8 @@ def merge(files: list[str], out: Path) -> int:
         work = Path(d["meta"].get("work_dir", ""))
         for r in d["runs"]:
             hist = work / f"{r['row']}-seed{r['seed']}" / "history.json"
-            if ("ids_joined_across_share_epoch0" not in r and r["row"] not in ("direct", "supervised", "softmax")
-                    and hist.is_file()):
+            # only HHCL rows cluster: their pseudo-labels have scores
+            if "ids_joined_across_share_epoch0" not in r and ROWS[r["row"]][0] == "hhcl" and hist.is_file():
                 r.update(label_quality(json.loads(hist.read_text())))  # results written before this field
     seen = {(r["row"], r["seed"]) for r in runs}
     if len(seen) != len(runs):

@@ -81,7 +81,7 @@ def _prepare_train(args):
     sections = cls.sections   # the profile sections the method reads
     if args.variant and "dgl" not in sections:
         raise _UserError(f"--variant is DGL's (full | unary_only | supervised); this run's method is {method}")
-    if args.memory and not getattr(cls, "uses_memory", False):
+    if args.memory and not cls.uses_memory:
         raise _UserError(f"--memory is HHCL's (CM | CMhybrid | CMhybrid_v2); this run's method is {method}")
     if prof.camera != CameraConfig() and "camera" not in sections:
         raise _UserError(f"--camera-aware and camera.* are HHCL's; this run's method is {method}")

@@ -180,10 +180,12 @@ def write_report(run_dir: str | Path) -> Path:
         lines += _figure_lines(run_dir, metrics.get("figures"))
         rest = {k: v for k, v in metrics.items()
                 if k not in ("tables", "notebook", "figures") and not isinstance(v, dict)}
-        for key, records in rest.items():
-            if _records(records):
-                lines += [f"**{key.replace('_', ' ')}**", ""] + _record_table(records) + [""]
-        scalars = [(k, v) for k, v in rest.items() if not _records(v)]
+        scalars = []
+        for key, v in rest.items():
+            if _records(v):
+                lines += [f"**{key.replace('_', ' ')}**", ""] + _record_table(v) + [""]
+            else:
+                scalars.append((key, v))
         if scalars:
             lines += _table(["metric", "value"], scalars) + [""]
     if timing_rows:

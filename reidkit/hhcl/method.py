@@ -117,7 +117,9 @@ class HHCL(Method):
     name = "hhcl"
     sections = ("data", "model", "cluster", "hhcl", "camera", "seed")
     default_selection = "val"
-    uses_memory = True   # --memory (hhcl.memory) chooses its cluster memory
+    uses_memory = True
+    #: what train.log calls the epoch's label count
+    count_label = "clusters"
 
     def __init__(self, profile: str | Profile, dataset: ReIDDataset | None = None, memory: str | None = None,
                  epochs: int | None = None, data_root: str | None = None):
@@ -331,9 +333,8 @@ class HHCL(Method):
         q, g = (self.val_q, self.val_g) if split == "val" else (self.ds.query, self.ds.gallery)
         return slim(evaluate_model(model, q, g, self.prof, dev, amp=self.use_amp))
 
-    @staticmethod
-    def epoch_line(e: dict) -> str:
-        parts = [f"epoch {e['epoch']:3d}", f"clusters {e['clusters']:5d}", f"outliers {e['outliers']:5d}"]
+    def epoch_line(self, e: dict) -> str:
+        parts = [f"epoch {e['epoch']:3d}", f"{self.count_label} {e['clusters']:5d}", f"outliers {e['outliers']:5d}"]
         if e.get("labels"):
             parts.append(label_quality_line(e["labels"]))
         if e.get("loss") is not None:

@@ -43,6 +43,7 @@ class Supervised(HHCL):
     name = "supervised"
     sections = ("data", "model", "hhcl", "camera", "seed")  # no clustering
     default_selection = "last"
+    count_label = "identities"   # the epoch's labels are the true identities, not clusters
 
     def describe(self) -> str:
         return "supervised upper bound: " + super().describe()
@@ -56,11 +57,6 @@ class Supervised(HHCL):
 
     def pseudo_labels(self, feats: np.ndarray, epoch: int, dev) -> tuple[np.ndarray, dict]:
         return self.true_labels.copy(), {}
-
-    @staticmethod
-    def epoch_line(e: dict) -> str:
-        """HHCL's line; its cluster count is the number of true identities here, and says so."""
-        return HHCL.epoch_line(e).replace("clusters", "identities", 1)
 
 
 class Softmax(Supervised):
@@ -113,7 +109,6 @@ class Softmax(Supervised):
         """The epoch's batches with the true identities: nothing to extract, no memory to build."""
         labels = self.true_labels
         entry.update(clusters=self.num_classes, outliers=0)
-        self.epoch = epoch
         return _restarting(self._loader(labels, np.arange(len(labels)), eseed, dev), self.cfg.iters), self.cfg.iters
 
     def _sampler(self, labels: np.ndarray, keep: np.ndarray, eseed: int):

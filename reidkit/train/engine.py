@@ -224,7 +224,8 @@ class Method(abc.ABC):
     profile sections that shape its training: their overrides go into the checkpoint and are
     compared on resume), ``default_selection`` (its model-selection rule unless asked otherwise),
     ``amp_policy`` (its AMP dtype for a profile and device), ``trains_on_bags`` (it can train on
-    SYSU-30k's bag-labelled stream); :meth:`gpu_plan` is its GPU cost.
+    SYSU-30k's bag-labelled stream), ``uses_memory`` (``--memory`` / ``hhcl.memory`` chooses its
+    cluster memory); :meth:`gpu_plan` is its GPU cost.
     Attributes the engine reads on an instance: ``label`` (for log lines), ``prof``, ``epochs``,
     ``eval_every`` (0: the last epoch only), ``batch_size`` (global), ``ghost_bn`` and
     ``find_unused`` (DDP). The abstract methods below are the hooks the engine calls."""
@@ -234,6 +235,8 @@ class Method(abc.ABC):
     default_selection: str = "last"
     #: whether it trains on data labelled only by bags (SYSU-30k's streamed training set)
     trains_on_bags = False
+    #: whether ``hhcl.memory`` (``--memory``) chooses a cluster memory it trains against
+    uses_memory = False
     #: the method's AMP policy, ``(profile, device) -> dtype | None``, asked once per run by its RunSpec
     amp_policy = staticmethod(amp_dtype)
     find_unused = False
